@@ -1,0 +1,125 @@
+"""Evaluation harness shared by every quality number: Recall@K / NDCG@K under leave-one-out.
+
+Protocol (DESIGN.md section 4): last item = test target, second to last = validation target, history
+capped at the last 50, ranking over the whole catalogue. A recommender is anything with
+``recommend(examples, k) -> list[list[int]]`` (batched). Modes: ``mostpop`` (baseline), ``onerec``,
+``think``, ``think-ahead``; the model modes are resolved lazily so this module stays light.
+
+CLI: ``python -m model.evaluate mostpop --split test --results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from services.catalog import Dataset, Example, load_dataset
+
+KS = (5, 10)
+
+
+class Recommender(Protocol):
+    def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]: ...
+
+
+def recall_at_k(ranked: Sequence[int], target: int, k: int) -> float:
+    """1 if the (single) target is in the top k, else 0."""
+    return 1.0 if target in list(ranked[:k]) else 0.0
+
+
+def ndcg_at_k(ranked: Sequence[int], target: int, k: int) -> float:
+    """1 / log2(rank + 2) for the target's 0-based rank within the top k (one relevant item: IDCG = 1)."""
+    top = list(ranked[:k])
+    if target not in top:
+        return 0.0
+    return 1.0 / math.log2(top.index(target) + 2)
+
+
+def score(ranked: Sequence[Sequence[int]], targets: Sequence[int], ks: Sequence[int] = KS) -> dict[str, float]:
+    """Mean Recall@k and NDCG@k over users."""
+    if len(ranked) != len(targets):
+        raise ValueError(f"{len(ranked)} rankings for {len(targets)} targets")
+    if not targets:
+        raise ValueError("no users to evaluate")
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = sum(recall_at_k(r, t, k) for r, t in zip(ranked, targets, strict=True)) / len(targets)
+        out[f"ndcg@{k}"] = sum(ndcg_at_k(r, t, k) for r, t in zip(ranked, targets, strict=True)) / len(targets)
+    return {k: round(v, 6) for k, v in sorted(out.items())}
+
+
+def evaluate(rec: Recommender, examples: Sequence[Example], k: int = max(KS), batch_size: int = 256,
+             progress: bool = True, desc: str = "eval") -> dict[str, float]:
+    """Run `rec` over `examples` in batches and score the top-k lists."""
+    ranked: list[list[int]] = []
+    bar = tqdm(total=len(examples), desc=desc, disable=not progress, unit="user")
+    for s in range(0, len(examples), batch_size):
+        batch = examples[s : s + batch_size]
+        out = rec.recommend(batch, k)
+        if len(out) != len(batch):
+            raise RuntimeError(f"recommender returned {len(out)} lists for {len(batch)} users")
+        ranked.extend(out)
+        bar.update(len(batch))
+    bar.close()
+    return score(ranked, [e.target for e in examples])
+
+
+class MostPopular:
+    """Recommends the globally most interacted items seen before the evaluated split."""
+
+    def __init__(self, sequences: dict[int, list[int]], holdout: int):
+        counts: Counter[int] = Counter()
+        for seq in sequences.values():
+            counts.update(seq[: len(seq) - holdout])
+        self.top = [i for i, _ in counts.most_common()]
+
+    def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
+        return [self.top[:k] for _ in examples]
+
+
+def split_examples(ds: Dataset, split: str, limit: int | None = None) -> list[Example]:
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    ex = ds.splits.test if split == "test" else ds.splits.valid
+    return ex[:limit] if limit else ex
+
+
+def main(argv: list[str] | None = None) -> None:
+    from services.config import get_settings
+    from services.results import write_result
+
+    settings = get_settings()
+    p = argparse.ArgumentParser(prog="python -m model.evaluate", description="Leave-one-out evaluation.")
+    p.add_argument("mode", choices=["mostpop", "onerec"], help="what to evaluate")
+    p.add_argument("--data-dir", type=Path, default=settings.data_dir, help="dataset folder")
+    p.add_argument("--split", choices=["valid", "test"], default="test", help="which held-out item")
+    p.add_argument("--checkpoint", type=Path, default=None, help="model folder (model modes)")
+    p.add_argument("--beam", type=int, default=20, help="beam width (model modes, >= 10)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N users")
+    p.add_argument("--results", action="store_true", help="write docs/results/<mode>.json")
+    args = p.parse_args(argv)
+    ds = load_dataset(args.data_dir)
+    examples = split_examples(ds, args.split, args.limit)
+    t0 = time.perf_counter()
+    rec: Recommender
+    if args.mode == "mostpop":
+        rec = MostPopular(ds.sequences, holdout=1 if args.split == "test" else 2)
+    else:
+        from model.onerec import OneRecRecommender
+
+        rec = OneRecRecommender.load(args.checkpoint or settings.resolved("onerec"), beam=args.beam)
+    metrics = evaluate(rec, examples, desc=args.mode)
+    print(f"{args.mode} on {args.split} ({len(examples)} users, {time.perf_counter() - t0:.1f}s): {metrics}")
+    if args.results and args.limit is None:
+        write_result("mostpop" if args.mode == "mostpop" else f"{args.mode}_eval", metrics, note=f"split={args.split}")
+
+
+if __name__ == "__main__":
+    main()

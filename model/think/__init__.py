@@ -1,0 +1,1 @@
+"""OneRec-Think: itemic-token LLM and its three training stages (alignment, activation, enhancement)."""

@@ -1,0 +1,1 @@
+"""Project scripts (set-up, the demo main job)."""
