@@ -93,6 +93,31 @@ class CodeTrie:
         drop = np.isin(self.item_ids, np.fromiter(item_ids, dtype=np.int64))
         return self._subset(np.nonzero(~drop)[0])
 
+    def dense_tables(self) -> list[np.ndarray]:
+        """Child tables for vectorised decoding: ``tables[l]`` is (P_l, codebook_size) int64.
+
+        Prefixes of length l are numbered 0..P_l-1 (the empty prefix is row 0 of level 0);
+        ``tables[l][row, code]`` is the row of ``prefix + (code,)`` at level l+1, or -1 if that path
+        does not exist. At the last level the value is the index into ``item_ids`` of the leaf.
+        """
+        leaf_row = {tuple(int(x) for x in c): r for r, c in enumerate(self.codes)}
+        tables: list[np.ndarray] = []
+        level_prefixes: list[tuple[int, ...]] = [()]
+        for level in range(self.num_levels):
+            table = np.full((len(level_prefixes), self.codebook_size), -1, dtype=np.int64)
+            nxt: list[tuple[int, ...]] = []
+            for r, p in enumerate(level_prefixes):
+                for c in self._children[p].tolist():
+                    child = p + (c,)
+                    if level == self.num_levels - 1:
+                        table[r, c] = leaf_row[child]
+                    else:
+                        table[r, c] = len(nxt)
+                        nxt.append(child)
+            tables.append(table)
+            level_prefixes = nxt
+        return tables
+
     def level_mask(self, prefixes: np.ndarray) -> np.ndarray:
         """Boolean mask (B, codebook_size) of allowed next codes for each row of `prefixes` (B, l).
 

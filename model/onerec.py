@@ -1,0 +1,361 @@
+"""Lightweight OneRec: the online tier's generative recommender and its trie-constrained beam search.
+
+A causal transformer trunk reads the user's item sequence (each item = its code embeddings summed,
+plus an optional item-id embedding) and, at every position, a small level-by-level code decoder
+predicts the next item's codes ``a, b, c, d``. Training therefore learns from every position of a
+sequence in one pass (see `model.onerec_train`). Decoding only ever emits real items: the trie's
+dense child tables mask every step.
+
+Two entry points for the online tier, both batched over users:
+- `OneRec.decode_full`: beam search over all levels;
+- `OneRec.complete`: given a *set* of allowed ``(a, b)`` prefixes per user with offline scores,
+  rescore them with the fresh history and complete ``c, d`` under them.
+This module does not read Redis or HTTP; CLI: ``python -m model.onerec train|eval`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.semantic_ids import SemanticIDs
+from model.trie import CodeTrie
+from services.catalog import Example
+
+
+class DeadlineExceeded(RuntimeError):
+    """The caller's deadline passed between decode steps."""
+
+
+@dataclass
+class OneRecConfig:
+    """Architecture of the lightweight model (saved as config.json in each checkpoint)."""
+
+    num_items: int = 0  # rows of the code table; item-id embeddings use these row indices (+1, 0 = pad)
+    num_levels: int = 4
+    codebook_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int = 256
+    max_len: int = 50
+    dropout: float = 0.3
+    use_item_emb: bool = True
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout from `rand_like` (about 2x faster than `bernoulli_` on these CPUs)."""
+    if not training or p <= 0:
+        return x
+    return x * (torch.rand_like(x) >= p) * (1.0 / (1.0 - p))
+
+
+class Block(nn.Module):
+    """Pre-norm causal self-attention + GELU MLP; dropout on the residual branches only."""
+
+    def __init__(self, d: int, heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.heads, self.p = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D/H)
+        x = x + fast_dropout(self.proj(a.transpose(1, 2).reshape(B, T, D)), self.p, self.training)
+        return x + fast_dropout(self.ff(self.ln2(x)), self.p, self.training)
+
+
+class OneRecModel(nn.Module):
+    """Causal trunk over items + per-level code decoder. Shapes: B users, T positions, D d_model."""
+
+    codes_table: torch.Tensor
+    level_offset: torch.Tensor
+
+    def __init__(self, cfg: OneRecConfig, codes: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        D, K, L = cfg.d_model, cfg.codebook_size, cfg.num_levels
+        # row 0 of `codes_table` is padding; item row r lives at r + 1
+        self.register_buffer("codes_table", torch.cat([torch.zeros(1, L, dtype=torch.long), codes.long()]), False)
+        self.code_emb = nn.Embedding(L * K, D)
+        self.item_emb = nn.Embedding(cfg.num_items + 1, D, padding_idx=0) if cfg.use_item_emb else None
+        self.pos_emb = nn.Embedding(cfg.max_len, D)
+        self.blocks = nn.ModuleList(Block(D, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(D)
+        # decoder: level l sees h + sum_{j<l} dec_emb[j * K + code_j]
+        self.dec_emb = nn.Embedding((L - 1) * K, D)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.GELU(), nn.Linear(D, K))
+            for _ in range(L)
+        )
+        self.register_buffer("level_offset", torch.arange(L) * K, False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (B, T) item rows + 1, left-padded with 0 -> hidden states (B, T, D)."""
+        B, T = rows.shape
+        codes = self.codes_table[rows]  # (B, T, L)
+        x = self.code_emb(codes + self.level_offset).sum(2)  # (B, T, D)
+        if self.item_emb is not None:
+            x = x + self.item_emb(rows)
+        # positions count from the right end, so a short left-padded batch matches serving (T = max_len)
+        x = x + self.pos_emb(torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=rows.device))[None]
+        # True = may attend: causal, non-pad keys; every position sees itself so that left-padded
+        # rows never get an all-masked (NaN) attention row
+        causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=rows.device))
+        eye = torch.eye(T, dtype=torch.bool, device=rows.device)
+        mask = ((causal[None] & (rows != 0)[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+        x = fast_dropout(x, self.cfg.dropout, self.training)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def level_logits(self, h: torch.Tensor, prev: torch.Tensor, level: int) -> torch.Tensor:
+        """h (..., D), prev (..., level) codes of earlier levels -> logits (..., K) for `level`."""
+        z = h
+        if level > 0:
+            z = z + self.dec_emb(prev[..., :level] + self.level_offset[:level]).sum(-2)
+        return self.heads[level](z)
+
+    def loss(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean code cross-entropy over all non-pad positions. rows/targets (B, T) item rows + 1."""
+        h = self.encode(rows)  # (B, T, D)
+        keep = targets > 0
+        h, tcodes = h[keep], self.codes_table[targets[keep]]  # (N, D), (N, L)
+        total = h.new_zeros(())
+        for level in range(self.cfg.num_levels):
+            total = total + F.cross_entropy(self.level_logits(h, tcodes, level), tcodes[:, level])
+        return total / self.cfg.num_levels
+
+
+@dataclass
+class _Tables:
+    """Trie child tables as tensors (see `CodeTrie.dense_tables`)."""
+
+    child: list[torch.Tensor] = field(default_factory=list)
+
+
+class OneRec:
+    """Inference wrapper: history item ids in, (item_id, score) lists out; CPU, no grad."""
+
+    def __init__(self, model: OneRecModel, sid: SemanticIDs):
+        self.model = model.eval()
+        self.sid = sid
+        self.cfg = model.cfg
+        self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
+        # trie rows follow the code table order: both are built from sid.codes in the same order
+        self.child = [torch.from_numpy(t) for t in self.trie.dense_tables()]
+        self.K = sid.codebook_size
+        self.row_of = {int(i): r for r, i in enumerate(sid.item_ids)}
+        self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, folder: Path) -> None:
+        save_checkpoint(self.model, self.sid, folder)
+
+    @classmethod
+    def load(cls, folder: Path | str, sid: SemanticIDs | None = None) -> OneRec:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no OneRec checkpoint at {folder} (run: python -m model.onerec train)")
+        cfg = OneRecConfig(**json.loads((folder / "config.json").read_text()))
+        sid = sid or SemanticIDs.load(folder / "sid")
+        model = OneRecModel(cfg, torch.from_numpy(sid.codes))
+        model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        return cls(model, sid)
+
+    # ---------------------------------------------------------------- helpers
+    def _rows(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Left-padded (B, T) item rows + 1 of the last max_len known items of each history."""
+        T = self.cfg.max_len
+        out = torch.zeros(len(histories), T, dtype=torch.long)
+        for b, hist in enumerate(histories):
+            rows = [self.row_of[i] + 1 for i in hist if i in self.row_of]
+            self.unknown_items += len(hist) - len(rows)
+            rows = rows[-T:]
+            if rows:
+                out[b, T - len(rows) :] = torch.tensor(rows)
+        return out
+
+    def _last_hidden(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.model.encode(self._rows(histories))[:, -1]  # (B, D)
+
+    def _exclusion(self, exclude: Sequence[set[int]] | None, B: int) -> torch.Tensor | None:
+        if not exclude:
+            return None
+        mask = torch.zeros(B, len(self.sid) + 1, dtype=torch.bool)  # last column: the -1 "no leaf" index
+        for b, items in enumerate(exclude):
+            rows = [self.row_of[i] for i in items if i in self.row_of]
+            if rows:
+                mask[b, rows] = True
+        return mask
+
+    @staticmethod
+    def _check(deadline: float | None) -> None:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise DeadlineExceeded("deadline passed during decoding")
+
+    def _step(self, h: torch.Tensor, codes: torch.Tensor, nodes: torch.Tensor, scores: torch.Tensor, level: int,
+              beam: int, excl: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expand beams one level. h (B, D); codes (B, W, level); nodes/scores (B, W) -> new (B, W')."""
+        B, W = nodes.shape
+        logits = self.model.level_logits(h[:, None].expand(B, W, -1), codes, level)  # (B, W, K)
+        nxt = self.child[level][nodes.clamp(min=0)]  # (B, W, K) child rows (or leaf item rows)
+        valid = (nxt >= 0) & (nodes >= 0)[..., None]
+        if excl is not None and level == self.cfg.num_levels - 1:
+            valid &= ~torch.gather(excl, 1, nxt.reshape(B, -1).clamp(min=-1) % excl.shape[1]).reshape(B, W, -1)
+        logp = torch.log_softmax(logits.masked_fill(~valid, -math.inf), -1).nan_to_num(nan=-math.inf, neginf=-math.inf)
+        total = (scores[..., None] + logp).reshape(B, -1)  # (B, W*K)
+        width = min(beam, total.shape[1])
+        top, idx = total.topk(width, dim=1)
+        src, code = idx // self.K, idx % self.K
+        new_codes = torch.cat([torch.gather(codes, 1, src[..., None].expand(-1, -1, level)), code[..., None]], -1)
+        new_nodes = torch.gather(nxt.reshape(B, -1), 1, idx).masked_fill(top == -math.inf, -1)
+        return new_codes, new_nodes, top
+
+    def _finish(self, nodes: torch.Tensor, scores: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+        out: list[list[tuple[int, float]]] = []
+        for b in range(nodes.shape[0]):
+            items: list[tuple[int, float]] = []
+            for n, s in zip(nodes[b].tolist(), scores[b].tolist(), strict=True):
+                if n >= 0 and s > -math.inf:
+                    items.append((int(self.sid.item_ids[n]), float(s)))
+                if len(items) == k:
+                    break
+            out.append(items)
+        return out
+
+    # ---------------------------------------------------------------- entry points
+    @torch.no_grad()
+    def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
+                    exclude: Sequence[set[int]] | None = None, deadline: float | None = None
+                    ) -> list[list[tuple[int, float]]]:
+        """Top-k items per user by beam search over all code levels (scores: sum of log-probs)."""
+        if beam < k:
+            raise ValueError(f"beam ({beam}) must be >= k ({k})")
+        B = len(histories)
+        h = self._last_hidden(histories)
+        self._check(deadline)
+        excl = self._exclusion(exclude, B)
+        codes = torch.zeros(B, 1, 0, dtype=torch.long)
+        nodes = torch.zeros(B, 1, dtype=torch.long)
+        scores = torch.zeros(B, 1)
+        for level in range(self.cfg.num_levels):
+            codes, nodes, scores = self._step(h, codes, nodes, scores, level, beam, excl)
+            self._check(deadline)
+        return self._finish(nodes, scores, k)
+
+    @torch.no_grad()
+    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
+                 k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
+                 prefix_weight: float = 1.0) -> list[list[tuple[int, float]]]:
+        """Complete levels c.. under each user's allowed (a, b) prefixes.
+
+        Score = model log p(a) + log p(b|a) + ... under the fresh history, plus `prefix_weight` times the
+        offline log-prob of (a, b). Unknown prefixes are ignored; a user with no valid prefix gets [].
+        """
+        if beam < k:
+            raise ValueError(f"beam ({beam}) must be >= k ({k})")
+        if len(prefixes) != len(histories):
+            raise ValueError(f"{len(prefixes)} prefix lists for {len(histories)} users")
+        B = len(histories)
+        P = max(1, max((len(p) for p in prefixes), default=1))
+        h = self._last_hidden(histories)
+        self._check(deadline)
+        excl = self._exclusion(exclude, B)
+        pa = torch.zeros(B, P, dtype=torch.long)
+        pb = torch.zeros(B, P, dtype=torch.long)
+        off = torch.full((B, P), -math.inf)
+        for b, plist in enumerate(prefixes):
+            best: dict[tuple[int, int], float] = {}  # duplicates keep their best offline score
+            for a, bb, lp in plist:
+                if 0 <= a < self.K and 0 <= bb < self.K and lp > best.get((a, bb), -math.inf):
+                    best[(a, bb)] = lp
+            for j, ((a, bb), lp) in enumerate(best.items()):
+                pa[b, j], pb[b, j], off[b, j] = a, bb, lp
+        # model scores of the two given levels, renormalised over the trie like in decode_full
+        node_a = self.child[0][0][pa]  # (B, P)
+        la = self.model.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
+        la = torch.log_softmax(la.masked_fill(self.child[0][0][None] < 0, -math.inf), -1)
+        node_b = torch.where(node_a >= 0, self.child[1][node_a.clamp(min=0), pb], -1)  # (B, P)
+        codes_a = pa[..., None]
+        lb = self.model.level_logits(h[:, None].expand(B, P, -1), codes_a, 1)  # (B, P, K)
+        lb = torch.log_softmax(lb.masked_fill(self.child[1][node_a.clamp(min=0)] < 0, -math.inf), -1)
+        scores = torch.gather(la, 1, pa) + torch.gather(lb, 2, pb[..., None])[..., 0] + prefix_weight * off
+        scores = scores.masked_fill(node_b < 0, -math.inf).nan_to_num(nan=-math.inf, neginf=-math.inf)
+        codes = torch.stack([pa, pb], -1)
+        nodes = node_b
+        self._check(deadline)
+        for level in range(2, self.cfg.num_levels):
+            codes, nodes, scores = self._step(h, codes, nodes, scores, level, max(beam, P) if level == 2 else beam,
+                                              excl)
+            self._check(deadline)
+        return self._finish(nodes, scores, k)
+
+
+def save_checkpoint(model: OneRecModel, sid: SemanticIDs, folder: Path) -> None:
+    """Checkpoint folder: model.safetensors + config.json + the code table it was trained with (sid/)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in ("codes_table", "level_offset")}
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
+    sid.save(folder / "sid")
+
+
+class OneRecRecommender:
+    """`Recommender` for the evaluation harness (mode ``onerec``)."""
+
+    def __init__(self, onerec: OneRec, beam: int = 20):
+        self.onerec = onerec
+        self.beam = beam
+
+    @classmethod
+    def load(cls, folder: Path | str, beam: int = 20) -> OneRecRecommender:
+        return cls(OneRec.load(folder), beam)
+
+    def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
+        out = self.onerec.decode_full([e.history for e in examples], k, max(self.beam, k))
+        return [[i for i, _ in r] for r in out]
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def build_model(cfg: OneRecConfig, sid: SemanticIDs, seed: int = 0) -> OneRecModel:
+    torch.manual_seed(seed)
+    cfg.num_items, cfg.num_levels, cfg.codebook_size = len(sid), sid.num_levels, sid.codebook_size
+    return OneRecModel(cfg, torch.from_numpy(np.asarray(sid.codes)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from model.onerec_train import main as train_main
+
+    train_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Training and evaluation CLI of the lightweight OneRec (``python -m model.onerec train|eval``).
+
+Trains on the training parts of the leave-one-out splits, learning from every position of each
+sequence in one pass; validates Recall@10 on a fixed validation subset each epoch, stops early,
+checkpoints the best model (safetensors + config + code table) into a versioned folder, and resumes
+from ``state.pt`` after an interruption. Does not serve requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.evaluate import evaluate
+from model.onerec import (
+    OneRec,
+    OneRecConfig,
+    OneRecModel,
+    OneRecRecommender,
+    build_model,
+    count_params,
+    save_checkpoint,
+)
+from model.semantic_ids import SemanticIDs, point_current
+from services.catalog import Example, load_dataset
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_windows(train: dict[int, list[int]], row_of: dict[int, int], max_len: int) -> list[list[int]]:
+    """Per user, the training sequence as item rows + 1 (inputs and targets come from shifting it)."""
+    out = []
+    for seq in train.values():
+        rows = [row_of[i] + 1 for i in seq if i in row_of]
+        if len(rows) >= 2:
+            out.append(rows)
+    return out
+
+
+def batch_tensors(seqs: list[list[int]], max_len: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded inputs/targets (B, T), T = the longest window in the batch (<= max_len).
+
+    Long sequences contribute a random window of max_len + 1 items.
+    """
+    wins = []
+    for s in seqs:
+        if len(s) > max_len + 1:
+            end = rng.randint(max_len + 1, len(s))
+            s = s[end - max_len - 1 : end]
+        wins.append(s)
+    T = max(len(s) for s in wins) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(wins):
+        n = len(s) - 1
+        x[b, T - n :] = torch.tensor(s[:-1])
+        y[b, T - n :] = torch.tensor(s[1:])
+    return x, y
+
+
+def length_batches(seqs: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped into batches of similar length (little padding), in random batch order."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), rng.random()))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train_epoch(model: OneRecModel, opt: torch.optim.Optimizer, seqs: list[list[int]], batch_size: int,
+                rng: random.Random, desc: str = "epoch", progress: bool = True) -> list[float]:
+    """One pass over all sequences (every position is a target); returns the batch losses."""
+    model.train()
+    bar = tqdm(length_batches(seqs, batch_size, rng), desc=desc, unit="batch", leave=False, disable=not progress)
+    losses: list[float] = []
+    for idx in bar:
+        x, y = batch_tensors([seqs[i] for i in idx], model.cfg.max_len, rng)
+        loss = model.loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    return losses
+
+
+def train(args: argparse.Namespace) -> Path:
+    seed_all(args.seed)
+    torch.set_num_threads(args.threads)
+    sid = SemanticIDs.load(args.sid)
+    ds = load_dataset(args.data_dir)
+    cfg = OneRecConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=2 * args.d_model,
+                       dropout=args.dropout, use_item_emb=not args.no_item_emb, max_len=args.max_len)
+    model = build_model(cfg, sid, args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    folder = args.out / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / "state.pt"
+    row_of = {int(i): r for r, i in enumerate(sid.item_ids)}
+    seqs = make_windows(ds.splits.train, row_of, cfg.max_len)
+    val = random.Random(args.seed).sample(ds.splits.valid, min(args.val_users, len(ds.splits.valid)))
+    epoch, best, bad, curve, spent = 0, -1.0, 0, [], 0.0
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        epoch, best, bad, curve, spent = st["epoch"], st["best"], st["bad"], st["curve"], st["spent"]
+        print(f"resumed {folder} at epoch {epoch} (best val R@10 {best:.4f}, {spent / 60:.1f} min spent)")
+    (folder / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    print(f"OneRec {count_params(model) / 1e6:.2f}M params, {len(seqs)} training sequences, sid {args.sid}")
+    rng = random.Random(args.seed + epoch)
+    t_start = time.perf_counter() - spent
+    while epoch < args.epochs and bad < args.patience:
+        losses = train_epoch(model, opt, seqs, args.batch_size, rng, desc=f"epoch {epoch + 1}")
+        epoch += 1
+        model.eval()
+        rec = OneRecRecommender(OneRec(model, sid), beam=args.val_beam)
+        m = evaluate(rec, val, k=10, progress=False)
+        spent = time.perf_counter() - t_start
+        curve.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@10": m["recall@10"],
+                      "val_ndcg@10": m["ndcg@10"], "minutes": round(spent / 60, 2)})
+        improved = m["recall@10"] > best
+        if improved:
+            best, bad = m["recall@10"], 0
+            save_checkpoint(model, sid, folder)
+        else:
+            bad += 1
+        print(f"epoch {epoch}: loss {np.mean(losses):.4f} val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f}"
+              f" {'*' if improved else ''} ({spent / 60:.1f} min)", flush=True)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best": best, "bad": bad,
+                    "curve": curve, "spent": spent}, state_path)
+        (folder / "curve.json").write_text(json.dumps(curve, indent=2))
+        if spent > args.max_minutes * 60:
+            print(f"time budget of {args.max_minutes} min reached")
+            break
+    meta = {"train_s": round(spent, 1), "epochs": epoch, "best_val_recall@10": best, "params": count_params(model),
+            "config": asdict(cfg), "sid": str(Path(args.sid).resolve())}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    if not args.no_current:
+        point_current(args.out, folder)
+    print(f"best checkpoint: {folder}")
+    return folder
+
+
+def run_eval(folder: Path, data_dir: Path, beam: int, split: str, results: str | None, limit: int | None) -> dict:
+    torch.set_num_threads(int(os.environ.get("ONEREC_EVAL_THREADS", "2")))
+    ds = load_dataset(data_dir)
+    examples: list[Example] = ds.splits.test if split == "test" else ds.splits.valid
+    examples = examples[:limit] if limit else examples
+    rec = OneRecRecommender.load(folder, beam=beam)
+    t0 = time.perf_counter()
+    m = evaluate(rec, examples, k=10, desc=f"onerec {split}")
+    dt = time.perf_counter() - t0
+    print(f"{folder} {split} beam={beam} ({len(examples)} users, {dt:.0f}s): {m}")
+    if results:
+        from services.results import write_result
+
+        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
+        sid_meta = rec.onerec.sid.config.variant
+        write_result(results, m | {"train_s": meta.get("train_s"), "params": meta.get("params"), "beam": beam},
+                     note=f"split={split}, checkpoint={folder.resolve().name}, sid={sid_meta}")
+    return m
+
+
+def main(argv: list[str] | None = None) -> None:
+    from services.config import get_settings
+
+    st = get_settings()
+    p = argparse.ArgumentParser(prog="python -m model.onerec", description="Train / evaluate the lightweight OneRec.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train on the leave-one-out training histories")
+    t.add_argument("--data-dir", type=Path, default=st.data_dir, help="dataset folder")
+    t.add_argument("--sid", type=Path, default=st.resolved("sid"), help="semantic-ID folder")
+    t.add_argument("--out", type=Path, default=st.artifacts_dir / "onerec", help="root of checkpoint folders")
+    t.add_argument("--name", default=None, help="checkpoint folder name (default: from sid variant and time)")
+    t.add_argument("--epochs", type=int, default=200, help="maximum epochs")
+    t.add_argument("--max-minutes", type=float, default=60.0, help="training time budget")
+    t.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping")
+    t.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    t.add_argument("--d-model", type=int, default=128, help="hidden size")
+    t.add_argument("--layers", type=int, default=2, help="transformer layers")
+    t.add_argument("--heads", type=int, default=2, help="attention heads")
+    t.add_argument("--dropout", type=float, default=0.3, help="dropout")
+    t.add_argument("--max-len", type=int, default=50, help="history length")
+    t.add_argument("--no-item-emb", action="store_true", help="items embedded by their codes only")
+    t.add_argument("--val-users", type=int, default=3000, help="validation users evaluated each epoch")
+    t.add_argument("--val-beam", type=int, default=10, help="beam width of validation decoding")
+    t.add_argument("--threads", type=int, default=2, help="torch threads")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/<name>/state.pt")
+    t.add_argument("--no-current", action="store_true", help="do not point <out>/current at the result")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (mode onerec)")
+    e.add_argument("--checkpoint", type=Path, default=st.resolved("onerec"), help="checkpoint folder")
+    e.add_argument("--data-dir", type=Path, default=st.data_dir, help="dataset folder")
+    e.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
+    e.add_argument("--split", choices=["valid", "test"], default="test")
+    e.add_argument("--limit", type=int, default=None, help="only the first N users")
+    e.add_argument("--results", default=None, help="write docs/results/<NAME>.json")
+    args = p.parse_args(argv)
+    if args.cmd == "train":
+        if args.name is None:
+            variant = SemanticIDs.load(args.sid).config.variant
+            args.name = f"{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+        train(args)
+    else:
+        run_eval(args.checkpoint, args.data_dir, args.beam, args.split, args.results, args.limit)

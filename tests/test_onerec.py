@@ -1,0 +1,100 @@
+"""Lightweight OneRec: learns a deterministic pattern, decodes only real items, honours prefix sets."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.onerec import DeadlineExceeded, OneRec, OneRecConfig, build_model
+from model.onerec_train import train_epoch
+from model.semantic_ids import SemanticIDConfig, SemanticIDs, disambiguate
+
+N_ITEMS = 40
+
+
+def tiny_sid() -> SemanticIDs:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 4, size=(N_ITEMS, 2))
+    codes = disambiguate(base, codebook_size=16)  # (N, 3), codebook 16
+    return SemanticIDs(np.arange(1, N_ITEMS + 1), codes, SemanticIDConfig("text", levels=2, codebook_size=16))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[OneRec, Path]:
+    """A tiny model trained for a few seconds on 'next item = item + 1 (mod N)'."""
+    torch.set_num_threads(1)
+    sid = tiny_sid()
+    rng = random.Random(0)
+    seqs = []
+    for _ in range(200):
+        start, n = rng.randrange(N_ITEMS), rng.randint(4, 10)
+        seqs.append([(start + j) % N_ITEMS + 1 for j in range(n)])  # item rows + 1 == item ids here
+    model = build_model(OneRecConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0, max_len=12), sid)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        losses = train_epoch(model, opt, seqs, 32, rng, progress=False)
+        first = first if first is not None else float(np.mean(losses))
+    assert float(np.mean(losses)) < first / 4
+    folder = tmp_path_factory.mktemp("onerec")
+    OneRec(model, sid).save(folder)
+    return OneRec.load(folder), folder
+
+
+def test_learns_the_successor_pattern(trained: tuple[OneRec, Path]) -> None:
+    onerec, _ = trained
+    hist = [[5, 6, 7], [20, 21, 22, 23], [39, 40]]
+    out = onerec.decode_full(hist, k=1, beam=5)
+    assert [r[0][0] for r in out] == [8, 24, 1]
+
+
+def test_complete_respects_prefixes_and_rescores(trained: tuple[OneRec, Path]) -> None:
+    onerec, _ = trained
+    sid = onerec.sid
+    want = sid.codes_of(8)
+    other = next(c for c in map(tuple, sid.codes.tolist()) if c[:2] != want[:2])
+    out = onerec.complete([[5, 6, 7]], [[(other[0], other[1], 0.0), (want[0], want[1], -1.0)]], k=3, beam=5)
+    assert out[0][0][0] == 8  # the fresh history wins over the offline score
+    allowed = {other[:2], want[:2]}
+    assert all(sid.codes_of(i)[:2] in allowed for i, _ in out[0])
+
+
+def test_exclusion_and_deadline(trained: tuple[OneRec, Path]) -> None:
+    onerec, _ = trained
+    out = onerec.decode_full([[5, 6, 7]], k=3, beam=5, exclude=[{8}])
+    assert 8 not in [i for i, _ in out[0]] and len(out[0]) == 3
+    with pytest.raises(DeadlineExceeded):
+        onerec.decode_full([[5, 6, 7]], k=3, beam=5, deadline=0.0)
+
+
+def test_unknown_history_items_are_dropped_and_counted(trained: tuple[OneRec, Path]) -> None:
+    onerec, _ = trained
+    before = onerec.unknown_items
+    out = onerec.decode_full([[999, 5, 6, 7], []], k=2, beam=4)
+    assert onerec.unknown_items == before + 1
+    assert len(out[0]) == 2 and len(out[1]) == 2
+
+
+@given(st.lists(st.lists(st.integers(1, N_ITEMS), max_size=12), min_size=1, max_size=4),
+       st.integers(1, 8), st.data())
+@settings(max_examples=30, deadline=None)
+def test_every_returned_item_is_valid(trained, histories, k, data) -> None:
+    onerec, _ = trained
+    sid = onerec.sid
+    for row in onerec.decode_full(histories, k=k, beam=8):
+        assert len(row) == k and all(sid.has_item(i) for i, _ in row)
+        assert len({i for i, _ in row}) == k
+    prefixes = [data.draw(st.lists(st.sampled_from([tuple(c[:2]) for c in sid.codes.tolist()]), min_size=1,
+                                   max_size=5)) for _ in histories]
+    plists = [[(a, b, -0.5) for a, b in p] for p in prefixes]
+    for row, allowed in zip(onerec.complete(histories, plists, k=k, beam=8), prefixes, strict=True):
+        assert all(sid.has_item(i) and sid.codes_of(i)[:2] in set(allowed) for i, _ in row)
+        # as many items as exist under the allowed prefixes, up to k
+        avail = sum(1 for c in sid.codes.tolist() if tuple(c[:2]) in set(allowed))
+        assert len(row) == min(k, avail)
