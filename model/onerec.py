@@ -69,11 +69,14 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x (B, T, D), mask (B, 1, T, T) -> (B, T, D); with `last_only`, (B, 1, D) for the last query."""
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D/H)
-        x = x + fast_dropout(self.proj(a.transpose(1, 2).reshape(B, T, D)), self.p, self.training)
+        if last_only:  # serving: only the last position's output is needed from the final block
+            q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tq, D/H)
+        x = x + fast_dropout(self.proj(a.transpose(1, 2).reshape(B, -1, D)), self.p, self.training)
         return x + fast_dropout(self.ff(self.ln2(x)), self.p, self.training)
 
 
@@ -110,8 +113,8 @@ class OneRecModel(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (B, T) item rows + 1, left-padded with 0 -> hidden states (B, T, D)."""
+    def encode(self, rows: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """rows (B, T) item rows + 1, left-padded with 0 -> hidden states (B, T, D) (or (B, 1, D))."""
         B, T = rows.shape
         codes = self.codes_table[rows]  # (B, T, L)
         x = self.code_emb(codes + self.level_offset).sum(2)  # (B, T, D)
@@ -125,8 +128,8 @@ class OneRecModel(nn.Module):
         eye = torch.eye(T, dtype=torch.bool, device=rows.device)
         mask = ((causal[None] & (rows != 0)[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
         x = fast_dropout(x, self.cfg.dropout, self.training)
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
         return self.norm(x)
 
     def level_logits(self, h: torch.Tensor, prev: torch.Tensor, level: int) -> torch.Tensor:
@@ -187,19 +190,21 @@ class OneRec:
 
     # ---------------------------------------------------------------- helpers
     def _rows(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Left-padded (B, T) item rows + 1 of the last max_len known items of each history."""
-        T = self.cfg.max_len
-        out = torch.zeros(len(histories), T, dtype=torch.long)
-        for b, hist in enumerate(histories):
+        """Left-padded (B, T) item rows + 1 of the last max_len known items (T = longest, >= 1)."""
+        known = []
+        for hist in histories:
             rows = [self.row_of[i] + 1 for i in hist if i in self.row_of]
             self.unknown_items += len(hist) - len(rows)
-            rows = rows[-T:]
+            known.append(rows[-self.cfg.max_len :])
+        T = max(1, max((len(r) for r in known), default=1))
+        out = torch.zeros(len(histories), T, dtype=torch.long)
+        for b, rows in enumerate(known):
             if rows:
                 out[b, T - len(rows) :] = torch.tensor(rows)
         return out
 
     def _last_hidden(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        return self.model.encode(self._rows(histories))[:, -1]  # (B, D)
+        return self.model.encode(self._rows(histories), last_only=True)[:, -1]  # (B, D)
 
     def _exclusion(self, exclude: Sequence[set[int]] | None, B: int) -> torch.Tensor | None:
         if not exclude:

@@ -98,3 +98,12 @@ def test_every_returned_item_is_valid(trained, histories, k, data) -> None:
         # as many items as exist under the allowed prefixes, up to k
         avail = sum(1 for c in sid.codes.tolist() if tuple(c[:2]) in set(allowed))
         assert len(row) == min(k, avail)
+
+
+def test_last_only_matches_full_encode(trained: tuple[OneRec, Path]) -> None:
+    onerec, _ = trained
+    rows = onerec._rows([[5, 6, 7, 8], [1, 2]])
+    with torch.no_grad():
+        full = onerec.model.encode(rows)[:, -1]
+        last = onerec.model.encode(rows, last_only=True)[:, -1]
+    assert torch.allclose(full, last, atol=1e-5)

@@ -1,0 +1,94 @@
+"""Model-only latency of the lightweight OneRec on this machine.
+
+Measures, for one user with a 50-item history: completion under 32 allowed (a, b) prefixes (beam 10)
+and full decode (beam 10), p50/p99 over >= 1000 calls each; plus users/s of full decode at batch 16.
+Baseline in the same run: the trunk forward alone (the floor any decode pays). Writes
+docs/results/onerec_latency.json.
+
+    python -m benchmarks.onerec_latency --calls 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.onerec import OneRec
+from services.catalog import load_dataset
+from services.config import get_settings
+from services.results import write_result
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs) * 1000
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    st = get_settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=st.resolved("onerec"), help="OneRec checkpoint")
+    p.add_argument("--calls", type=int, default=1000, help="timed calls per measurement")
+    p.add_argument("--prefixes", type=int, default=32, help="allowed (a, b) prefixes per user")
+    p.add_argument("--beam", type=int, default=10, help="beam width")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the online tier uses 1)")
+    p.add_argument("--no-results", action="store_true", help="do not write the results file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    onerec = OneRec.load(args.checkpoint)
+    ds = load_dataset(st.data_dir)
+    rng = random.Random(0)
+    pool = list(ds.sequences.values())
+    items = [int(i) for i in onerec.sid.item_ids]
+    prefixes2 = sorted({(int(c[0]), int(c[1])) for c in onerec.sid.codes.tolist()})
+
+    def user() -> tuple[list[int], list[tuple[int, int, float]]]:
+        seq = rng.choice(pool)
+        hist = (seq + rng.sample(items, 50))[-50:]  # always 50 items, real ones first
+        pre = [(a, b, -rng.random() * 5) for a, b in rng.sample(prefixes2, args.prefixes)]
+        return hist, pre
+
+    cases = [user() for _ in range(args.calls)]
+    for h, pre in cases[:20]:  # warm-up
+        onerec.complete([h], [pre], k=10, beam=args.beam)
+        onerec.decode_full([h], k=10, beam=args.beam)
+
+    def timed(fn) -> list[float]:
+        out = []
+        for h, pre in cases:
+            t = time.perf_counter()
+            fn(h, pre)
+            out.append(time.perf_counter() - t)
+        return out
+
+    with torch.no_grad():
+        trunk = timed(lambda h, pre: onerec._last_hidden([h]))
+    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam))
+    full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
+    batches = [cases[s : s + 16] for s in range(0, min(len(cases), 640), 16)]
+    t0 = time.perf_counter()
+    for b in batches:
+        onerec.decode_full([h for h, _ in b], k=10, beam=args.beam)
+    batch_rate = sum(len(b) for b in batches) / (time.perf_counter() - t0)
+    c, f, tr = percentiles(complete), percentiles(full), percentiles(trunk)
+    metrics = {
+        "complete_p50_ms": round(c["p50"], 3), "complete_p99_ms": round(c["p99"], 3),
+        "full_p50_ms": round(f["p50"], 3), "full_p99_ms": round(f["p99"], 3),
+        "batch16_users_per_s": round(batch_rate, 1),
+        "trunk_p50_ms": round(tr["p50"], 3),
+        "complete_over_trunk_p50": round(c["p50"] / tr["p50"], 2),
+        "calls": args.calls, "prefixes": args.prefixes, "beam": args.beam, "threads": args.threads,
+    }
+    print(metrics, f"(mean complete {statistics.mean(complete) * 1000:.2f} ms)")
+    if not args.no_results:
+        write_result("onerec_latency", metrics, note=f"checkpoint={args.checkpoint.resolve().name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Open-loop load test of the online API, with the stack's floor and the full model as baselines.
+
+One run (about 5 minutes with the defaults) measures on this machine:
+1. the API (uvicorn, 1 worker, uvloop/httptools) over a private redis-server seeded with the test users'
+   fresh histories and think-ahead entries computed from histories one interaction *staler*;
+   100 requests/s for 60 s, then a short sweep of higher rates for the largest one with p99 <= 100 ms;
+2. the floor: a trivial FastAPI endpoint doing one Redis GET of the same entry, same server settings;
+3. the full OneRec-Think model answering one request at a time the way a user would otherwise serve it:
+   reasoning then trie-constrained codes (vLLM engine of the offline worker; ``--full-engine hf`` for the
+   transformers reference, ``none`` to skip).
+
+The load generator is a separate process (aiohttp, not httpx-bound) that sends request i at
+``t0 + i / rate`` whatever happened before (open loop) and times each answer from that *scheduled* send
+time, so a stalled server shows up as latency instead of as fewer requests (coordinated omission).
+Results: ``docs/results/online_load.json`` (`services.results`). Not a test; never run by CI.
+
+    python -m benchmarks.online_load --results            # full run
+    python -m benchmarks.online_load --quick              # a 20-second smoke run, nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+REASONING = ("The user has been buying moisturisers, a vitamin C serum and sunscreen lately; they care about "
+             "skincare routines and gentle formulas, so the next purchase is likely another skincare step such "
+             "as a cleanser, toner or a night cream from a similar brand. ")  # ~300 chars, like real entries
+
+
+# --------------------------------------------------------------------------- small utilities
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(xs: Sequence[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q / 100.0 * len(s)))]
+
+
+def uvicorn_cmd(app: str, port: int) -> list[str]:
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return [PY, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log"]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s")
+
+
+@contextmanager
+def process(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[subprocess.Popen]:
+    out = log.open("ab") if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+# --------------------------------------------------------------------------- the floor endpoint
+
+
+class FloorRequest(BaseModel):
+    user_id: int
+    k: int = 10
+
+
+class FloorResponse(BaseModel):
+    user_id: int
+    found: bool
+    bytes: int
+
+
+def floor_app() -> Any:
+    """Trivial FastAPI + Redis endpoint: validate a body, one GET, answer JSON (uvicorn --factory)."""
+    from fastapi import FastAPI
+
+    from online_api.app import open_redis
+    from services.config import get_settings
+    from services.store import ThinkKeys
+
+    s = get_settings()
+    keys = ThinkKeys(s.namespace)
+    app = FastAPI()
+    r = open_redis(s)  # the API's own pool settings
+    version = os.environ.get("FLOOR_VERSION", "bench")
+
+    @app.get("/readyz")
+    async def ready() -> dict[str, bool]:
+        return {"ready": bool(await r.ping())}
+
+    @app.post("/v1/recommend", response_model=FloorResponse)
+    async def floor(req: FloorRequest) -> FloorResponse:
+        raw = await r.get(keys.think(version, req.user_id))
+        return FloorResponse(user_id=req.user_id, found=raw is not None, bytes=len(raw or b""))
+
+    return app
+
+
+# --------------------------------------------------------------------------- load generator (own process)
+
+
+async def _load(url: str, rate: float, duration_s: float, users: list[int], k: int, timeout_s: float) -> dict:
+    import aiohttp
+
+    n = int(rate * duration_s)
+    bodies = [json.dumps({"user_id": users[i % len(users)], "k": k}).encode() for i in range(n)]
+    lat: list[float] = []
+    errors: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    degraded = 0
+    done_at: list[float] = []
+    conn = aiohttp.TCPConnector(limit=512, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        # warm the connection pool (not timed)
+        await asyncio.gather(*(session.post(url, data=bodies[0], headers=headers) for _ in range(8)),
+                             return_exceptions=True)
+
+        async def one(i: int, scheduled: float) -> None:
+            nonlocal degraded
+            try:
+                async with session.post(url, data=bodies[i], headers=headers) as resp:
+                    data = await resp.read()
+                    if resp.status != 200:
+                        errors[f"http_{resp.status}"] += 1
+                        return
+            except Exception as e:  # noqa: BLE001 - counted, never fatal
+                errors[type(e).__name__] += 1
+                return
+            now = time.perf_counter()
+            lat.append(now - scheduled)
+            done_at.append(now)
+            body = json.loads(data)
+            sources[body.get("source", "floor")] += 1
+            degraded += bool(body.get("degraded"))
+
+        tasks = []
+        t0 = time.perf_counter() + 0.05
+        for i in range(n):
+            scheduled = t0 + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, scheduled)))
+        send_end = time.perf_counter()
+        await asyncio.gather(*tasks)
+    ok = len(lat)
+    span = (max(done_at) - t0) if done_at else float("nan")
+    return {
+        "offered_rps": rate, "duration_s": duration_s, "requests": n, "ok": ok,
+        "errors": sum(errors.values()), "error_kinds": dict(errors),
+        "achieved_rps": round(ok / span, 1) if ok else 0.0,
+        "send_lag_ms": round((send_end - (t0 + (n - 1) / rate)) * 1000, 2),  # did the generator keep up?
+        "p50_ms": round(pct(lat, 50) * 1000, 3), "p90_ms": round(pct(lat, 90) * 1000, 3),
+        "p99_ms": round(pct(lat, 99) * 1000, 3), "max_ms": round(max(lat) * 1000, 3) if lat else None,
+        "mean_ms": round(statistics.fmean(lat) * 1000, 3) if lat else None,
+        "sources": dict(sources), "degraded": degraded,
+    }  # fmt: skip
+
+
+def run_client(url: str, rate: float, duration_s: float, users: list[int], k: int, timeout_s: float = 5.0) -> dict:
+    """Run one load step in a separate process (its own event loop and core time)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(users, f)
+        users_file = f.name
+    try:
+        cmd = [PY, "-m", "benchmarks.online_load", "client", "--url", url, "--rate", str(rate),
+               "--duration", str(duration_s), "--users-file", users_file, "--k", str(k), "--timeout", str(timeout_s)]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=duration_s * 3 + 60)
+        if out.returncode != 0:
+            raise RuntimeError(f"load client failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        os.unlink(users_file)
+
+
+def sweep(url: str, rates: Sequence[float], duration_s: float, users: list[int], k: int, limit_ms: float,
+          label: str) -> tuple[float, list[dict]]:
+    """Increasing rates until p99 > limit_ms, errors, achieved < 95% of offered or > 1% degraded answers.
+    Returns (best passing rate, steps)."""
+    best, steps = 0.0, []
+    for rate in rates:
+        res = run_client(url, rate, duration_s, users, k)
+        steps.append(res)
+        # a rate only counts if answers stay real: <= 1% degraded (fallback) answers
+        good = (res["errors"] == 0 and res["p99_ms"] <= limit_ms and res["achieved_rps"] >= 0.95 * rate
+                and res["degraded"] <= 0.01 * max(1, res["ok"]))
+        print(f"[{label}] {rate:>6.0f}/s: achieved {res['achieved_rps']}/s p50 {res['p50_ms']} p99 {res['p99_ms']} "
+              f"ms errors {res['errors']} sources {res['sources']} {'ok' if good else 'FAIL'}", flush=True)
+        if not good:
+            break
+        best = rate
+    return best, steps
+
+
+# --------------------------------------------------------------------------- data set-up
+
+
+def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes: int, version: str) -> list[int]:
+    """Fresh histories (test split) and entries from one-interaction-staler histories; returns the users."""
+    import redis
+
+    from model.onerec import OneRec
+    from model.think_ahead import OneRecPrefixSource
+    from services.catalog import load_dataset
+    from services.config import get_settings
+    from services.store import ThinkStore
+
+    ds = load_dataset(get_settings().data_dir)
+    examples = ds.splits.test
+    random.Random(0).shuffle(examples)
+    examples = examples[:n_users]
+    onerec = OneRec.load(checkpoint)
+    source = OneRecPrefixSource(onerec, prefixes=prefixes, beam=max(64, prefixes * 2))
+    entries = {}
+    t0 = time.perf_counter()
+    for s in range(0, len(examples), 256):
+        batch = examples[s : s + 256]
+        for e, en in zip(batch, source(batch), strict=True):
+            assert en is not None
+            en.reasoning = REASONING
+            en.model_id = "bench-onerec-beam"
+            entries[e.user_id] = en
+    print(f"[seed] {len(entries)} entries ({prefixes} prefixes each) in {time.perf_counter() - t0:.1f}s", flush=True)
+    client = redis.Redis.from_url(redis_url)
+    store = ThinkStore(client, ns)
+    store.begin_version(version, {"model": "bench-onerec-beam"})
+    store.write_entries(version, entries, 3600)
+    store.publish(version, len(entries))
+    store.write_histories({e.user_id: e.history for e in examples}, 50)
+    client.close()
+    return [e.user_id for e in examples]
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d]
+        with process(cmd):
+            import redis
+
+            c = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    c.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+
+
+# --------------------------------------------------------------------------- the full-model baseline
+
+
+def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histories: list[list[int]],
+                       max_reasoning_tokens: int) -> dict:
+    """Per-request latency of OneRec-Think answering alone: reasoning, then the codes (beam over a, b by the
+    engine's prefix beam, then the best c and d under the best prefix), one request at a time."""
+    from model.semantic_ids import SemanticIDs
+    from offline_worker.engine import EngineConfig, ThinkRequest, cpu_defaults, make_engine
+    from offline_worker.prompts import PromptBuilder
+
+    cpu_defaults()
+    cfg = EngineConfig(samples=1, prefixes_per_sample=10, max_reasoning_tokens=max_reasoning_tokens, greedy=True)
+    t0 = time.perf_counter()
+    engine = make_engine(engine_kind, think_dir, sid_dir, cfg)
+    load_s = time.perf_counter() - t0
+    builder = PromptBuilder(engine.tokenizer, SemanticIDs.load(sid_dir))
+    tm = engine.tokmap
+    lat = []
+    try:
+        for i, hist in enumerate([histories[0], *histories]):  # the first one warms up (not timed)
+            t = time.perf_counter()
+            ids = builder.ids(hist)
+            res = engine.think([ThinkRequest(i, ids)])[0]
+            a, b, _ = res.prefixes[0]
+            ctx = ids + res.reasoning_ids[0] + engine.answer_ids + [tm.token_id(0, a), tm.token_id(1, b)]
+            codes = [a, b]
+            for _level in range(2, tm.num_levels):
+                best = engine._top_next([ctx], [engine.allowed_ids(codes)], 1)[0][0][0]
+                codes.append(tm.level_code(best)[1])
+                ctx = ctx + [best]
+            if i > 0:
+                lat.append(time.perf_counter() - t)
+    finally:
+        engine.close()
+    return {"engine": engine_kind, "requests": len(lat), "load_s": round(load_s, 1),
+            "p50_ms": round(pct(lat, 50) * 1000, 1), "p90_ms": round(pct(lat, 90) * 1000, 1),
+            "mean_ms": round(statistics.fmean(lat) * 1000, 1)}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict:
+    from services.config import get_settings
+
+    settings = get_settings()
+    checkpoint = (args.checkpoint or settings.resolved("onerec")).resolve()
+    if not (checkpoint / "model.safetensors").is_file():
+        raise SystemExit(f"no OneRec checkpoint at {checkpoint} (train it: python -m model.onerec train)")
+    logdir = Path(args.log_dir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    ns, version = "bench", "bench"
+    out: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    with redis_server() as redis_url:
+        users = seed_redis(redis_url, ns, checkpoint, args.users, args.prefixes, version)
+        env = {"ONEREC_REDIS_URL": redis_url, "ONEREC_NAMESPACE": ns, "ONEREC_ONEREC_DIR": str(checkpoint),
+               "FLOOR_VERSION": version, "PYTHONPATH": str(ROOT)}
+        port = free_port()
+        with process(uvicorn_cmd("online_api.app:create_app", port), env, logdir / "api.log") as api:
+            wait_http(f"http://127.0.0.1:{port}/readyz", 120, api)
+            url = f"http://127.0.0.1:{port}/v1/recommend"
+            run_client(url, 50, 3, users, args.k)  # warm-up (not reported)
+            main = run_client(url, args.rate, args.duration, users, args.k)
+            print(f"[api] {args.rate}/s for {args.duration}s: {json.dumps(main)}", flush=True)
+            out["api_main"] = main
+            best, steps = sweep(url, args.sweep, args.sweep_duration, users, args.k, 100.0, "api")
+            out["api_max_rps"], out["api_sweep"] = best, steps
+        port = free_port()
+        with process(uvicorn_cmd("benchmarks.online_load:floor_app", port), env, logdir / "floor.log") as floor:
+            wait_http(f"http://127.0.0.1:{port}/readyz", 60, floor)
+            url = f"http://127.0.0.1:{port}/v1/recommend"
+            run_client(url, 50, 2, users, args.k)
+            best, steps = sweep(url, args.floor_sweep, args.sweep_duration, users, args.k, 100.0, "floor")
+            out["floor_max_rps"], out["floor_sweep"] = best, steps
+    if args.full_engine != "none":
+        think_dir = (args.think_dir or settings.resolved("think")).resolve()
+        sid_dir = checkpoint / "sid"
+        from services.catalog import load_dataset
+
+        ds = load_dataset(settings.data_dir)
+        by_user = {e.user_id: e.history for e in ds.splits.test}
+        hists = [by_user[u] for u in users[: args.full_requests]]
+        out["full_model"] = full_model_latency(think_dir, sid_dir, args.full_engine, hists, args.max_reasoning_tokens)
+        print(f"[full] {json.dumps(out['full_model'])}", flush=True)
+    return out
+
+
+def metrics_of(out: dict) -> dict[str, Any]:
+    main = out["api_main"]
+    total = sum(main["sources"].values()) or 1
+    m: dict[str, Any] = {
+        "p50_ms": main["p50_ms"], "p90_ms": main["p90_ms"], "p99_ms": main["p99_ms"], "errors": main["errors"],
+        "think_ahead_share": round(main["sources"].get("think-ahead", 0) / total, 4),
+        "offered_rps": main["offered_rps"], "achieved_rps": main["achieved_rps"],
+        "max_rps_p99_under_100ms": out["api_max_rps"], "floor_max_rps": out["floor_max_rps"],
+        "ratio_to_floor": round(out["api_max_rps"] / out["floor_max_rps"], 3) if out["floor_max_rps"] else None,
+    }  # fmt: skip
+    if "full_model" in out:
+        m["full_model_p50_ms"] = out["full_model"]["p50_ms"]
+        m["speedup_p50"] = round(out["full_model"]["p50_ms"] / main["p50_ms"], 1)
+    return m
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.online_load", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    c = sub.add_parser("client", help="(internal) one open-loop load step; prints a JSON line")
+    c.add_argument("--url", required=True)
+    c.add_argument("--rate", type=float, required=True)
+    c.add_argument("--duration", type=float, required=True)
+    c.add_argument("--users-file", required=True)
+    c.add_argument("--k", type=int, default=10)
+    c.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--checkpoint", type=Path, default=None, help="OneRec folder (default: artifacts/onerec/current)")
+    p.add_argument("--think-dir", type=Path, default=None, help="OneRec-Think HF folder (default: think/current)")
+    p.add_argument("--users", type=int, default=2000, help="test users seeded into Redis and requested in turn")
+    p.add_argument("--prefixes", type=int, default=32, help="prefixes per think entry (T x m of the offline tier)")
+    p.add_argument("--k", type=int, default=10, help="items per request")
+    p.add_argument("--rate", type=float, default=100.0, help="offered rate of the main step (requests/s)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of the main step")
+    p.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=[200, 300, 400, 500, 600, 800],
+                   help="API rates for the max-rate sweep (comma-separated)")
+    p.add_argument("--floor-sweep", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[500, 1000, 1500, 2000, 2500, 3000], help="floor rates (comma-separated)")
+    p.add_argument("--sweep-duration", type=float, default=15.0, help="seconds per sweep step")
+    p.add_argument("--full-engine", choices=["vllm", "hf", "none"], default="vllm", help="full-model baseline engine")
+    p.add_argument("--full-requests", type=int, default=20, help="requests answered by the full model")
+    p.add_argument("--max-reasoning-tokens", type=int, default=48, help="reasoning budget of the full model")
+    p.add_argument("--log-dir", default="/tmp/online_load", help="server logs")
+    p.add_argument("--quick", action="store_true", help="smoke run: short steps, no full model, nothing written")
+    p.add_argument("--results", action="store_true", help="write docs/results/online_load.json")
+    args = p.parse_args(argv)
+    if args.cmd == "client":
+        users = json.loads(Path(args.users_file).read_text())
+        res = asyncio.run(_load(args.url, args.rate, args.duration, users, args.k, args.timeout))
+        print(json.dumps(res))
+        return
+    if args.quick:
+        args.duration, args.sweep, args.floor_sweep, args.sweep_duration = 5.0, [200.0], [500.0], 3.0
+        args.users, args.full_engine = 300, "none"
+    out = run(args)
+    metrics = metrics_of(out)
+    print(json.dumps(metrics, indent=2))
+    Path(args.log_dir, "online_load_full.json").write_text(json.dumps(out, indent=2))
+    if args.results and not args.quick:
+        from services.results import write_result
+
+        note = (f"API: uvicorn 1 worker; entries: {args.prefixes} prefixes from the OneRec beam over the staler "
+                f"history; full model: {args.full_engine} engine, {args.max_reasoning_tokens} reasoning tokens, one "
+                f"request at a time; details: {args.log_dir}/online_load_full.json")
+        write_result("online_load", metrics, note=note)
+
+
+if __name__ == "__main__":
+    main()
