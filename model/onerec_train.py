@@ -110,7 +110,10 @@ def train(args: argparse.Namespace) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "state.pt"
     row_of = {int(i): r for r, i in enumerate(sid.item_ids)}
-    seqs = make_windows(ds.splits.train, row_of, cfg.max_len)
+    # --refit: final model for the test split, trained on everything before the test item (train +
+    # validation interactions) for a number of epochs chosen on validation; no early stopping
+    source = {u: s[:-1] for u, s in ds.sequences.items()} if args.refit else ds.splits.train
+    seqs = make_windows(source, row_of, cfg.max_len)
     val = random.Random(args.seed).sample(ds.splits.valid, min(args.val_users, len(ds.splits.valid)))
     epoch, best, bad, curve, spent = 0, -1.0, 0, [], 0.0
     if args.resume and state_path.exists():
@@ -127,18 +130,22 @@ def train(args: argparse.Namespace) -> Path:
         losses = train_epoch(model, opt, seqs, args.batch_size, rng, desc=f"epoch {epoch + 1}")
         epoch += 1
         model.eval()
-        rec = OneRecRecommender(OneRec(model, sid), beam=args.val_beam)
-        m = evaluate(rec, val, k=10, progress=False)
+        if args.refit:  # validation targets are training data here: nothing to validate on
+            m = {"recall@10": float("nan"), "ndcg@10": float("nan")}
+        else:
+            rec = OneRecRecommender(OneRec(model, sid), beam=args.val_beam)
+            m = evaluate(rec, val, k=10, progress=False)
         spent = time.perf_counter() - t_start
         curve.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@10": m["recall@10"],
                       "val_ndcg@10": m["ndcg@10"], "minutes": round(spent / 60, 2)})
-        improved = m["recall@10"] > best
+        improved = args.refit or m["recall@10"] > best
         if improved:
-            best, bad = m["recall@10"], 0
+            best, bad = (best if args.refit else m["recall@10"]), 0
             save_checkpoint(model, sid, folder)
         else:
             bad += 1
-        print(f"epoch {epoch}: loss {np.mean(losses):.4f} val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f}"
+        tag = "(refit) " if args.refit else ""
+        print(f"epoch {epoch}: loss {np.mean(losses):.4f} {tag}val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f}"
               f" {'*' if improved else ''} ({spent / 60:.1f} min)", flush=True)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best": best, "bad": bad,
                     "curve": curve, "spent": spent}, state_path)
@@ -146,7 +153,7 @@ def train(args: argparse.Namespace) -> Path:
         if spent > args.max_minutes * 60:
             print(f"time budget of {args.max_minutes} min reached")
             break
-    meta = {"train_s": round(spent, 1), "epochs": epoch, "best_val_recall@10": best, "params": count_params(model),
+    meta = {"train_s": round(spent, 1), "epochs": epoch, "refit": bool(args.refit), "best_val_recall@10": best, "params": count_params(model),
             "config": asdict(cfg), "sid": str(Path(args.sid).resolve())}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     if not args.no_current:
@@ -203,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--threads", type=int, default=2, help="torch threads")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--resume", action="store_true", help="continue from <out>/<name>/state.pt")
+    t.add_argument("--refit", action="store_true",
+                   help="train on train+validation interactions for exactly --epochs epochs (final test model)")
     t.add_argument("--no-current", action="store_true", help="do not point <out>/current at the result")
     e = sub.add_parser("eval", help="evaluate a checkpoint (mode onerec)")
     e.add_argument("--checkpoint", type=Path, default=st.resolved("onerec"), help="checkpoint folder")
