@@ -153,7 +153,8 @@ def train(args: argparse.Namespace) -> Path:
         if spent > args.max_minutes * 60:
             print(f"time budget of {args.max_minutes} min reached")
             break
-    meta = {"train_s": round(spent, 1), "epochs": epoch, "refit": bool(args.refit), "best_val_recall@10": best, "params": count_params(model),
+    meta = {"train_s": round(spent, 1), "epochs": epoch, "refit": bool(args.refit), "best_val_recall@10": best,
+            "params": count_params(model),
             "config": asdict(cfg), "sid": str(Path(args.sid).resolve())}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     if not args.no_current:
