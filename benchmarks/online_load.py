@@ -70,7 +70,7 @@ def uvicorn_cmd(app: str, port: int) -> list[str]:
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     return [PY, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log"]
+            "--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "15"]
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -159,7 +159,9 @@ async def _load(url: str, rate: float, duration_s: float, users: list[int], k: i
     sources: Counter[str] = Counter()
     degraded = 0
     done_at: list[float] = []
-    conn = aiohttp.TCPConnector(limit=512, ttl_dns_cache=300)
+    # idle connections are dropped by the client before uvicorn's keep-alive timeout closes them, so a
+    # request never races a server-side close (ServerDisconnectedError)
+    conn = aiohttp.TCPConnector(limit=512, ttl_dns_cache=300, keepalive_timeout=2.0)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     headers = {"content-type": "application/json"}
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
@@ -309,14 +311,23 @@ def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histori
                        max_reasoning_tokens: int) -> dict:
     """Per-request latency of OneRec-Think answering alone: reasoning, then the codes (beam over a, b by the
     engine's prefix beam, then the best c and d under the best prefix), one request at a time."""
-    from model.semantic_ids import SemanticIDs
-    from offline_worker.engine import EngineConfig, ThinkRequest, cpu_defaults, make_engine
-    from offline_worker.prompts import PromptBuilder
+    import torch
 
-    cpu_defaults()
+    from model.semantic_ids import SemanticIDs
+    from offline_worker.engine import EngineConfig, ThinkRequest, VLLMOptions, cpu_defaults, make_engine
+    from offline_worker.prompts import PromptBuilder
+    from services.config import get_settings
+
+    s = get_settings()
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        cpu_defaults()
+    # the offline worker's vLLM settings; on CPU eager mode (cpu_defaults disables torch.compile)
+    options = VLLMOptions(dtype=s.vllm_dtype, enforce_eager=s.vllm_enforce_eager or cpu,
+                          max_model_len=s.vllm_max_model_len, extra=dict(s.vllm_args))
     cfg = EngineConfig(samples=1, prefixes_per_sample=10, max_reasoning_tokens=max_reasoning_tokens, greedy=True)
     t0 = time.perf_counter()
-    engine = make_engine(engine_kind, think_dir, sid_dir, cfg)
+    engine = make_engine(engine_kind, think_dir, sid_dir, cfg, vllm_options=options)
     load_s = time.perf_counter() - t0
     builder = PromptBuilder(engine.tokenizer, SemanticIDs.load(sid_dir))
     tm = engine.tokmap
@@ -355,7 +366,8 @@ def run(args: argparse.Namespace) -> dict:
     logdir = Path(args.log_dir)
     logdir.mkdir(parents=True, exist_ok=True)
     ns, version = "bench", "bench"
-    out: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    # other jobs on a shared machine change every number: record how busy it was
+    out: dict[str, Any] = {"checkpoint": str(checkpoint), "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     with redis_server() as redis_url:
         users = seed_redis(redis_url, ns, checkpoint, args.users, args.prefixes, version)
         env = {"ONEREC_REDIS_URL": redis_url, "ONEREC_NAMESPACE": ns, "ONEREC_ONEREC_DIR": str(checkpoint),
@@ -377,9 +389,10 @@ def run(args: argparse.Namespace) -> dict:
             run_client(url, 50, 2, users, args.k)
             best, steps = sweep(url, args.floor_sweep, args.sweep_duration, users, args.k, 100.0, "floor")
             out["floor_max_rps"], out["floor_sweep"] = best, steps
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     if args.full_engine != "none":
         think_dir = (args.think_dir or settings.resolved("think")).resolve()
-        sid_dir = checkpoint / "sid"
+        sid_dir = think_dir / "sid" if (think_dir / "sid" / "codes.tsv").is_file() else checkpoint / "sid"
         from services.catalog import load_dataset
 
         ds = load_dataset(settings.data_dir)
@@ -399,6 +412,7 @@ def metrics_of(out: dict) -> dict[str, Any]:
         "offered_rps": main["offered_rps"], "achieved_rps": main["achieved_rps"],
         "max_rps_p99_under_100ms": out["api_max_rps"], "floor_max_rps": out["floor_max_rps"],
         "ratio_to_floor": round(out["api_max_rps"] / out["floor_max_rps"], 3) if out["floor_max_rps"] else None,
+        "load_avg_1m_start": out["load_avg_1m_start"], "load_avg_1m_end": out["load_avg_1m_end"],
     }  # fmt: skip
     if "full_model" in out:
         m["full_model_p50_ms"] = out["full_model"]["p50_ms"]

@@ -185,7 +185,7 @@ class OneRec:
         cfg = OneRecConfig(**json.loads((folder / "config.json").read_text()))
         sid = sid or SemanticIDs.load(folder / "sid")
         model = OneRecModel(cfg, torch.from_numpy(sid.codes))
-        model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        model.load_state_dict(load_file(folder / "model.safetensors"))
         return cls(model, sid)
 
     # ---------------------------------------------------------------- helpers

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(1.0, ge=0, description="how long the model thread waits to fill a batch")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the online model")
     api_key: str | None = Field(None, description="if set, requests need header X-API-Key")
+    max_request_history: int = Field(200, ge=1, le=1000, description="longest history a request may carry")
+    batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")
+    prefix_weight: float = Field(1.0, ge=0, description="weight of the offline (a, b) log-prob in think-ahead")
+    redis_backoff_ms: float = Field(250.0, ge=0, description="skip Redis this long after a failure (breaker)")
+    redis_max_connections: int = Field(64, ge=1, description="size of the online Redis pool")
+    current_ttl_s: float = Field(1.0, ge=0, description="how long the API caches the live think version")
+    pending_events_max: int = Field(100_000, ge=0, description="events buffered while Redis is down")
 
     # offline worker
     engine: str = Field("vllm", pattern="^(vllm|hf)$", description="offline engine")
@@ -51,6 +58,34 @@ class Settings(BaseSettings):
     prefixes_per_sample: int = Field(16, ge=1, description="m prefixes kept per reasoning path")
     max_reasoning_tokens: int = Field(48, ge=1)
     refresh_chunk: int = Field(256, ge=1, description="users per engine call")
+    prefix_beam_a: int | None = Field(
+        8, ge=1, description="level-a codes expanded per path (None: m); level b costs one request per code"
+    )
+    reasoning_temperature: float = Field(0.8, gt=0, description="sampling temperature of paths t >= 1 (path 0 greedy)")
+    reasoning_top_k: int = Field(50, ge=0, description="top-k of sampled reasoning paths (0: off)")
+    reasoning_top_p: float = Field(1.0, gt=0, le=1, description="nucleus of sampled reasoning paths (1: off)")
+    offline_seed: int = Field(0, description="seed of the sampled reasoning paths")
+    think_history_cap: int = Field(50, ge=1, description="history items in an offline prompt (last N)")
+    carry_chunk: int = Field(2000, ge=1, description="users per carry-over chunk (entries copied, not recomputed)")
+    gc_keep: int = Field(2, ge=0, description="newest versions `gc` keeps besides current and previous")
+    hf_batch_size: int = Field(32, ge=1, description="batch size of the HF reference engine")
+    vllm_dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, ...)")
+    vllm_enforce_eager: bool | None = Field(
+        None, description="vLLM: no CUDA graphs / torch.compile (faster start); None: eager on CPU only"
+    )
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size (GPUs per shard)")
+    vllm_pipeline_parallel_size: int = Field(1, ge=1, description="vLLM pipeline parallel size")
+    vllm_max_model_len: int | None = Field(None, ge=16, description="vLLM max model length (default: model's)")
+    vllm_block_size: int | None = Field(
+        None, ge=1, description="KV block size; small blocks let prefix caching reuse more (CPU default: 32)"
+    )
+    vllm_single_process: bool | None = Field(
+        None, description="CPU: engine core + worker in the worker process (None: on CPU without TP/PP)"
+    )
+    vllm_cpu_threads: int | None = Field(None, ge=1, description="torch threads of a single-process CPU engine")
+    vllm_args: dict[str, object] = Field(
+        default_factory=dict, description="extra vllm.LLM keywords as JSON, e.g. '{\"max_num_seqs\": 512}'"
+    )
 
     def resolved(self, name: str) -> Path:
         """Path of an artifact folder (`sid`, `onerec`, `think`), honouring explicit overrides."""

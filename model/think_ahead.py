@@ -1,0 +1,170 @@
+"""Evaluation mode ``think-ahead``: offline prefixes from a staler history, online completion with the fresh one.
+
+The deployment situation (DESIGN.md section 4): the offline tier computed a user's `ThinkEntry` before the
+user's latest interaction; the online tier completes levels c, d under the entry's (a, b) prefixes with the
+history that includes it. `ThinkAheadRecommender` implements the harness's `Recommender` protocol given an
+*entry source*: any callable mapping examples to entries computed from ``history[:-1]`` (see `staler`).
+
+Sources provided here: `StoreSource` (entries an offline refresh wrote to Redis for the staler histories)
+and `OneRecPrefixSource` (prefixes from the lightweight model's own beam on the staler history: a cheap
+stand-in used by tests and as a sanity baseline). The OneRec-Think source belongs to the offline worker.
+This module never imports vLLM or the API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.onerec import OneRec
+from services.catalog import Example
+from services.store import ThinkEntry, ThinkStore
+
+EntrySource = Callable[[Sequence[Example]], list[ThinkEntry | None]]
+
+
+def staler(examples: Sequence[Example]) -> list[Example]:
+    """The same users one interaction earlier: history[:-1], target = the dropped item."""
+    out = []
+    for e in examples:
+        if not e.history:
+            raise ValueError(f"user {e.user_id}: empty history cannot be made staler")
+        out.append(Example(e.user_id, e.history[:-1], e.history[-1]))
+    return out
+
+
+@dataclass
+class StoreSource:
+    """Entries of `version` (default: the live one) in a think store, written for the staler histories."""
+
+    store: ThinkStore
+    version: str | None = None
+
+    def __call__(self, examples: Sequence[Example]) -> list[ThinkEntry | None]:
+        version = self.version or self.store.current_version()
+        if version is None:
+            raise RuntimeError("StoreSource: no live think version in the store")
+        return [self.store.get_entry(version, e.user_id) for e in examples]
+
+
+@dataclass
+class OneRecPrefixSource:
+    """Top (a, b) prefixes of the lightweight model's beam over the staler history (logsumexp per prefix)."""
+
+    onerec: OneRec
+    prefixes: int = 32
+    beam: int = 64
+
+    def __call__(self, examples: Sequence[Example]) -> list[ThinkEntry | None]:
+        stale = staler(examples)
+        beams = self.onerec.decode_full([e.history for e in stale], self.beam, self.beam)
+        out: list[ThinkEntry | None] = []
+        for e, scored in zip(stale, beams, strict=True):
+            mass: dict[tuple[int, int], float] = {}
+            for item, s in scored:
+                a, b = self.onerec.sid.codes_of(item)[:2]
+                mass[(a, b)] = float(np.logaddexp(mass[(a, b)], s)) if (a, b) in mass else s
+            top = sorted(mass.items(), key=lambda kv: -kv[1])[: self.prefixes]
+            out.append(ThinkEntry("", [(a, b, lp) for (a, b), lp in top], len(e.history), e.history[-5:],
+                                  "onerec-beam", time.time()))
+        return out
+
+
+class ThinkAheadRecommender:
+    """`Recommender`: complete under stale-entry prefixes with the fresh history; full decode without entry.
+
+    Lists shorter than k (few items under the prefixes) are filled from the full decode, so every user is
+    ranked over the whole catalogue as the protocol requires.
+    """
+
+    def __init__(self, onerec: OneRec, source: EntrySource, beam: int = 20, prefix_weight: float = 1.0):
+        self.onerec = onerec
+        self.source = source
+        self.beam = beam
+        self.prefix_weight = prefix_weight
+        self.with_entry = 0
+        self.without_entry = 0
+
+    def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
+        beam = max(self.beam, k)
+        entries = self.source(examples)
+        if len(entries) != len(examples):
+            raise RuntimeError(f"entry source returned {len(entries)} entries for {len(examples)} users")
+        idx = [i for i, en in enumerate(entries) if en is not None and en.prefixes]
+        self.with_entry += len(idx)
+        self.without_entry += len(examples) - len(idx)
+        out: list[list[int]] = [[] for _ in examples]
+        if idx:
+            done = self.onerec.complete(
+                [examples[i].history for i in idx], [entries[i].prefixes for i in idx],  # type: ignore[union-attr]
+                k, beam, prefix_weight=self.prefix_weight,
+            )  # fmt: skip
+            for i, scored in zip(idx, done, strict=True):
+                out[i] = [item for item, _ in scored]
+        short = [i for i, r in enumerate(out) if len(r) < k]
+        if short:
+            full = self.onerec.decode_full([examples[i].history for i in short], k, beam)
+            for i, scored in zip(short, full, strict=True):
+                have = set(out[i])
+                out[i] += [item for item, _ in scored if item not in have][: k - len(out[i])]
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m model.think_ahead``: Recall/NDCG of ``onerec`` and ``think-ahead`` (+ ``think`` from a JSON)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import redis
+
+    from model.evaluate import evaluate, split_examples
+    from services.catalog import load_dataset
+    from services.config import get_settings
+    from services.results import write_result
+
+    s = get_settings()
+    p = argparse.ArgumentParser(prog="python -m model.think_ahead", description=main.__doc__)
+    p.add_argument("--checkpoint", type=Path, default=None, help="OneRec folder (default: artifacts/onerec/current)")
+    p.add_argument("--source", choices=["redis", "onerec-beam"], default="redis",
+                   help="redis: entries an offline refresh wrote for the staler histories (--version); "
+                        "onerec-beam: prefixes from the lightweight model's own beam (sanity baseline)")
+    p.add_argument("--version", default=None, help="think version in Redis (default: the live one)")
+    p.add_argument("--redis-url", default=s.redis_url, help="Redis holding the entries")
+    p.add_argument("--namespace", default=s.namespace, help="key namespace")
+    p.add_argument("--think-json", type=Path, default=None,
+                   help="output of `python -m model.think.evaluate run --out-json` on the same users (think row)")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N users only")
+    p.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
+    p.add_argument("--prefix-weight", type=float, default=1.0, help="weight of the offline prefix log-prob")
+    p.add_argument("--results", action="store_true", help="write docs/results/think_ahead_quality.json")
+    args = p.parse_args(argv)
+
+    ds = load_dataset(s.data_dir)
+    examples = split_examples(ds, args.split, args.limit)
+    onerec = OneRec.load(args.checkpoint or s.resolved("onerec"))
+    source: EntrySource
+    if args.source == "redis":
+        source = StoreSource(ThinkStore(redis.Redis.from_url(args.redis_url), args.namespace), args.version)
+    else:
+        source = OneRecPrefixSource(onerec)
+    from model.onerec import OneRecRecommender
+
+    metrics: dict[str, object] = {"onerec": evaluate(OneRecRecommender(onerec, args.beam), examples, desc="onerec")}
+    rec = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight)
+    metrics["think_ahead"] = evaluate(rec, examples, desc="think-ahead")
+    metrics["think_ahead_coverage"] = round(rec.with_entry / max(1, rec.with_entry + rec.without_entry), 4)
+    if args.think_json is not None:
+        metrics["think"] = json.loads(args.think_json.read_text())["metrics"]
+    print(json.dumps(metrics, indent=2))
+    if args.results and args.limit is None:
+        note = f"split={args.split}, beam={args.beam}, source={args.source}, prefix_weight={args.prefix_weight}"
+        write_result("think_ahead_quality", metrics, note=note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""App factory and lifespan of the online API.
+
+`create_app(settings)` builds the FastAPI app; its lifespan loads the catalogue (needed for titles and
+the popularity fallback, fast), opens the async Redis pool with tight timeouts and no retries (a dead
+Redis costs milliseconds), then loads the OneRec checkpoint and starts the model thread in the
+background: `/healthz` answers at once, `/readyz` says 503 until model and Redis are ready, and
+recommend answers by fallback meanwhile. Serve with
+``uvicorn online_api.app:create_app --factory --loop uvloop --http httptools`` or ``python -m online_api``.
+This module does not decide answers (`complete.py`) or define bodies (`schemas.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.semantic_ids import SemanticIDs
+from model.trie import CodeTrie
+from online_api.batching import MicroBatcher, OnlineModel
+from online_api.complete import Completer, Popularity, RedisBreaker
+from online_api.events import PendingEvents
+from online_api.metrics import Metrics
+from online_api.schemas import MAX_BODY_BYTES
+from services.catalog import Catalog, load_dataset
+from services.config import Settings, get_settings
+from services.store import AsyncThinkReader
+
+log = logging.getLogger(__name__)
+
+__version__ = "0.1.0"
+_FLUSH_EVERY_S = 0.2
+
+
+@dataclass
+class LoadedModel:
+    """What the lifespan loads in the background."""
+
+    model: OnlineModel
+    sid: SemanticIDs
+    trie: CodeTrie
+    model_id: str
+
+
+ModelLoader = Callable[[Settings], LoadedModel]
+
+
+def load_onerec(settings: Settings) -> LoadedModel:
+    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with."""
+    from model.onerec import OneRec
+
+    folder = settings.resolved("onerec")
+    onerec = OneRec.load(folder)
+    return LoadedModel(onerec, onerec.sid, onerec.trie, Path(folder).resolve().name)
+
+
+class AppState:
+    """Everything a request needs; lives on ``app.state.svc``."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, users: list[int], popularity: Popularity,
+                 redis: aioredis.Redis, metrics: Metrics) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.users = users
+        self.redis = redis
+        self.metrics = metrics
+        self.reader = AsyncThinkReader(redis, settings.namespace, current_ttl_s=settings.current_ttl_s)
+        self.pending = PendingEvents(settings.pending_events_max)
+        self.breaker = RedisBreaker(settings.redis_backoff_ms / 1000.0)
+        self.loaded: LoadedModel | None = None
+        self.load_error: str | None = None
+        self.batcher: MicroBatcher | None = None
+        self.completer = Completer(settings, self.reader, set(catalog.item_ids), None, None, popularity, metrics,
+                                   self.pending, self.breaker)
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id if self.loaded is not None else "none"
+
+    def codes_of(self, item_id: int) -> list[int]:
+        sid = self.loaded.sid if self.loaded is not None else None
+        return list(sid.codes_of(item_id)) if sid is not None and sid.has_item(item_id) else []
+
+    def attach(self, loaded: LoadedModel) -> None:
+        """Model is loaded: start its thread and let the completer use it."""
+        s, m = self.settings, self.metrics
+        batcher = MicroBatcher(
+            loaded.model, beam=s.beam, batch_max=s.batch_max, wait_ms=s.batch_wait_ms, torch_threads=s.torch_threads,
+            queue_max=s.batch_queue_max, prefix_weight=s.prefix_weight,
+            on_batch=self._on_batch, on_wait=m.queue_wait.observe,
+        )  # fmt: skip
+        batcher.start()
+        self.batcher, self.loaded = batcher, loaded
+        self.completer.known = {int(i) for i in loaded.sid.item_ids}
+        self.completer.trie = loaded.trie
+        self.completer.batcher = batcher
+
+    def _on_batch(self, kind: str, size: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(kind).observe(size)
+        self.metrics.model_latency.labels(kind).observe(seconds)
+
+    async def redis_ok(self) -> bool:
+        """PING within max(redis timeout, 250 ms): readiness means reachable; slowness is the breaker's job."""
+        try:
+            async with asyncio.timeout(max(self.settings.redis_timeout_ms / 1000.0, 0.25)):
+                await self.redis.ping()
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+        return True
+
+    async def flush_loop(self) -> None:
+        """Write events queued during a Redis outage once it answers again."""
+        timeout = self.settings.redis_timeout_ms / 1000.0
+        while True:
+            await asyncio.sleep(_FLUSH_EVERY_S)
+            if len(self.pending) and self.breaker.allow():
+                await self.pending.flush(self.reader, self.settings.history_max, timeout)
+            self.metrics.pending_events.set(len(self.pending))
+
+
+def open_redis(settings: Settings) -> aioredis.Redis:
+    """Async pool with tight timeouts and no retries: failures surface at once and the caller falls back."""
+    t = settings.redis_timeout_ms / 1000.0
+    # blocking pool: a burst waits (bounded by each request's deadline) for a connection instead of failing
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=t, socket_timeout=t,
+        socket_connect_timeout=t, retry=Retry(NoBackoff(), 0), health_check_interval=0,
+    )  # fmt: skip
+    return aioredis.Redis(connection_pool=pool)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for request bodies over `limit` bytes, before anything parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._reject(send)
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # chunked: read at most `limit` bytes, then replay them to the app
+            chunks, size, more = [], 0, True
+            while more:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    break
+                chunks.append(msg.get("body", b""))
+                size += len(chunks[-1])
+                more = msg.get("more_body", False)
+                if size > self.limit:
+                    return await self._reject(send)
+            body = b"".join(chunks)
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None, *, loader: ModelLoader | None = None) -> FastAPI:
+    """Build the app; `loader` replaces `load_onerec` (tests)."""
+    settings = settings or get_settings()
+    load_model = loader or load_onerec
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        ds = await asyncio.to_thread(load_dataset, settings.data_dir)
+        users = sorted(ds.sequences)
+        random.Random(0).shuffle(users)
+        popularity = Popularity(ds.sequences.values())
+        state = AppState(settings, ds.catalog, users, popularity, open_redis(settings), Metrics())
+        app.state.svc = state
+        log.info("catalogue loaded: %d items, %d users (%.2fs)", len(ds.catalog), len(ds.sequences),
+                 time.perf_counter() - t0)
+
+        async def load() -> None:
+            try:
+                loaded = await asyncio.to_thread(load_model, settings)
+            except Exception as e:  # noqa: BLE001 - reported by /readyz; the API keeps answering by fallback
+                log.exception("model load failed")
+                state.load_error = f"model load failed: {e}"
+                return
+            state.completer.popularity = Popularity(ds.sequences.values(), {int(i) for i in loaded.sid.item_ids})
+            state.attach(loaded)
+            log.info("model %s ready (%.2fs after start)", loaded.model_id, time.perf_counter() - t0)
+
+        tasks = [asyncio.create_task(load()), asyncio.create_task(state.flush_loop())]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with suppress(asyncio.CancelledError, Exception):
+                    await t
+            if state.batcher is not None:
+                await asyncio.to_thread(state.batcher.stop)
+            await state.redis.aclose()
+
+    from online_api.routes import ops, recommend, users
+
+    app = FastAPI(
+        title="OneRec-Think online API",
+        version=__version__,
+        summary="Think-Ahead recommendations: offline reasoning + prefixes in Redis, online completion.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.include_router(recommend.router)
+    app.include_router(users.router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,243 @@
+"""Micro-batcher: runs the online model on one dedicated thread, batching concurrent requests.
+
+The event loop never runs torch: `MicroBatcher.submit` puts a job on a bounded queue and awaits a
+future with the job's deadline. The model thread takes the first job and everything else already
+queued; when the previous batch held several jobs it also waits at most ``wait_ms`` for more (up to
+``batch_max``). Jobs whose caller gave up or whose deadline passed are dropped before the model runs;
+the rest are grouped by kind (``full`` = `decode_full`, ``complete`` = think-ahead completion) and
+answered with one model call per group. Torch threads are set explicitly once, on start. This module
+knows nothing about HTTP or Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from model.onerec import DeadlineExceeded
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["full", "complete"]
+Scored = list[tuple[int, float]]
+
+
+class OnlineModel(Protocol):
+    """What the batcher needs from `model.onerec.OneRec`."""
+
+    def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
+                    exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]: ...
+
+    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
+                 k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
+                 prefix_weight: float = 1.0) -> list[Scored]: ...
+
+
+class Overloaded(RuntimeError):
+    """The model queue is full (or the batcher is stopped); the caller answers without the model."""
+
+
+@dataclass
+class _Job:
+    kind: Kind
+    history: list[int]
+    prefixes: list[tuple[int, int, float]] | None
+    k: int
+    exclude: set[int]
+    deadline: float  # time.perf_counter() seconds
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Scored]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+BatchHook = Callable[[Kind, int, float], None]  # (kind, size, model seconds)
+WaitHook = Callable[[float], None]  # queue wait in seconds
+
+
+def _settle(fut: asyncio.Future[Scored], result: Scored | None, exc: BaseException | None) -> None:
+    """Runs on the event loop: resolve `fut` unless its caller already gave up."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result if result is not None else [])
+
+
+class MicroBatcher:
+    """One model thread serving every request of the process."""
+
+    def __init__(self, model: OnlineModel, beam: int, batch_max: int = 16, wait_ms: float = 1.0,
+                 torch_threads: int = 1, queue_max: int = 256, prefix_weight: float = 1.0,
+                 on_batch: BatchHook | None = None, on_wait: WaitHook | None = None) -> None:
+        if batch_max < 1 or beam < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
+            raise ValueError(f"bad batcher settings: batch_max={batch_max} beam={beam} queue_max={queue_max} "
+                             f"torch_threads={torch_threads} wait_ms={wait_ms}")
+        self.model = model
+        self.beam = beam
+        self.batch_max = batch_max
+        self.wait_s = wait_ms / 1000.0
+        self.torch_threads = torch_threads
+        self.prefix_weight = prefix_weight
+        self.on_batch = on_batch
+        self.on_wait = on_wait
+        self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_size = 1
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        import torch
+
+        # process-wide; the API process runs torch only on this thread
+        torch.set_num_threads(self.torch_threads)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="onerec-model", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the batch in progress; queued jobs are failed with `Overloaded`."""
+        self._stopping = True
+        if self._thread is None:
+            return
+        try:
+            self._q.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        self._thread = None
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._fail(job, Overloaded("batcher stopped"))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+    # ---------------------------------------------------------------- caller side (event loop)
+    async def submit(self, kind: Kind, history: list[int], k: int, deadline: float,
+                     prefixes: list[tuple[int, int, float]] | None = None,
+                     exclude: set[int] | None = None) -> Scored:
+        """Run one user through the model; raises `DeadlineExceeded`, `Overloaded` or the model's error."""
+        if kind == "complete" and not prefixes:
+            raise ValueError("prefixes: required (non-empty) for kind='complete'")
+        if not self.running:
+            raise Overloaded("model thread not running")
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise DeadlineExceeded("no budget left for the model")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Scored] = loop.create_future()
+        job = _Job(kind, history, prefixes, k, exclude or set(), deadline, loop, fut)
+        try:
+            self._q.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"model queue full ({self._q.maxsize} jobs)") from None
+        try:
+            return await asyncio.wait_for(fut, timeout=remaining)
+        except TimeoutError:
+            raise DeadlineExceeded("model answer did not arrive within the budget") from None
+
+    # ---------------------------------------------------------------- model thread
+    @staticmethod
+    def _inference() -> AbstractContextManager[object]:
+        import torch
+
+        return torch.inference_mode()  # cheaper than the model's own no_grad (no version counters)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        self._post(job, None, exc)
+
+    def _post(self, job: _Job, result: Scored | None, exc: BaseException | None) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_settle, job.future, result, exc)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        """First job + everything queued + what arrives within wait_s, up to batch_max. (batch, stop)."""
+        batch, stop = [first], False
+        # wait for company only when requests have been overlapping: alone, a job must not idle
+        end = time.perf_counter() + (self.wait_s if self._last_size > 1 else 0.0)
+        while len(batch) < self.batch_max:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                remaining = end - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    job = self._q.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job is None:
+                stop = True
+                break
+            batch.append(job)
+        return batch, stop
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch, stop = self._collect(first)
+            self._last_size = len(batch)
+            now = time.perf_counter()
+            live: list[_Job] = []
+            for job in batch:
+                if job.future.done():  # caller timed out or was cancelled
+                    continue
+                if job.deadline <= now:
+                    self._fail(job, DeadlineExceeded("deadline passed while queued"))
+                    continue
+                if self.on_wait is not None:
+                    self.on_wait(now - job.enqueued)
+                live.append(job)
+            for kind in ("complete", "full"):
+                group = [j for j in live if j.kind == kind]
+                if group:
+                    self._run_group(kind, group)  # type: ignore[arg-type]
+            if stop or self._stopping:
+                return
+
+    def _run_group(self, kind: Kind, jobs: list[_Job]) -> None:
+        k = max(j.k for j in jobs)
+        beam = max(self.beam, k)
+        deadline = max(j.deadline for j in jobs)  # each caller enforces its own; one late job must not fail all
+        histories = [j.history for j in jobs]
+        exclude = [j.exclude for j in jobs]
+        t0 = time.perf_counter()
+        try:
+            with self._inference():
+                if kind == "complete":
+                    prefixes = [j.prefixes or [] for j in jobs]
+                    out = self.model.complete(histories, prefixes, k, beam, exclude, deadline, self.prefix_weight)
+                else:
+                    out = self.model.decode_full(histories, k, beam, exclude, deadline)
+        except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back
+            if not isinstance(e, DeadlineExceeded):
+                log.exception("model %s failed on a batch of %d", kind, len(jobs))
+            for j in jobs:
+                self._fail(j, e)
+            return
+        finally:
+            if self.on_batch is not None:
+                self.on_batch(kind, len(jobs), time.perf_counter() - t0)
+        for j, res in zip(jobs, out, strict=True):
+            self._post(j, res[: j.k], None)

@@ -1,0 +1,240 @@
+"""The Think-Ahead decision of one recommend request, within a latency budget.
+
+Per request (deadline = arrival + budget_ms):
+1. read the live version, the user's think entry and stored history in one Redis round trip (bounded by
+   the Redis timeout and the remaining budget; a breaker skips Redis for a moment after a failure);
+2. merge the stored history, events still queued locally and the request's own recent items; drop
+   item ids unknown to the catalogue (counted);
+3. ``think-ahead``: complete levels c, d under the entry's (a, b) prefixes with the fresh history;
+   ``online-only``: no usable entry, decode all levels; ``fallback``: popular items minus consumed ones
+   when the budget runs out, the model fails or is overloaded, or Redis failed and nothing is known
+   about the user (``degraded`` is then true). A dependency failure never becomes an exception here.
+
+Not here: HTTP shapes (`schemas.py`), threads (`batching.py`), Redis keys (`services.store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from model.onerec import DeadlineExceeded
+from model.trie import CodeTrie, EmptyAllowedSetError
+from online_api.batching import Kind, MicroBatcher, Overloaded
+from online_api.events import PendingEvents
+from online_api.metrics import Metrics
+from services.config import Settings
+from services.store import AsyncThinkReader, FetchResult, ThinkEntry
+
+log = logging.getLogger(__name__)
+
+THINK, ONLINE, FALLBACK = "think-ahead", "online-only", "fallback"
+_MIN_MODEL_S = 0.001  # do not start the model with less budget than this
+# after these, a second model call would not help (no time, no capacity, no model)
+_NO_RETRY = {"deadline", "overloaded", "model_not_ready", "model_error"}
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def merge_history(stored: Sequence[int], recent: Sequence[int], cap: int) -> list[int]:
+    """`stored` followed by `recent`, skipping the longest head of `recent` that repeats `stored`'s tail.
+
+    Clients may send either only new items or their whole recent history; both give the same result.
+    """
+    n = min(len(stored), len(recent))
+    overlap = 0
+    for j in range(n, 0, -1):
+        if list(stored[len(stored) - j :]) == list(recent[:j]):
+            overlap = j
+            break
+    merged = list(stored) + list(recent[overlap:])
+    return merged[-cap:] if cap > 0 else merged
+
+
+def entry_lag(entry: ThinkEntry, history: Sequence[int]) -> int | None:
+    """Interactions appended since `entry` was computed: items after the last match of its history tail."""
+    tail = list(entry.history_tail)
+    if not tail:
+        return len(history) if entry.history_len == 0 else None
+    for end in range(len(history), len(tail) - 1, -1):
+        if list(history[end - len(tail) : end]) == tail:
+            return len(history) - end
+    return None
+
+
+class Popularity:
+    """Most-popular items (the fallback): log-share scores, consumed items skipped."""
+
+    def __init__(self, sequences: Iterable[Sequence[int]], valid: set[int] | None = None, keep: int = 2000):
+        counts: Counter[int] = Counter()
+        for seq in sequences:
+            counts.update(seq)
+        total = sum(counts.values()) or 1
+        ranked = [(i, c) for i, c in counts.most_common() if valid is None or i in valid]
+        self.top = [(i, math.log(c / total)) for i, c in ranked[:keep]]
+
+    def recommend(self, k: int, exclude: set[int] | frozenset[int] = frozenset(),
+                  skip: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, float]]:
+        out: list[tuple[int, float]] = []
+        for i, s in self.top:
+            if i in exclude or i in skip:
+                continue
+            out.append((i, s))
+            if len(out) == k:
+                break
+        return out
+
+
+class RedisBreaker:
+    """After a failure, skip Redis for `backoff_s` (a hung Redis must not cost every request a timeout)."""
+
+    def __init__(self, backoff_s: float) -> None:
+        self.backoff_s = backoff_s
+        self._open_until = 0.0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def failed(self) -> None:
+        self._open_until = time.monotonic() + self.backoff_s
+
+    def succeeded(self) -> None:
+        self._open_until = 0.0
+
+
+@dataclass
+class Answer:
+    """Result of one recommend call (the route turns it into `RecommendResponse`)."""
+
+    items: list[tuple[int, float, str]]  # (item_id, score, source)
+    source: str
+    degraded: bool
+    reasoning: str | None = None
+    version: str | None = None
+    unknown_items: int = 0
+    reasons: list[str] = field(default_factory=list)  # why it fell back, if it did
+
+
+# --------------------------------------------------------------------------- the completer
+
+
+class Completer:
+    """Think-ahead / online-only / fallback logic shared by every request of the app."""
+
+    def __init__(self, settings: Settings, reader: AsyncThinkReader, known_items: set[int], trie: CodeTrie | None,
+                 batcher: MicroBatcher | None, popularity: Popularity, metrics: Metrics,
+                 pending: PendingEvents, breaker: RedisBreaker) -> None:
+        self.s = settings
+        self.reader = reader
+        self.known = known_items
+        self.trie = trie
+        self.batcher = batcher
+        self.popularity = popularity
+        self.m = metrics
+        self.pending = pending
+        self.breaker = breaker
+
+    # ---- Redis
+    async def fetch(self, user: int, deadline: float) -> tuple[FetchResult | None, str | None]:
+        """The one round trip, or (None, reason) when Redis is skipped, fails or is slower than the budget."""
+        if not self.breaker.allow():
+            return None, "redis_breaker"
+        timeout = min(self.s.redis_timeout_ms / 1000.0, deadline - time.perf_counter())
+        if timeout <= 0:
+            return None, "deadline"
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                res = await self.reader.fetch(user, history_max=self.s.history_max)
+        except TimeoutError:
+            reason = "redis_timeout"
+        except (RedisError, OSError) as e:
+            log.debug("redis fetch failed: %r", e)
+            reason = "redis_error"
+        else:
+            self.breaker.succeeded()
+            self.m.redis_latency.labels("fetch").observe(time.perf_counter() - t0)
+            if res.corrupt:
+                self.m.corrupt.inc()
+            return res, None
+        self.breaker.failed()
+        self.m.redis_errors.labels("fetch").inc()
+        return None, reason
+
+    # ---- the request
+    async def recommend(self, user: int, k: int, recent: Sequence[int] | None, budget_ms: float) -> Answer:
+        deadline = time.perf_counter() + budget_ms / 1000.0
+        fetched, why = await self.fetch(user, deadline)
+        reasons = [why] if why else []
+        stored = fetched.history if fetched is not None else []
+        raw = merge_history(list(stored) + self.pending.get(user), recent or [], self.s.history_max)
+        history = [i for i in raw if i in self.known]
+        unknown = len(raw) - len(history)
+        if unknown:
+            self.m.unknown_items.inc(unknown)
+        consumed = set(history) if self.s.exclude_consumed else set()
+
+        entry = fetched.entry if fetched is not None else None
+        prefixes = self._usable_prefixes(entry) if entry is not None else []
+        if fetched is not None:
+            lookup = "hit" if prefixes else "unusable" if entry else "corrupt" if fetched.corrupt else "miss"
+            self.m.think_lookups.labels(lookup).inc()
+
+        items: list[tuple[int, float, str]] = []
+        source, reasoning = FALLBACK, None
+        # with Redis down and nothing sent, nothing is known about the user: popular items at once
+        if fetched is not None or history:
+            if prefixes:
+                scored = await self._model("complete", history, k, deadline, consumed, prefixes, reasons)
+                if scored:
+                    items, source = [(i, s, THINK) for i, s in scored], THINK
+                    reasoning = entry.reasoning if entry is not None else None
+            if not items and not (set(reasons) & _NO_RETRY):
+                scored = await self._model("full", history, k, deadline, consumed, None, reasons)
+                if scored:
+                    items, source = [(i, s, ONLINE) for i, s in scored], ONLINE
+        if len(items) < k:  # short lists (few items under the prefixes) are padded with popular ones
+            have = {i for i, _, _ in items}
+            items += [(i, s, FALLBACK) for i, s in self.popularity.recommend(k - len(items), consumed, have)]
+        for r in reasons:
+            self.m.fallbacks.labels(r).inc()
+        degraded = fetched is None or source == FALLBACK
+        version = fetched.version if fetched is not None else None
+        return Answer(items, source, degraded, reasoning, version, unknown, reasons)
+
+    def _usable_prefixes(self, entry: ThinkEntry) -> list[tuple[int, int, float]]:
+        """The entry's prefixes that exist in the trie (a foreign or outdated entry may hold others)."""
+        if self.trie is None:
+            return []
+        trie = self.trie
+        return [(a, b, lp) for a, b, lp in entry.prefixes if trie.has_prefix((a, b))]
+
+    async def _model(self, kind: Kind, history: list[int], k: int, deadline: float, consumed: set[int],
+                     prefixes: list[tuple[int, int, float]] | None, reasons: list[str]) -> list[tuple[int, float]]:
+        """One model call through the batcher; [] (and a reason appended) on any failure."""
+        if self.batcher is None:
+            reasons.append("model_not_ready")
+            return []
+        if deadline - time.perf_counter() < _MIN_MODEL_S:
+            reasons.append("deadline")
+            return []
+        try:
+            return await self.batcher.submit(kind, history, k, deadline, prefixes=prefixes, exclude=consumed)
+        except DeadlineExceeded:
+            reasons.append("deadline")
+        except Overloaded:
+            reasons.append("overloaded")
+        except EmptyAllowedSetError:
+            reasons.append("empty_allowed_set")
+        except Exception:  # noqa: BLE001 - a model bug must not become a 5xx
+            log.exception("model %s failed", kind)
+            reasons.append("model_error")
+        return []

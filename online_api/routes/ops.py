@@ -1,0 +1,55 @@
+"""Operations routes: `/healthz`, `/readyz`, `/metrics`, and the demo page at `/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from online_api.app import AppState
+from online_api.deps import get_state
+from online_api.schemas import Health, Readiness
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: model loaded and Redis answering",
+    responses={503: {"model": Readiness, "description": "not ready (still loading, load failed, or Redis down)"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    state: AppState | None = getattr(request.app.state, "svc", None)
+    if state is None:
+        body = Readiness(ready=False, model=False, redis=False, detail="starting")
+        return JSONResponse(body.model_dump(), status_code=503)
+    model = state.batcher is not None and state.batcher.running
+    redis = await state.redis_ok()
+    detail = state.load_error or (None if model else "model loading")
+    if not redis:
+        detail = (detail + "; " if detail else "") + "redis unavailable"
+    body = Readiness(ready=model and redis, model=model, redis=redis, detail=detail)
+    state.metrics.ready.set(1 if body.ready else 0)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+async def metrics(state: AppState = Depends(get_state)) -> Response:
+    state.metrics.pending_events.set(len(state.pending))
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")

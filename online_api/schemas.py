@@ -1,0 +1,148 @@
+"""HTTP bodies of the online API: the ONE owner of request and response shapes.
+
+Validation happens here, where data enters: ids are non-negative ints, `k` and history lengths have
+hard upper bounds (the server's configured limits, which may be lower, are checked in the routes and
+reported the same way: 422 with the field's location). Nothing here reads Redis or runs a model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Hard bounds of the schema; `Settings.max_k` / `Settings.max_request_history` may be lower.
+HARD_MAX_K = 1000
+HARD_MAX_HISTORY = 1000
+MAX_EVENTS = 100
+MAX_ID = 2**63 - 1  # Redis keys and numpy int64 both hold it
+MAX_BODY_BYTES = 64 * 1024  # larger request bodies get 413 before they are parsed
+
+ItemId = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+Source = Literal["think-ahead", "online-only", "fallback"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+class RecommendRequest(_Strict):
+    """Ask for the next items of one user."""
+
+    user_id: int = Field(..., ge=0, le=MAX_ID, description="user id", examples=[42])
+    k: int = Field(10, ge=1, le=HARD_MAX_K, description="number of items (at most the server's max_k)")
+    history: list[ItemId] | None = Field(
+        None,
+        max_length=HARD_MAX_HISTORY,
+        description="recent item ids, oldest first, not yet sent as events; merged after the stored history "
+        "(an overlap with its tail is not counted twice). At most the server's max_request_history.",
+        examples=[[101, 2048]],
+    )
+    budget_ms: float | None = Field(
+        None, gt=0, le=10_000, description="latency budget of this request; default: the server's default_budget_ms"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"user_id": 42, "k": 10}, {"user_id": 7, "history": [1, 2]}]}
+    )
+
+
+class Item(BaseModel):
+    item_id: int
+    title: str
+    codes: list[int] = Field(..., description="semantic-ID codes (a, b, c, d)")
+    score: float = Field(..., description="log-probability (model) or log-popularity (fallback); higher is better")
+    source: Source = Field(..., description="which path produced this item")
+
+
+class RecommendResponse(BaseModel):
+    items: list[Item]
+    reasoning: str | None = Field(None, description="offline reasoning text of the think-ahead entry, if used")
+    source: Source = Field(..., description="think-ahead: completed under cached prefixes; online-only: full "
+                           "decode of the fresh history; fallback: popular items")
+    degraded: bool = Field(..., description="a dependency failed or the budget ran out")
+    latency_ms: float
+    version: str | None = Field(None, description="live think-ahead version in Redis (null if unknown)")
+    model_id: str = Field(..., description="online model checkpoint")
+    unknown_items: int = Field(0, description="history item ids dropped because the catalogue lacks them")
+
+
+# --------------------------------------------------------------------------- events
+
+
+class EventsRequest(_Strict):
+    """Interactions to append to a user's bounded history (oldest first)."""
+
+    user_id: int = Field(..., ge=0, le=MAX_ID, examples=[42])
+    items: list[ItemId] = Field(..., min_length=1, max_length=MAX_EVENTS, description="item ids, oldest first")
+
+
+class EventsResponse(BaseModel):
+    user_id: int
+    accepted: int = Field(..., description="items appended (or queued)")
+    unknown_items: int = Field(..., description="items dropped: not in the catalogue")
+    stored: bool = Field(..., description="true: written to Redis; false: queued until Redis is back (HTTP 202)")
+    history_len: int | None = Field(None, description="length of the stored history after the write")
+
+
+# --------------------------------------------------------------------------- think entry
+
+
+class HistoryItem(BaseModel):
+    item_id: int
+    title: str
+
+
+class Prefix(BaseModel):
+    a: int
+    b: int
+    logprob: float
+
+
+class ThinkEntryOut(BaseModel):
+    reasoning: str
+    prefixes: list[Prefix]
+    history_len: int
+    history_tail: list[int]
+    model_id: str
+    created_at: float
+    lag: int | None = Field(None, description="interactions since the entry was computed (null if unknown)")
+
+
+class ThinkResponse(BaseModel):
+    user_id: int
+    version: str | None
+    entry: ThinkEntryOut | None
+    history: list[HistoryItem]
+    degraded: bool = Field(False, description="Redis could not be read")
+
+
+class UsersResponse(BaseModel):
+    users: list[int] = Field(..., description="sample of user ids from the dataset (for the demo page)")
+
+
+# --------------------------------------------------------------------------- operations
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: bool
+    redis: bool
+    detail: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"}
+}

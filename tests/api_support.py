@@ -1,0 +1,91 @@
+"""Helpers of the online-API tests: a tiny dataset + code table + randomly initialised OneRec checkpoint,
+settings pointing at the session's redis-server, and a started app (TestClient runs the lifespan)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from model.onerec import OneRecConfig, build_model, save_checkpoint
+from model.semantic_ids import SemanticIDConfig, SemanticIDs
+from online_api.app import ModelLoader, create_app
+from services.config import Settings
+from services.store import ThinkEntry
+
+N_ITEMS = 120
+N_USERS = 40
+FIRST_ITEM = 1000
+RADIX = (4, 5, 3, 2)  # codes per level; 4*5*3*2 = 120 unique codes
+
+
+@dataclass
+class TinyWorld:
+    data_dir: Path
+    checkpoint: Path
+    sid: SemanticIDs
+    sequences: dict[int, list[int]]
+
+
+def build_tiny_world(root: Path) -> TinyWorld:
+    rng = random.Random(0)
+    item_ids = list(range(FIRST_ITEM, FIRST_ITEM + N_ITEMS))
+    codes = np.array(list(np.ndindex(*RADIX)), dtype=np.int64)  # (120, 4), unique rows
+    sid = SemanticIDs(np.array(item_ids), codes, SemanticIDConfig(variant="text", levels=3, codebook_size=6))
+    data = root / "data"
+    data.mkdir(parents=True)
+    (data / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"{i}\tTiny item {i}\n" for i in item_ids))
+    sequences = {u: [rng.choice(item_ids) for _ in range(rng.randint(4, 12))] for u in range(1, N_USERS + 1)}
+    (data / "sequences.txt").write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in sequences.items()))
+    cfg = OneRecConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=20, dropout=0.0)
+    ckpt = root / "onerec"
+    save_checkpoint(build_model(cfg, sid, seed=0), sid, ckpt)
+    return TinyWorld(data, ckpt, sid, sequences)
+
+
+def make_settings(world: TinyWorld, redis_url: str, ns: str, **over: Any) -> Settings:
+    base: dict[str, Any] = dict(
+        data_dir=world.data_dir, onerec_dir=world.checkpoint, redis_url=redis_url, namespace=ns,
+        default_budget_ms=2000.0,  # shared CI cores: the budget tests set their own
+        redis_timeout_ms=1000, redis_backoff_ms=50.0, current_ttl_s=0.0, beam=10, batch_wait_ms=0.5,
+    )  # fmt: skip
+    base.update(over)
+    return Settings(**base)
+
+
+def wait_ready(client: TestClient, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"app not ready after {timeout_s}s: {client.get('/readyz').json()}")
+
+
+@contextmanager
+def running_app(settings: Settings, loader: ModelLoader | None = None, ready: bool = True) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, loader=loader), raise_server_exceptions=False) as client:
+        if ready:
+            wait_ready(client)
+        yield client
+
+
+def entry_for(world: TinyWorld, user: int, n_prefixes: int = 3, reasoning: str = "likes tiny items") -> ThinkEntry:
+    """An entry whose prefixes are the (a, b) codes of a few catalogue items not in the user's history."""
+    hist = set(world.sequences.get(user, []))
+    prefixes: list[tuple[int, int, float]] = []
+    for item in world.sid.item_ids.tolist():
+        a, b = world.sid.codes_of(int(item))[:2]
+        if item not in hist and (a, b) not in {(p[0], p[1]) for p in prefixes}:
+            prefixes.append((a, b, -0.5 * (len(prefixes) + 1)))
+        if len(prefixes) == n_prefixes:
+            break
+    seq = world.sequences.get(user, [])
+    return ThinkEntry(reasoning, prefixes, len(seq), seq[-5:], "think-test", time.time())

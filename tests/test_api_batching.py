@@ -1,0 +1,159 @@
+"""Micro-batcher (fake model, no torch work) and the pure helpers of `online_api.complete`; think-ahead eval."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+from api_support import TinyWorld, build_tiny_world
+
+from model.onerec import DeadlineExceeded, OneRec
+from model.think_ahead import OneRecPrefixSource, ThinkAheadRecommender, staler
+from online_api.batching import MicroBatcher, Overloaded
+from online_api.complete import Popularity, entry_lag, merge_history
+from services.catalog import Example
+from services.store import ThinkEntry
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeModel:
+    """Echoes the history back as items; records batch sizes and the calling thread."""
+
+    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.delay_s = delay_s
+        self.gate = gate
+        self.calls: list[tuple[str, int, int, int]] = []  # (kind, batch, k, beam)
+        self.threads: set[str] = set()
+
+    def _run(self, kind: str, histories: Sequence[Sequence[int]], k: int, beam: int,
+             deadline: float | None) -> list[list[tuple[int, float]]]:
+        self.threads.add(threading.current_thread().name)
+        self.calls.append((kind, len(histories), k, beam))
+        if self.gate is not None:
+            self.gate.wait(5)
+        time.sleep(self.delay_s)
+        if deadline is not None and time.perf_counter() > deadline:
+            raise DeadlineExceeded("fake")
+        return [[(i, -float(n)) for n, i in enumerate(h)][:k] for h in histories]
+
+    def decode_full(self, histories, k, beam, exclude=None, deadline=None):  # type: ignore[no-untyped-def]
+        return self._run("full", histories, k, beam, deadline)
+
+    def complete(self, histories, prefixes, k, beam, exclude=None, deadline=None, prefix_weight=1.0):  # type: ignore[no-untyped-def]
+        assert all(prefixes)
+        return self._run("complete", histories, k, beam, deadline)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_batched_off_the_loop() -> None:
+    model = FakeModel(delay_s=0.02)
+    b = MicroBatcher(model, beam=4, batch_max=8, wait_ms=2.0)
+    b.start()
+    try:
+        async def go() -> list:
+            dl = time.perf_counter() + 5
+            return await asyncio.gather(*(b.submit("full", [u, u + 1, u + 2], 2, dl) for u in range(20)),
+                                        b.submit("complete", [7], 1, dl, prefixes=[(0, 0, 0.0)]))
+        out = run(go())
+    finally:
+        b.stop()
+    assert out[:20] == [[(u, 0.0), (u + 1, -1.0)] for u in range(20)] and out[20] == [(7, 0.0)]
+    assert model.threads == {"onerec-model"}
+    sizes = [n for kind, n, _, _ in model.calls if kind == "full"]
+    assert sum(sizes) == 20 and max(sizes) <= 8 and len(sizes) < 20  # batched, bounded
+    assert all(beam >= 4 for *_, beam in model.calls)
+
+
+def test_deadline_overload_errors_and_stop() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    b = MicroBatcher(model, beam=4, batch_max=1, wait_ms=0.0, queue_max=2)
+    b.start()
+    try:
+        async def go() -> None:
+            now = time.perf_counter()
+            with pytest.raises(DeadlineExceeded):
+                await b.submit("full", [1], 1, now - 1)  # nothing left
+            blocked = asyncio.ensure_future(b.submit("full", [1], 1, now + 5))  # holds the model thread
+            for _ in range(500):  # until the model thread has taken it (slow on a busy machine)
+                if model.calls:
+                    break
+                await asyncio.sleep(0.01)
+            soon = time.perf_counter() + 0.2
+            queued = [asyncio.ensure_future(b.submit("full", [2], 1, soon)) for _ in range(2)]
+            await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded):
+                await b.submit("full", [3], 1, now + 5)
+            for q in queued:  # their wait has a deadline even while the model thread is busy
+                with pytest.raises(DeadlineExceeded):
+                    await q
+            gate.set()
+            assert await blocked == [(1, 0.0)]
+        run(go())
+    finally:
+        b.stop()
+    with pytest.raises(Overloaded):
+        run(b.submit("full", [1], 1, time.perf_counter() + 1))
+
+
+def test_model_exception_reaches_the_caller() -> None:
+    class Boom(FakeModel):
+        def decode_full(self, *a, **kw):  # type: ignore[no-untyped-def]
+            raise ValueError("bad batch")
+
+    b = MicroBatcher(Boom(), beam=2)
+    b.start()
+    try:
+        with pytest.raises(ValueError, match="bad batch"):
+            run(b.submit("full", [1], 1, time.perf_counter() + 2))
+    finally:
+        b.stop()
+
+
+def test_merge_history_and_lag() -> None:
+    assert merge_history([1, 2, 3], [3, 4], 10) == [1, 2, 3, 4]  # overlap with the tail counted once
+    assert merge_history([1, 2, 3], [2, 3, 4], 10) == [1, 2, 3, 4]
+    assert merge_history([1, 2, 3], [5], 10) == [1, 2, 3, 5]
+    assert merge_history([1, 2, 3], [1, 2, 3], 10) == [1, 2, 3]
+    assert merge_history([], [4, 4], 10) == [4, 4]
+    assert merge_history(list(range(10)), [10, 11], 5) == [7, 8, 9, 10, 11]
+    e = ThinkEntry("", [], 3, [2, 3], "m", 0.0)
+    assert entry_lag(e, [1, 2, 3]) == 0 and entry_lag(e, [1, 2, 3, 9, 8]) == 2 and entry_lag(e, [7]) is None
+
+
+def test_popularity_skips_consumed() -> None:
+    pop = Popularity([[1, 1, 2], [1, 3], [2]])
+    assert [i for i, _ in pop.recommend(3)] == [1, 2, 3]
+    assert [i for i, _ in pop.recommend(2, exclude={1})] == [2, 3]
+    assert pop.recommend(2)[0][1] == pytest.approx(math.log(3 / 6))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("tiny"))
+
+
+def test_think_ahead_eval_mode(world: TinyWorld) -> None:
+    onerec = OneRec.load(world.checkpoint)
+    examples = [Example(u, s[:-1], s[-1]) for u, s in list(world.sequences.items())[:8]]
+    assert staler(examples[:1])[0].history == examples[0].history[:-1]
+    source = OneRecPrefixSource(onerec, prefixes=4, beam=16)
+    entries = source(examples)
+    assert all(e is not None and 1 <= len(e.prefixes) <= 4 for e in entries)
+    rec = ThinkAheadRecommender(onerec, lambda ex: [*entries[:-1], None], beam=10)
+    ranked = rec.recommend(examples, 10)
+    assert rec.with_entry == 7 and rec.without_entry == 1
+    for r in ranked:
+        assert len(r) == 10 and len(set(r)) == 10 and all(world.sid.has_item(i) for i in r)
+    # items from the completion come first and sit under the user's allowed prefixes
+    first = entries[0]
+    assert first is not None
+    assert tuple(world.sid.codes_of(ranked[0][0])[:2]) in {(a, b) for a, b, _ in first.prefixes}
