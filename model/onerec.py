@@ -289,16 +289,19 @@ class OneRec:
         h = self._last_hidden(histories)
         self._check(deadline)
         excl = self._exclusion(exclude, B)
-        pa = torch.zeros(B, P, dtype=torch.long)
-        pb = torch.zeros(B, P, dtype=torch.long)
-        off = torch.full((B, P), -math.inf)
-        for b, plist in enumerate(prefixes):
+        la_rows: list[list[int]] = []
+        lb_rows: list[list[int]] = []
+        off_rows: list[list[float]] = []
+        for plist in prefixes:
             best: dict[tuple[int, int], float] = {}  # duplicates keep their best offline score
             for a, bb, lp in plist:
                 if 0 <= a < self.K and 0 <= bb < self.K and lp > best.get((a, bb), -math.inf):
                     best[(a, bb)] = lp
-            for j, ((a, bb), lp) in enumerate(best.items()):
-                pa[b, j], pb[b, j], off[b, j] = a, bb, lp
+            pad = P - len(best)  # padding entries (0, 0) get -inf and never survive
+            la_rows.append([a for a, _ in best] + [0] * pad)
+            lb_rows.append([bb for _, bb in best] + [0] * pad)
+            off_rows.append(list(best.values()) + [-math.inf] * pad)
+        pa, pb, off = torch.tensor(la_rows), torch.tensor(lb_rows), torch.tensor(off_rows)  # (B, P)
         # model scores of the two given levels, renormalised over the trie like in decode_full
         node_a = self.child[0][0][pa]  # (B, P)
         la = self.model.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
