@@ -316,8 +316,7 @@ class OneRec:
         nodes = node_b
         self._check(deadline)
         for level in range(2, self.cfg.num_levels):
-            codes, nodes, scores = self._step(h, codes, nodes, scores, level, max(beam, P) if level == 2 else beam,
-                                              excl)
+            codes, nodes, scores = self._step(h, codes, nodes, scores, level, beam, excl)
             self._check(deadline)
         return self._finish(nodes, scores, k)
 
