@@ -372,6 +372,48 @@ class ThinkStore:
             self.corrupt += 1
             return None
 
+    def get_entries(self, version: str, users: Iterable[int]) -> dict[int, ThinkEntry | None]:
+        """Entries of many users under `version` (pipelined GETs; None = missing or corrupt, counted)."""
+        users = list(users)
+        out: dict[int, ThinkEntry | None] = {}
+        for i in range(0, len(users), _BATCH):
+            part = users[i : i + _BATCH]
+            pipe = self.r.pipeline(transaction=False)
+            for u in part:
+                pipe.get(self.keys.think(version, u))
+            for u, raw in zip(part, pipe.execute(), strict=True):
+                entry = None
+                if raw is not None:
+                    try:
+                        entry = decode_entry(raw)
+                    except CorruptValue:
+                        self.corrupt += 1
+                out[u] = entry
+        return out
+
+    def copy_entries(self, src: str, dst: str, users: Iterable[int], ttl_s: int) -> list[int]:
+        """COPY users' entries from version `src` to `dst` with a fresh TTL; returns the users not copied.
+
+        Both keys of a user share the ``{user}`` hash tag, so COPY stays inside one Cluster slot.
+        Entries that are missing or corrupt under `src` are not copied (the caller recomputes them).
+        """
+        if not _is_int(ttl_s) or ttl_s <= 0:
+            raise ValueError(f"ttl_s: expected a positive int, got {ttl_s!r}")
+        if dst == self.current_version():
+            raise ValueError(f"version: {dst!r} is live; readers would see it half-written")
+        entries = self.get_entries(src, users)
+        missing = [u for u, e in entries.items() if e is None]
+        good = [u for u, e in entries.items() if e is not None]
+        for i in range(0, len(good), _BATCH):
+            part = good[i : i + _BATCH]
+            pipe = self.r.pipeline(transaction=False)
+            for u in part:
+                pipe.copy(self.keys.think(src, u), self.keys.think(dst, u), replace=True)
+                pipe.expire(self.keys.think(dst, u), ttl_s)
+            res = pipe.execute()
+            missing += [u for u, copied in zip(part, res[::2], strict=True) if not copied]  # expired meanwhile
+        return missing
+
     def get_history(self, user: int) -> list[int]:
         items, bad = _parse_history(self.r.lrange(self.keys.history(user), 0, -1))
         self.corrupt += bad

@@ -1,0 +1,276 @@
+"""CLI of the offline worker: ``python -m offline_worker {refresh,status,publish,rollback,gc}`` (or ``onerec-offline``).
+
+- ``refresh``: run the engine over users and write a new version; resumes after a kill (same command);
+  ``--shard i/N`` for N workers on one version; publishes when every shard is done (``--no-publish``
+  to leave that to ``publish``).
+- ``status``: live/previous version and progress of a version (JSON).
+- ``publish``: verify a version (all shards' chunks done, entry count) and flip ``current`` to it.
+- ``rollback``: make ``previous`` live again (one atomic flip; the rolled-back version becomes ``previous``).
+- ``gc``: delete versions other than current, previous and the newest ``--keep``.
+
+Defaults come from `services.config.Settings` (``ONEREC_*`` environment). Not a library: the job lives in
+`offline_worker.refresh`, the engines in `offline_worker.engine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from services.config import Settings, get_settings
+
+
+def _redis(settings: Settings, url: str | None) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url or settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+
+
+def _store(args: argparse.Namespace, settings: Settings) -> Any:
+    from services.store import ThinkStore
+
+    return ThinkStore(_redis(settings, args.redis_url), args.namespace or settings.namespace)
+
+
+def _user_list(text: str | None) -> list[int] | None:
+    """``--user-list 1,2,3`` or ``--user-list @file`` (ids separated by whitespace or commas)."""
+    if text is None:
+        return None
+    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        return [int(x) for x in raw.replace(",", " ").split()]
+    except ValueError as e:
+        raise SystemExit(f"--user-list: not an integer id ({e})") from None
+
+
+def _vllm_args(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--vllm-arg: expected KEY=VALUE, got {p!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def resolve_dirs(args: argparse.Namespace, settings: Settings) -> tuple[Path, Path]:
+    """(model folder, semantic-ID folder): ``--sid``, else the codes saved inside the model folder
+    (``<model>/sid``, the ones it was trained on), else ``artifacts/sid/current``."""
+    model_dir = Path(args.model or settings.resolved("think"))
+    if args.sid:
+        return model_dir, Path(args.sid)
+    own = model_dir / "sid"
+    return model_dir, own if (own / "codes.tsv").is_file() else settings.resolved("sid")
+
+
+def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
+    """The engine chosen by ``--engine`` with settings + flags (vLLM arguments passed through)."""
+    from offline_worker.engine import EngineConfig, HFEngine, VLLMEngine, VLLMOptions
+
+    config = EngineConfig(
+        samples=args.samples or settings.reasoning_samples,
+        prefixes_per_sample=args.prefixes or settings.prefixes_per_sample,
+        beam_a=args.beam_a or settings.prefix_beam_a,
+        max_reasoning_tokens=args.max_reasoning_tokens or settings.max_reasoning_tokens,
+        temperature=settings.reasoning_temperature,
+        top_k=settings.reasoning_top_k,
+        top_p=settings.reasoning_top_p,
+        greedy=args.greedy,
+        seed=settings.offline_seed,
+    )
+    model_dir, sid_dir = resolve_dirs(args, settings)
+    if args.engine == "hf":
+        return HFEngine(model_dir, sid_dir, config, batch_size=settings.hf_batch_size)
+    extra = {**settings.vllm_args, **_vllm_args(args.vllm_arg)}
+    options = VLLMOptions(
+        dtype=args.dtype or settings.vllm_dtype,
+        enforce_eager=True if args.enforce_eager else settings.vllm_enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size or settings.vllm_tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size or settings.vllm_pipeline_parallel_size,
+        max_model_len=settings.vllm_max_model_len,
+        block_size=args.block_size or settings.vllm_block_size,
+        single_process=settings.vllm_single_process,
+        cpu_threads=settings.vllm_cpu_threads,
+        extra=extra,
+    )
+    return VLLMEngine(model_dir, sid_dir, config, options)
+
+
+def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
+    from model.semantic_ids import SemanticIDs
+    from offline_worker.refresh import (
+        RefreshOptions,
+        offline_histories,
+        parse_shard,
+        plan_refresh,
+        report_dict,
+        run_shard,
+    )
+    from services.catalog import load_sequences
+
+    shard, shards = parse_shard(args.shard)
+    opts = RefreshOptions(
+        mode=args.users,
+        user_list=_user_list(args.user_list),
+        chunk=args.chunk or settings.refresh_chunk,
+        carry_chunk=settings.carry_chunk,
+        shard=shard,
+        shards=shards,
+        version=args.version,
+        ttl_s=settings.think_ttl_s,
+        history_max=settings.history_max,
+        history_cap=settings.think_history_cap,
+        holdout=args.holdout,
+        limit=args.limit,
+        write_histories=not args.no_histories,
+        publish=not args.no_publish,
+        progress=not args.no_progress,
+        throttle_s=args.throttle_s,
+    )
+    data_dir = Path(args.data or settings.data_dir)
+    histories = offline_histories(load_sequences(data_dir / "sequences.txt"), opts.holdout, opts.limit)
+    sid_dir = resolve_dirs(args, settings)[1]
+    sid = SemanticIDs.load(sid_dir)
+    store = _store(args, settings)
+    engine = build_engine(args, settings)
+    try:
+        # content hashes, not paths: shards on other machines (other mount points) must name the same version
+        codes_hash = hashlib.sha256((sid_dir / "codes.tsv").read_bytes()).hexdigest()[:12]
+        settings_key = {"engine": engine.name, **asdict(engine.config), "codes": codes_hash}
+        plan = plan_refresh(store, histories, engine.model_id, settings_key, opts)
+        logging.info("plan %s: %d users, %d to compute, %d to carry from %s, %d chunks, shard %d/%d", plan.version,
+                     len(plan.users), len(plan.recompute), len(plan.carry), plan.base, len(plan.chunks()), shard,
+                     shards)  # fmt: skip
+        report = run_shard(store, engine, sid, histories, plan, opts)
+    finally:
+        engine.close()
+    print(json.dumps(report_dict(report), indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from offline_worker.refresh import shard_progress
+
+    store = _store(args, settings)
+    out = store.status(args.version)
+    if out.get("version") is not None:
+        try:
+            out["shards"] = {s: {"done": d, "chunks": w} for s, (d, w) in shard_progress(store, out["version"]).items()}
+        except ValueError as e:
+            out["shards"] = str(e)
+    out["versions"] = store.versions()
+    out["corrupt_values"] = store.corrupt
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from offline_worker.refresh import publish_version
+    from services.store import IncompleteVersionError
+
+    store = _store(args, settings)
+    try:
+        old = publish_version(store, args.version)
+    except (IncompleteVersionError, ValueError) as e:
+        print(f"publish refused: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"current": args.version, "previous": old}))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    store = _store(args, settings)
+    try:
+        live = store.rollback()
+    except RuntimeError as e:
+        print(f"rollback refused: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"current": live, "previous": store.previous_version()}))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
+    store = _store(args, settings)
+    removed = store.gc(keep=args.keep if args.keep is not None else settings.gc_keep)
+    print(json.dumps({"removed": removed, "current": store.current_version(), "previous": store.previous_version()}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m offline_worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--redis-url", help="Redis URL (default: ONEREC_REDIS_URL)")
+    p.add_argument("--namespace", help="key namespace (default: ONEREC_NAMESPACE)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("refresh", help="compute and write a new version (resumable, shardable)")
+    r.add_argument("--engine", choices=("vllm", "hf"), help="engine (default: ONEREC_ENGINE)")
+    r.add_argument("--model", type=Path, help="OneRec-Think HF folder (default: artifacts/think/current)")
+    r.add_argument("--sid", type=Path, help="semantic-ID folder (default: <model>/sid, else artifacts/sid/current)")
+    r.add_argument("--data", type=Path, help="dataset folder with sequences.txt (default: ONEREC_DATA_DIR)")
+    r.add_argument("--users", choices=("all", "list", "changed"), default="all",
+                   help="users to recompute; the rest are carried over from the live version")
+    r.add_argument("--user-list", help="ids for --users list: '1,2,3' or '@file'")
+    r.add_argument("--shard", default="0/1", help="this worker's part i/N of the version (default 0/1)")
+    r.add_argument("--chunk", type=int, help="users per engine call (default: ONEREC_REFRESH_CHUNK)")
+    r.add_argument("--version", help="version name (default: hash of the plan, so a re-run resumes)")
+    r.add_argument("--limit", type=int, help="only the first N users (smoke runs)")
+    r.add_argument("--holdout", type=int, default=0, help="drop each user's last N items (stale offline history)")
+    r.add_argument("--samples", type=int, help="T reasoning paths per user")
+    r.add_argument("--prefixes", type=int, help="m prefixes kept per path")
+    r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: m)")
+    r.add_argument("--max-reasoning-tokens", type=int, help="reasoning token budget")
+    r.add_argument("--greedy", action="store_true", help="every reasoning path greedy")
+    r.add_argument("--no-histories", action="store_true", help="do not write the bounded histories")
+    r.add_argument("--no-publish", action="store_true", help="do not flip current (use `publish` later)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--throttle-s", type=float, default=0.0, help="pause after each chunk (shared machines)")
+    r.add_argument("--dtype", help="vLLM dtype (default: ONEREC_VLLM_DTYPE)")
+    r.add_argument("--enforce-eager", action="store_true", help="vLLM: eager mode (faster start-up)")
+    r.add_argument("--tensor-parallel-size", type=int, help="vLLM tensor parallel size")
+    r.add_argument("--pipeline-parallel-size", type=int, help="vLLM pipeline parallel size")
+    r.add_argument("--block-size", type=int, help="vLLM KV block size (CPU default here: 32)")
+    r.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vllm.LLM keyword (value parsed as JSON when it can be), repeatable")
+
+    s = sub.add_parser("status", help="live version and progress (JSON)")
+    s.add_argument("--version", help="version to inspect (default: the live one)")
+
+    pb = sub.add_parser("publish", help="verify a version and flip current to it")
+    pb.add_argument("--version", required=True, help="version to publish")
+
+    sub.add_parser("rollback", help="make the previous version live again (atomic flip)")
+
+    g = sub.add_parser("gc", help="delete old versions")
+    g.add_argument("--keep", type=int, help="newest versions kept besides current/previous (default: ONEREC_GC_KEEP)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    settings = get_settings()
+    if args.cmd == "refresh":
+        args.engine = args.engine or settings.engine
+    handlers = {"refresh": cmd_refresh, "status": cmd_status, "publish": cmd_publish, "rollback": cmd_rollback,
+                "gc": cmd_gc}  # fmt: skip
+    handler = handlers[args.cmd]
+    try:
+        return handler(args, settings)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # vLLM's engine core starts with `spawn`: this guard is required
+    sys.exit(main())
