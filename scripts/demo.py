@@ -40,9 +40,9 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(onerec_minutes=4.0, think_steps={"base": 0, "align": 150, "activate": 100, "enhance": 10},
+    "quick": Profile(onerec_minutes=4.0, think_steps={"base": 200, "align": 300, "activate": 150, "enhance": 10},
                      refresh_users=300, think_limit_users=3000),
-    "full": Profile(onerec_minutes=85.0, think_steps={"base": 0, "align": 3000, "activate": 1500, "enhance": 200},
+    "full": Profile(onerec_minutes=60.0, think_steps={"base": 800, "align": 1600, "activate": 600, "enhance": 150},
                     refresh_users=None, think_limit_users=None),
 }
 
@@ -100,7 +100,8 @@ def build_models(p: Profile, art: Path, fresh: bool) -> None:
         step("3/6 OneRec-Think: base -> itemic alignment -> reasoning activation -> reasoning enhancement")
         limit = ["--limit-users", str(p.think_limit_users)] if p.think_limit_users else []
         common = ["--sid-dir", str(sid), "--threads", "2", *limit]
-        run([PY, "-m", "model.think.train", "base", "--out", str(think / "demo-base"), "--sid-dir", str(sid)])
+        run([PY, "-m", "model.think.train", "base", "--out", str(think / "demo-base"), "--steps",
+             str(p.think_steps["base"]), *common])
         prev = think / "demo-base"
         for stage in ("align", "activate", "enhance"):
             out = think / f"demo-{stage}"
