@@ -15,6 +15,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   # the Debian package may start a system instance; the project starts its own
 fi
 
+if ! command -v chromium >/dev/null 2>&1 && [[ ${ONEREC_SKIP_CHROMIUM:-0} != 1 ]]; then
+  # headless browser for the web-page test (tests skip it, with the reason, if this fails)
+  echo "[setup] installing chromium (apt) for the web-page test"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || echo "[setup] chromium not installed; its test will skip"
+fi
+
 stamp="$VENV/.onerec-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
