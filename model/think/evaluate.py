@@ -164,14 +164,26 @@ def vllm_check(folder: Path | str, histories: Sequence[Sequence[int]], max_think
     """
     import os
 
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     folder = Path(folder)
     rec = ThinkRecommender.load(folder, think=True)
-    tok, tm, dec = rec.decoder.tok, rec.decoder.tm, rec.decoder
     llm = LLM(str(folder), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    try:
+        return _vllm_generate(llm, rec, histories, max_think)
+    finally:
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(core, "shutdown", None)
+        if callable(shutdown):
+            shutdown()  # stop the engine subprocesses now, not at interpreter exit
+
+
+def _vllm_generate(llm: Any, rec: ThinkRecommender, histories: Sequence[Sequence[int]], max_think: int) -> list[dict]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tok, tm, dec = rec.decoder.tok, rec.decoder.tm, rec.decoder
     prompts = [tok(rec.prefix(h), add_special_tokens=False)["input_ids"] for h in histories]
     think = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                          SamplingParams(max_tokens=max_think, temperature=0.0, stop_token_ids=[dec.think_end],
