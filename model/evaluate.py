@@ -5,7 +5,9 @@ capped at the last 50, ranking over the whole catalogue. A recommender is anythi
 ``recommend(examples, k) -> list[list[int]]`` (batched). Modes: ``mostpop`` (baseline), ``onerec``,
 ``think``, ``think-ahead``; the model modes are resolved lazily so this module stays light.
 
-CLI: ``python -m model.evaluate mostpop --split test --results``.
+CLI: ``python -m model.evaluate mostpop --split test --results``; ``onerec`` takes ``--checkpoint``;
+``think`` and ``think-ahead`` hand their remaining arguments to ``python -m model.think.evaluate run``
+and ``python -m model.think_ahead`` (``python -m model.evaluate think-ahead --help``).
 """
 
 from __future__ import annotations
@@ -92,12 +94,24 @@ def split_examples(ds: Dataset, split: str, limit: int | None = None) -> list[Ex
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["think"]:  # the LLM modes have their own options; one entry point for every mode
+        from model.think.evaluate import main as think_main
+
+        return think_main(["run", *argv[1:]])
+    if argv[:1] == ["think-ahead"]:
+        from model.think_ahead import main as think_ahead_main
+
+        return think_ahead_main(argv[1:])
     from services.config import get_settings
     from services.results import write_result
 
     settings = get_settings()
     p = argparse.ArgumentParser(prog="python -m model.evaluate", description="Leave-one-out evaluation.")
-    p.add_argument("mode", choices=["mostpop", "onerec"], help="what to evaluate")
+    p.add_argument("mode", choices=["mostpop", "onerec", "think", "think-ahead"],
+                   help="what to evaluate (think / think-ahead: see `python -m model.evaluate think-ahead --help`)")
     p.add_argument("--data-dir", type=Path, default=settings.data_dir, help="dataset folder")
     p.add_argument("--split", choices=["valid", "test"], default="test", help="which held-out item")
     p.add_argument("--checkpoint", type=Path, default=None, help="model folder (model modes)")

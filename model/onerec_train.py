@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,8 +81,23 @@ def length_batches(seqs: list[list[int]], batch_size: int, rng: random.Random) -
     return batches
 
 
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimiser step `step`: linear warm-up, then constant or cosine decay."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
 def train_epoch(model: OneRecModel, opt: torch.optim.Optimizer, seqs: list[list[int]], batch_size: int,
-                rng: random.Random, desc: str = "epoch", progress: bool = True) -> list[float]:
+                rng: random.Random, desc: str = "epoch", progress: bool = True,
+                sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[float]:
     """One pass over all sequences (every position is a target); returns the batch losses."""
     model.train()
     bar = tqdm(length_batches(seqs, batch_size, rng), desc=desc, unit="batch", leave=False, disable=not progress)
@@ -92,6 +109,8 @@ def train_epoch(model: OneRecModel, opt: torch.optim.Optimizer, seqs: list[list[
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     return losses
@@ -114,12 +133,17 @@ def train(args: argparse.Namespace) -> Path:
     # validation interactions) for a number of epochs chosen on validation; no early stopping
     source = {u: s[:-1] for u, s in ds.sequences.items()} if args.refit else ds.splits.train
     seqs = make_windows(source, row_of, cfg.max_len)
+    per_epoch = math.ceil(len(seqs) / args.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(args.schedule, int(args.warmup_epochs * per_epoch), args.epochs * per_epoch, args.min_lr_ratio))
     val = random.Random(args.seed).sample(ds.splits.valid, min(args.val_users, len(ds.splits.valid)))
     epoch, best, bad, curve, spent = 0, -1.0, 0, [], 0.0
     if args.resume and state_path.exists():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
+        if "sched" in st:
+            sched.load_state_dict(st["sched"])
         epoch, best, bad, curve, spent = st["epoch"], st["best"], st["bad"], st["curve"], st["spent"]
         print(f"resumed {folder} at epoch {epoch} (best val R@10 {best:.4f}, {spent / 60:.1f} min spent)")
     (folder / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
@@ -127,7 +151,7 @@ def train(args: argparse.Namespace) -> Path:
     rng = random.Random(args.seed + epoch)
     t_start = time.perf_counter() - spent
     while epoch < args.epochs and bad < args.patience:
-        losses = train_epoch(model, opt, seqs, args.batch_size, rng, desc=f"epoch {epoch + 1}")
+        losses = train_epoch(model, opt, seqs, args.batch_size, rng, desc=f"epoch {epoch + 1}", sched=sched)
         epoch += 1
         model.eval()
         if args.refit:  # validation targets are training data here: nothing to validate on
@@ -147,7 +171,8 @@ def train(args: argparse.Namespace) -> Path:
         tag = "(refit) " if args.refit else ""
         print(f"epoch {epoch}: loss {np.mean(losses):.4f} {tag}val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f}"
               f" {'*' if improved else ''} ({spent / 60:.1f} min)", flush=True)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best": best, "bad": bad,
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
+                    "best": best, "bad": bad,
                     "curve": curve, "spent": spent}, state_path)
         (folder / "curve.json").write_text(json.dumps(curve, indent=2))
         if spent > args.max_minutes * 60:
@@ -199,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping")
     t.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    t.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="LR after warm-up: constant, or cosine decay to --min-lr-ratio at --epochs")
+    t.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up length")
+    t.add_argument("--min-lr-ratio", type=float, default=0.02, help="final LR / base LR of the cosine schedule")
     t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     t.add_argument("--d-model", type=int, default=128, help="hidden size")
     t.add_argument("--layers", type=int, default=2, help="transformer layers")
