@@ -50,6 +50,11 @@ class OneRecConfig:
     max_len: int = 50
     dropout: float = 0.3
     use_item_emb: bool = True
+    # auxiliary next-item softmax tied to the item embeddings (SASRec-style): trained with this loss
+    # weight, and at decode time `item_score_weight` x its log-prob is added to each complete item's
+    # code score (the trie-constrained code beam still proposes the candidates)
+    item_loss_weight: float = 0.0
+    item_score_weight: float = 0.0
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -104,6 +109,8 @@ class OneRecModel(nn.Module):
             for _ in range(L)
         )
         self.register_buffer("level_offset", torch.arange(L) * K, False)
+        if (cfg.item_loss_weight > 0 or cfg.item_score_weight > 0) and not cfg.use_item_emb:
+            raise ValueError("the item head is tied to the item embeddings: it needs use_item_emb")
         self.apply(self._init)
 
     @staticmethod
@@ -139,15 +146,26 @@ class OneRecModel(nn.Module):
             z = z + self.dec_emb(prev[..., :level] + self.level_offset[:level]).sum(-2)
         return self.heads[level](z)
 
+    def item_logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> log-softmax over catalogue rows (..., N) of the tied item head."""
+        assert self.item_emb is not None
+        return torch.log_softmax(h @ self.item_emb.weight[1:].T, -1)
+
     def loss(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean code cross-entropy over all non-pad positions. rows/targets (B, T) item rows + 1."""
+        """Mean code cross-entropy over all non-pad positions (+ the weighted item-head cross-entropy).
+
+        rows/targets (B, T) item rows + 1.
+        """
         h = self.encode(rows)  # (B, T, D)
         keep = targets > 0
         h, tcodes = h[keep], self.codes_table[targets[keep]]  # (N, D), (N, L)
         total = h.new_zeros(())
         for level in range(self.cfg.num_levels):
             total = total + F.cross_entropy(self.level_logits(h, tcodes, level), tcodes[:, level])
-        return total / self.cfg.num_levels
+        total = total / self.cfg.num_levels
+        if self.cfg.item_loss_weight > 0:
+            total = total + self.cfg.item_loss_weight * F.nll_loss(self.item_logprobs(h), targets[keep] - 1)
+        return total
 
 
 @dataclass
@@ -231,6 +249,10 @@ class OneRec:
         if excl is not None and level == self.cfg.num_levels - 1:
             valid &= ~torch.gather(excl, 1, nxt.reshape(B, -1).clamp(min=-1) % excl.shape[1]).reshape(B, W, -1)
         logp = torch.log_softmax(logits.masked_fill(~valid, -math.inf), -1).nan_to_num(nan=-math.inf, neginf=-math.inf)
+        if level == self.cfg.num_levels - 1 and self.cfg.item_score_weight > 0:  # leaves: add the item head
+            item_lp = self.model.item_logprobs(h)  # (B, N)
+            logp = logp + self.cfg.item_score_weight * torch.gather(item_lp, 1, nxt.clamp(min=0).reshape(B, -1)
+                                                                    ).reshape(B, W, -1)
         total = (scores[..., None] + logp).reshape(B, -1)  # (B, W*K)
         width = min(beam, total.shape[1])
         top, idx = total.topk(width, dim=1)

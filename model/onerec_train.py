@@ -122,7 +122,8 @@ def train(args: argparse.Namespace) -> Path:
     sid = SemanticIDs.load(args.sid)
     ds = load_dataset(args.data_dir)
     cfg = OneRecConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=2 * args.d_model,
-                       dropout=args.dropout, use_item_emb=not args.no_item_emb, max_len=args.max_len)
+                       dropout=args.dropout, use_item_emb=not args.no_item_emb, max_len=args.max_len,
+                       item_loss_weight=args.item_loss_weight, item_score_weight=args.item_score_weight)
     model = build_model(cfg, sid, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     folder = args.out / args.name
@@ -188,23 +189,27 @@ def train(args: argparse.Namespace) -> Path:
     return folder
 
 
-def run_eval(folder: Path, data_dir: Path, beam: int, split: str, results: str | None, limit: int | None) -> dict:
+def run_eval(folder: Path, data_dir: Path, beam: int, split: str, results: str | None, limit: int | None,
+             item_score_weight: float | None = None) -> dict:
     torch.set_num_threads(int(os.environ.get("ONEREC_EVAL_THREADS", "2")))
     ds = load_dataset(data_dir)
     examples: list[Example] = ds.splits.test if split == "test" else ds.splits.valid
     examples = examples[:limit] if limit else examples
     rec = OneRecRecommender.load(folder, beam=beam)
+    if item_score_weight is not None:
+        rec.onerec.cfg.item_score_weight = item_score_weight
     t0 = time.perf_counter()
     m = evaluate(rec, examples, k=10, desc=f"onerec {split}")
     dt = time.perf_counter() - t0
-    print(f"{folder} {split} beam={beam} ({len(examples)} users, {dt:.0f}s): {m}")
+    isw = rec.onerec.cfg.item_score_weight
+    print(f"{folder} {split} beam={beam} item_score_weight={isw} ({len(examples)} users, {dt:.0f}s): {m}")
     if results:
         from services.results import write_result
 
         meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
         sid_meta = rec.onerec.sid.config.variant
         write_result(results, m | {"train_s": meta.get("train_s"), "params": meta.get("params"), "beam": beam},
-                     note=f"split={split}, checkpoint={folder.resolve().name}, sid={sid_meta}")
+                     note=f"split={split}, checkpoint={folder.resolve().name}, sid={sid_meta}, item_score_weight={isw}")
     return m
 
 
@@ -235,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--dropout", type=float, default=0.3, help="dropout")
     t.add_argument("--max-len", type=int, default=50, help="history length")
     t.add_argument("--no-item-emb", action="store_true", help="items embedded by their codes only")
+    t.add_argument("--item-loss-weight", type=float, default=0.0,
+                   help="weight of the auxiliary next-item softmax (tied to the item embeddings)")
+    t.add_argument("--item-score-weight", type=float, default=0.0,
+                   help="decode: add this x the item head's log-prob to each complete item's score")
     t.add_argument("--val-users", type=int, default=3000, help="validation users evaluated each epoch")
     t.add_argument("--val-beam", type=int, default=10, help="beam width of validation decoding")
     t.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -250,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--split", choices=["valid", "test"], default="test")
     e.add_argument("--limit", type=int, default=None, help="only the first N users")
     e.add_argument("--results", default=None, help="write docs/results/<NAME>.json")
+    e.add_argument("--item-score-weight", type=float, default=None,
+                   help="override the checkpoint's decode-time item-head weight (tuning on --split valid)")
     args = p.parse_args(argv)
     if args.cmd == "train":
         if args.name is None:
@@ -257,4 +268,5 @@ def main(argv: list[str] | None = None) -> None:
             args.name = f"{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
         train(args)
     else:
-        run_eval(args.checkpoint, args.data_dir, args.beam, args.split, args.results, args.limit)
+        run_eval(args.checkpoint, args.data_dir, args.beam, args.split, args.results, args.limit,
+                 args.item_score_weight)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.onerec import DeadlineExceeded, OneRec, OneRecConfig, build_model
-from model.onerec_train import train_epoch
+from model.onerec_train import lr_lambda, train_epoch
 from model.semantic_ids import SemanticIDConfig, SemanticIDs, disambiguate
 
 N_ITEMS = 40
@@ -107,3 +107,43 @@ def test_last_only_matches_full_encode(trained: tuple[OneRec, Path]) -> None:
         full = onerec.model.encode(rows)[:, -1]
         last = onerec.model.encode(rows, last_only=True)[:, -1]
     assert torch.allclose(full, last, atol=1e-5)
+
+
+def test_item_head_learns_the_pattern_and_reranks_only_valid_items(tmp_path: Path) -> None:
+    """The tied next-item head learns the successor alone; decoding with it keeps the trie's guarantees."""
+    torch.set_num_threads(1)
+    sid = tiny_sid()
+    rng = random.Random(1)
+    seqs = []
+    for _ in range(200):
+        start, n = rng.randrange(N_ITEMS), rng.randint(4, 10)
+        seqs.append([(start + j) % N_ITEMS + 1 for j in range(n)])
+    cfg = OneRecConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0, max_len=12,
+                       item_loss_weight=1.0, item_score_weight=1.0)
+    model = build_model(cfg, sid)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        train_epoch(model, opt, seqs, 32, rng, progress=False)
+    OneRec(model, sid).save(tmp_path)
+    onerec = OneRec.load(tmp_path)
+    assert onerec.cfg.item_score_weight == 1.0
+    hist = [[5, 6, 7], [20, 21, 22, 23], [39, 40]]
+    with torch.no_grad():
+        item_lp = onerec.model.item_logprobs(onerec._last_hidden(hist))
+    assert [onerec.sid.item_ids[r] for r in item_lp.argmax(1).tolist()] == [8, 24, 1]
+    assert [r[0][0] for r in onerec.decode_full(hist, k=1, beam=5)] == [8, 24, 1]
+    a, b = sid.codes_of(30)[:2]
+    done = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, beam=5)[0]
+    assert done and all(tuple(sid.codes_of(i)[:2]) == (a, b) for i, _ in done)
+
+
+def test_item_head_needs_item_embeddings() -> None:
+    with pytest.raises(ValueError, match="use_item_emb"):
+        build_model(OneRecConfig(use_item_emb=False, item_loss_weight=1.0), tiny_sid())
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    f = lr_lambda("cosine", warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert lr_lambda("constant", 0, 100, 0.1)(50) == 1.0
