@@ -14,17 +14,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.semantic_ids import SemanticIDs
@@ -33,7 +40,7 @@ from online_api.batching import MicroBatcher, OnlineModel
 from online_api.complete import Completer, Popularity, RedisBreaker
 from online_api.events import PendingEvents
 from online_api.metrics import Metrics
-from online_api.schemas import MAX_BODY_BYTES
+from online_api.schemas import MAX_BODY_BYTES, apply_server_limits
 from services.catalog import Catalog, load_dataset
 from services.config import Settings, get_settings
 from services.store import AsyncThinkReader
@@ -185,6 +192,48 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+# FastAPI answers 400 with this detail when a JSON body is not even text (UnicodeDecodeError); everything
+# else that is not JSON is a 422 `json_invalid`, so this one is too (documented, names the body)
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        detail = [{"type": "json_invalid", "loc": ["body"], "msg": "request body is not UTF-8 JSON", "input": None}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN or Infinity: such inputs (`1e400`, `NaN`) are echoed back as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 body, except that a non-finite input no longer makes rendering it fail (a 500)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """Serve an OpenAPI document with this server's `max_k` / `max_request_history`, not the hard bounds."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = apply_server_limits(build(), settings.max_k, settings.max_request_history)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
+
+
 def create_app(settings: Settings | None = None, *, loader: ModelLoader | None = None) -> FastAPI:
     """Build the app; `loader` replaces `load_onerec` (tests)."""
     settings = settings or get_settings()
@@ -239,4 +288,7 @@ def create_app(settings: Settings | None = None, *, loader: ModelLoader | None =
     app.include_router(recommend.router)
     app.include_router(users.router)
     app.include_router(ops.router)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    _document_limits(app, settings)
     return app

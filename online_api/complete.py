@@ -175,9 +175,11 @@ class Completer:
         fetched, why = await self.fetch(user, deadline)
         reasons = [why] if why else []
         stored = fetched.history if fetched is not None else []
-        raw = merge_history(list(stored) + self.pending.get(user), recent or [], self.s.history_max)
-        history = [i for i in raw if i in self.known]
-        unknown = len(raw) - len(history)
+        # unknown ids are dropped before the cap, so that a burst of them cannot push the real history out
+        raw = merge_history(list(stored) + self.pending.get(user), recent or [], 0)
+        known = [i for i in raw if i in self.known]
+        unknown = len(raw) - len(known)
+        history = known[-self.s.history_max :]
         if unknown:
             self.m.unknown_items.inc(unknown)
         consumed = set(history) if self.s.exclude_consumed else set()

@@ -2,23 +2,43 @@
 
 Validation happens here, where data enters: ids are non-negative ints, `k` and history lengths have
 hard upper bounds (the server's configured limits, which may be lower, are checked in the routes and
-reported the same way: 422 with the field's location). Nothing here reads Redis or runs a model.
+reported the same way: 422 with the field's location, and written into the served OpenAPI document by
+`apply_server_limits`). JSON numbers must be numbers: `true` or `"7"` are rejected, not coerced (pydantic's
+lax mode would read them as 1 and 7), while `7.0` is the integer 7 as JSON Schema says. Nothing here reads
+Redis or runs a model.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 # Hard bounds of the schema; `Settings.max_k` / `Settings.max_request_history` may be lower.
 HARD_MAX_K = 1000
 HARD_MAX_HISTORY = 1000
 MAX_EVENTS = 100
-MAX_ID = 2**63 - 1  # Redis keys and numpy int64 both hold it
+# ids must survive any JSON client (JavaScript numbers are doubles: integers are exact up to 2**53 - 1)
+MAX_ID = 2**53 - 1
 MAX_BODY_BYTES = 64 * 1024  # larger request bodies get 413 before they are parsed
 
-ItemId = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+def _number(kind: str) -> BeforeValidator:
+    """Reject JSON booleans and strings before pydantic's lax mode coerces them to numbers."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, bool | str | bytes):
+            raise PydanticCustomError(f"{kind}_type", f"Input should be a valid {kind}, not {{got}}",
+                                      {"got": type(v).__name__})  # fmt: skip
+        return v
+
+    return BeforeValidator(check)
+
+
+# (constraints before the validator: after it, pydantic would not write them into the JSON schema)
+Id = Annotated[int, Field(ge=0, le=MAX_ID), _number("integer")]
+ItemId = Id
 
 Source = Literal["think-ahead", "online-only", "fallback"]
 
@@ -33,8 +53,10 @@ class _Strict(BaseModel):
 class RecommendRequest(_Strict):
     """Ask for the next items of one user."""
 
-    user_id: int = Field(..., ge=0, le=MAX_ID, description="user id", examples=[42])
-    k: int = Field(10, ge=1, le=HARD_MAX_K, description="number of items (at most the server's max_k)")
+    user_id: Id = Field(..., description="user id", examples=[42])
+    k: Annotated[int, Field(ge=1, le=HARD_MAX_K), _number("integer")] = Field(
+        10, description="number of items (at most the server's max_k)"
+    )
     history: list[ItemId] | None = Field(
         None,
         max_length=HARD_MAX_HISTORY,
@@ -42,8 +64,8 @@ class RecommendRequest(_Strict):
         "(an overlap with its tail is not counted twice). At most the server's max_request_history.",
         examples=[[101, 2048]],
     )
-    budget_ms: float | None = Field(
-        None, gt=0, le=10_000, description="latency budget of this request; default: the server's default_budget_ms"
+    budget_ms: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False), _number("number")] | None = Field(
+        None, description="latency budget of this request; default: the server's default_budget_ms"
     )
 
     model_config = ConfigDict(
@@ -77,7 +99,7 @@ class RecommendResponse(BaseModel):
 class EventsRequest(_Strict):
     """Interactions to append to a user's bounded history (oldest first)."""
 
-    user_id: int = Field(..., ge=0, le=MAX_ID, examples=[42])
+    user_id: Id = Field(..., examples=[42])
     items: list[ItemId] = Field(..., min_length=1, max_length=MAX_EVENTS, description="item ids, oldest first")
 
 
@@ -141,6 +163,18 @@ class Readiness(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+def apply_server_limits(spec: dict[str, Any], max_k: int, max_history: int) -> dict[str, Any]:
+    """Write the server's configured limits into the OpenAPI document (in place), so that every request the
+    served schema allows is one this server accepts (the routes enforce the same limits)."""
+    props = spec.get("components", {}).get("schemas", {}).get("RecommendRequest", {}).get("properties", {})
+    if "k" in props:
+        props["k"]["maximum"] = min(max_k, HARD_MAX_K)
+    for variant in props.get("history", {}).get("anyOf", []):
+        if variant.get("type") == "array":
+            variant["maxItems"] = min(max_history, HARD_MAX_HISTORY)
+    return spec
 
 
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {

@@ -28,7 +28,11 @@ crash between the two writes leaves ``previous`` one flip behind, never a wrong 
 
 Values carry ``SCHEMA_VERSION``; anything that does not decode (foreign bytes, unknown schema, wrong
 types, over `MAX_VALUE_BYTES`) raises `CorruptValue` inside this module and reaches callers as
-"missing" plus a ``corrupt`` counter. Redis connection errors are not caught: callers own fallback.
+"missing" plus a ``corrupt`` counter. So does a key of the wrong Redis type (a list where an entry
+should be, a string where a history should be: ``WRONGTYPE``), which would otherwise look like a
+Redis failure and trip the callers' breaker for every user. Entries are read with ``GETRANGE`` up to
+one byte past `MAX_VALUE_BYTES`, so an oversized value costs a bounded read, not a transfer of all of
+it. Redis connection errors are not caught: callers own fallback.
 """
 
 from __future__ import annotations
@@ -164,8 +168,8 @@ def decode_entry(raw: bytes | str) -> ThinkEntry:
         raise CorruptValue("fields r/m must be strings")
     if not _is_int(hl) or hl < 0:
         raise CorruptValue(f"field hl must be a non-negative int, got {hl!r}")
-    if not isinstance(t, int | float) or isinstance(t, bool):
-        raise CorruptValue(f"field t must be a number, got {t!r}")
+    if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
+        raise CorruptValue(f"field t must be a finite number, got {t!r}")
     if not isinstance(ht, list) or not all(_is_int(x) for x in ht):
         raise CorruptValue("field ht must be a list of ints")
     if not isinstance(p, list):
@@ -179,6 +183,7 @@ def decode_entry(raw: bytes | str) -> ThinkEntry:
             or not _is_int(q[1])
             or not isinstance(q[2], int | float)
             or isinstance(q[2], bool)
+            or not math.isfinite(q[2])  # 1e400 parses as inf without passing through parse_constant
         ):
             raise CorruptValue(f"bad prefix {q!r}")
         prefixes.append((q[0], q[1], float(q[2])))
@@ -186,6 +191,18 @@ def decode_entry(raw: bytes | str) -> ThinkEntry:
 
 
 # --------------------------------------------------------------------------- keys
+
+
+def _wrong_type(x: object) -> bool:
+    """A command's reply said the key holds another Redis type (someone else's value under our key)."""
+    return isinstance(x, redis.ResponseError) and "WRONGTYPE" in str(x)
+
+
+def _reply(x: Any) -> Any:
+    """One reply of a pipeline run with ``raise_on_error=False``: WRONGTYPE passes as a value, others raise."""
+    if isinstance(x, Exception) and not _wrong_type(x):
+        raise x
+    return x
 
 
 def _text(x: bytes | str | None) -> str | None:
@@ -363,10 +380,14 @@ class ThinkStore:
 
     def get_entry(self, version: str, user: int) -> ThinkEntry | None:
         """The user's entry under `version`; None if missing or corrupt (corrupt ones are counted)."""
-        raw = self.r.get(self.keys.think(version, user))
-        if raw is None:
+        return self.get_entries(version, [user])[user]
+
+    def _decode(self, raw: Any) -> ThinkEntry | None:
+        if not raw:  # GETRANGE of a missing key is b"" (no valid value is empty)
             return None
         try:
+            if _wrong_type(raw):
+                raise CorruptValue("key holds another Redis type")
             return decode_entry(raw)
         except CorruptValue:
             self.corrupt += 1
@@ -380,15 +401,9 @@ class ThinkStore:
             part = users[i : i + _BATCH]
             pipe = self.r.pipeline(transaction=False)
             for u in part:
-                pipe.get(self.keys.think(version, u))
-            for u, raw in zip(part, pipe.execute(), strict=True):
-                entry = None
-                if raw is not None:
-                    try:
-                        entry = decode_entry(raw)
-                    except CorruptValue:
-                        self.corrupt += 1
-                out[u] = entry
+                pipe.getrange(self.keys.think(version, u), 0, MAX_VALUE_BYTES)
+            for u, raw in zip(part, pipe.execute(raise_on_error=False), strict=True):
+                out[u] = self._decode(_reply(raw))
         return out
 
     def copy_entries(self, src: str, dst: str, users: Iterable[int], ttl_s: int) -> list[int]:
@@ -415,7 +430,14 @@ class ThinkStore:
         return missing
 
     def get_history(self, user: int) -> list[int]:
-        items, bad = _parse_history(self.r.lrange(self.keys.history(user), 0, -1))
+        try:
+            raw = self.r.lrange(self.keys.history(user), 0, -1)
+        except redis.ResponseError as e:
+            if not _wrong_type(e):
+                raise
+            self.corrupt += 1
+            return []
+        items, bad = _parse_history(raw)
         self.corrupt += bad
         return items
 
@@ -512,9 +534,11 @@ class AsyncThinkReader:
         return self._current
 
     def _decode(self, raw: Any) -> tuple[ThinkEntry | None, bool]:
-        if raw is None:
+        if not raw:  # GETRANGE of a missing key is b"" (no valid value is empty)
             return None, False
         try:
+            if _wrong_type(raw):
+                raise CorruptValue("key holds another Redis type")
             return decode_entry(raw), False
         except CorruptValue:
             self.corrupt += 1
@@ -528,11 +552,11 @@ class AsyncThinkReader:
         start = 0 if history_max is None else -history_max
         async with self.r.pipeline(transaction=False) as pipe:
             if version is not None:
-                pipe.get(self.keys.think(version, user))
+                pipe.getrange(self.keys.think(version, user), 0, MAX_VALUE_BYTES)
             pipe.lrange(self.keys.history(user), start, -1)
-            res = await pipe.execute()
+            res = [_reply(x) for x in await pipe.execute(raise_on_error=False)]
         entry, corrupt = self._decode(res[0]) if version is not None else (None, False)
-        history, bad = _parse_history(res[-1])
+        history, bad = ([], 1) if _wrong_type(res[-1]) else _parse_history(res[-1])
         self.corrupt += bad
         return FetchResult(version, entry, history, corrupt or bad > 0)
 
@@ -541,7 +565,13 @@ class AsyncThinkReader:
         version = await self.current_version()
         if version is None:
             return None
-        return self._decode(await self.r.get(self.keys.think(version, user)))[0]
+        try:
+            raw = await self.r.getrange(self.keys.think(version, user), 0, MAX_VALUE_BYTES)
+        except redis.ResponseError as e:
+            if not _wrong_type(e):
+                raise
+            raw = e
+        return self._decode(raw)[0]
 
     async def append_events(self, user: int, items: list[int], max_len: int) -> int:
         """Append interactions to the user's bounded history; returns its new length."""
@@ -551,8 +581,19 @@ class AsyncThinkReader:
         items = _check_ints("items", items)
         if not items:
             return int(await self.r.llen(key))
-        async with self.r.pipeline(transaction=True) as pipe:  # one key, so MULTI is Cluster-safe
-            pipe.rpush(key, *items)
-            pipe.ltrim(key, -max_len, -1)
-            n, _ = await pipe.execute()
+        try:
+            async with self.r.pipeline(transaction=True) as pipe:  # one key, so MULTI is Cluster-safe
+                pipe.rpush(key, *items)
+                pipe.ltrim(key, -max_len, -1)
+                n, _ = await pipe.execute()
+        except redis.ResponseError as e:
+            if not _wrong_type(e):
+                raise
+            # a foreign value under our history key is corrupt, i.e. missing: the history starts afresh
+            self.corrupt += 1
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.rpush(key, *items)
+                pipe.ltrim(key, -max_len, -1)
+                _, n, _ = await pipe.execute()
         return min(int(n), max_len)

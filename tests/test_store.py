@@ -123,6 +123,8 @@ BAD_VALUES: dict[str, bytes] = {
     "bool_code": json.dumps({**_good_obj(), "p": [[True, 2, -0.1]]}).encode(),
     "str_tail": json.dumps({**_good_obj(), "ht": ["1"]}).encode(),
     "nan": encode_entry(make_entry()).replace(b'"t":', b'"t":NaN,"x":'),
+    "overflow_time": encode_entry(make_entry()).replace(b'"t":', b'"t":1e400,"x":'),
+    "overflow_logprob": json.dumps({**_good_obj(), "p": [[1, 2, "inf"]]}).replace('"inf"', "-1e400").encode(),
     "oversized": json.dumps({**_good_obj(), "r": "x" * MAX_VALUE_BYTES}).encode(),
 }
 
@@ -165,6 +167,46 @@ def test_async_reader_treats_corrupt_as_missing(
     assert bad[0].history == [5, 6]  # history still served next to a corrupt entry
     assert good.entry == rounded(make_entry(1)) and not good.corrupt
     assert corrupt == len(BAD_VALUES) + 1
+
+
+def test_keys_of_another_redis_type_are_corrupt_not_errors(store: ThinkStore, redis_client: redis.Redis,
+                                                            redis_server: Any) -> None:
+    """WRONGTYPE (a list where an entry belongs, a string where a history belongs) is a corrupt value, not a
+    Redis failure: readers return missing, and an event append starts the history afresh."""
+    fill_version(store, "v1", range(3))
+    store.publish("v1", 3)
+    redis_client.delete(store.keys.think("v1", 1))
+    redis_client.rpush(store.keys.think("v1", 1), b"foreign")
+    redis_client.set(store.keys.history(2), b"not a list")
+    assert store.get_entry("v1", 1) is None and store.get_entries("v1", [0, 1])[0] is not None
+    assert store.get_history(2) == [] and store.corrupt == 3  # user 1 read twice
+
+    async def go(client: aioredis.Redis) -> tuple[FetchResult, FetchResult, Any, int, int]:
+        reader = AsyncThinkReader(client, store.keys.ns)
+        one, two = await reader.fetch(1), await reader.fetch(2)
+        missing = await reader.get_entry(1)
+        n = await reader.append_events(2, [7, 8], 50)
+        return one, two, missing, n, reader.corrupt
+
+    one, two, missing, n, corrupt = run_async(redis_server.url, go)
+    assert one.entry is None and one.corrupt and one.version == "v1"
+    assert two.entry is not None and two.history == [] and two.corrupt
+    assert missing is None and n == 2 and corrupt == 4
+    assert store.get_history(2) == [7, 8]
+
+
+def test_oversized_values_are_read_bounded(store: ThinkStore, redis_client: redis.Redis, redis_server: Any) -> None:
+    fill_version(store, "v1", range(2))
+    store.publish("v1", 2)
+    redis_client.set(store.keys.think("v1", 1), b"x" * (8 * MAX_VALUE_BYTES))
+
+    async def go(client: aioredis.Redis) -> tuple[FetchResult, FetchResult]:
+        reader = AsyncThinkReader(client, store.keys.ns)
+        return await reader.fetch(0), await reader.fetch(1)
+
+    good, big = run_async(redis_server.url, go)
+    assert good.entry == rounded(make_entry(0)) and big.entry is None and big.corrupt
+    assert store.get_entry("v1", 1) is None and store.corrupt == 1
 
 
 def test_corrupt_history_elements_are_dropped_and_counted(store: ThinkStore, redis_client: redis.Redis) -> None:
