@@ -1,0 +1,437 @@
+"""Reliability suite: real faults injected into real processes, and what clients saw, counted.
+
+One run (about 6 minutes on 2 shared cores) does, against the trained artifacts and Beauty:
+1. **Redis under load.** A private redis-server (AOF with ``appendfsync always``, so what it acknowledged
+   survives a SIGKILL) is seeded with think-ahead entries for ``--users`` test users
+   (`benchmarks.online_load.seed_redis`); the API runs as a uvicorn subprocess and gets open-loop load
+   (`benchmarks.fault_load`: ``--rate`` recommend/s plus events). Redis is SIGKILLed and restarted
+   ``--kills`` times (down ``--down-s`` each), frozen once with SIGSTOP for ``--freeze-s``, then corrupt,
+   oversized and foreign values are written under some users' keys while the load goes on. Counted: 5xx,
+   answers that never came, degraded answers, and per restart ``recovery_s``: from the restart until
+   answers are think-ahead and not degraded again (10 in a row); events acknowledged vs stored at the end.
+2. **Refresh killed.** ``python -m offline_worker refresh`` (HF engine, the real think model, the first
+   ``--refresh-users`` users) is SIGKILLed ``--refresh-kills`` times mid-way and then re-run to completion
+   (it resumes and publishes). A reader thread polls the live version all along: every version it sees
+   must hold all users' entries (else a partial read). Then every user's entry and history is checked
+   against the plan (missing or wrong = lost write).
+3. **Fuzzing.** schemathesis over the API's OpenAPI document (`benchmarks.fuzz`, positive and negative
+   cases): 5xx and schema-check failures counted.
+
+    python -m benchmarks.faults --results     # full run, writes docs/results/faults.json
+    python -m benchmarks.faults --quick       # a short smoke run, nothing written
+
+Not a test (the CI-sized parts are tests/test_api_reliability.py, test_api_fuzz.py, test_api_hostile.py,
+test_offline_refresh.py); never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from benchmarks.fault_load import OpenLoopLoad, Outcome, event_ledger, recovery_after, round_robin_events
+from benchmarks.online_load import PY, ROOT, free_port, pct, process, seed_redis, uvicorn_cmd, wait_http
+from services.store import SCHEMA_VERSION, ThinkEntry, ThinkKeys, ThinkStore
+
+NS, VERSION, KEY = "faults", "faults", "faults-key"
+ENTRY_FAULTS = ("garbage", "foreign_json", "future_schema", "oversized", "wrong_type", "empty")
+HISTORY_FAULTS = ("history_wrong_type", "history_junk")
+
+
+class RedisProc:
+    """A redis-server that can be SIGKILLed, frozen and restarted on the same port and data folder."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.port = workdir, free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> float:
+        """Spawn and wait for PING; returns the spawn time (time.monotonic)."""
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+               "--appendfsync", "always", "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]
+        t = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = t + 30
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.RedisError:  # connection refused, or BusyLoadingError while the AOF is replayed
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on {self.port} did not come up") from None
+                time.sleep(0.01)
+        client.close()
+        return t
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# --------------------------------------------------------------------------- phase 1: serving under faults
+
+
+def corrupt(client: redis.Redis, users: list[int]) -> dict[str, list[int]]:
+    """Write a bad value under each user's entry or history key, kinds in turn. Returns kind -> users."""
+    keys, out = ThinkKeys(NS), dict[str, list[int]]()
+    kinds = ENTRY_FAULTS + HISTORY_FAULTS
+    for n, u in enumerate(users):
+        kind = kinds[n % len(kinds)]
+        out.setdefault(kind, []).append(u)
+        entry, hist = keys.think(VERSION, u), keys.history(u)
+        values: dict[str, bytes] = {
+            "garbage": os.urandom(64),
+            "foreign_json": json.dumps({"user": u, "recommendations": [1, 2, 3]}).encode(),
+            "future_schema": json.dumps({"v": SCHEMA_VERSION + 1, "r": "from a newer writer"}).encode(),
+            "oversized": b'{"v":1,"r":"' + b"x" * (4 << 20) + b'"}',  # 4 MiB
+            "empty": b"",
+        }
+        if kind in values:
+            client.set(entry, values[kind])
+        elif kind == "wrong_type":
+            client.delete(entry)
+            client.rpush(entry, b"not", b"an", b"entry")
+        elif kind == "history_wrong_type":
+            client.delete(hist)
+            client.set(hist, b"not a list")
+        else:  # history_junk: non-ids among 1000 elements
+            client.rpush(hist, *[random.choice([b"junk", b"-5", b"1e3", b"\xff", b"12"]) for _ in range(1000)])
+    return out
+
+
+def api_counters(base: str) -> dict[str, float]:
+    """The API's own view: fallback reasons, Redis errors, corrupt values, queued events (Prometheus text)."""
+    wanted = ("onerec_fallback_total{", "onerec_redis_errors_total{", "onerec_corrupt_values_total ",
+              "onerec_pending_events ", "onerec_events_total{")  # fmt: skip
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(wanted)}
+
+
+def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: list[int],
+                  initial: dict[int, list[int]], items: list[int]) -> dict[str, Any]:  # fmt: skip
+    events = round_robin_events(sorted(initial), items)
+    load = OpenLoopLoad(base, users, args.rate, events, args.event_rate, KEY, args.budget_ms)
+    faults: list[tuple[str, float, float]] = []  # (kind, start, end)
+    load.start()
+    time.sleep(args.warm_s)
+    for n in range(args.kills):
+        t_kill = time.monotonic()
+        rp.signal(signal.SIGKILL)
+        time.sleep(args.down_s)
+        faults.append(("kill", t_kill, rp.start()))
+        print(f"[faults] redis SIGKILL {n + 1}/{args.kills}: down {time.monotonic() - t_kill:.2f}s", flush=True)
+        time.sleep(args.gap_s)
+    if args.freeze_s > 0:
+        t = time.monotonic()
+        rp.signal(signal.SIGSTOP)
+        time.sleep(args.freeze_s)
+        rp.signal(signal.SIGCONT)
+        faults.append(("freeze", t, time.monotonic()))
+        print(f"[faults] redis SIGSTOP for {args.freeze_s}s", flush=True)
+        time.sleep(args.gap_s)
+    client = redis.Redis.from_url(rp.url, socket_timeout=10)
+    t_corrupt = time.monotonic()
+    bad = corrupt(client, random.Random(1).sample(users, args.corrupt_users))
+    print(f"[faults] {args.corrupt_users} corrupt values written: { {k: len(v) for k, v in bad.items()} }", flush=True)
+    time.sleep(args.corrupt_s)
+    outcomes = load.stop()
+    t_end = time.monotonic()
+
+    # acknowledged events: wait for the API's write-behind buffer to drain, then read what Redis holds
+    deadline = time.monotonic() + 15
+    while api_counters(base).get("onerec_pending_events", 0) != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    store = ThinkStore(client, NS)
+    ledger = event_ledger(outcomes, initial, {u: store.get_history(u) for u in initial}, args.history_max)
+    client.close()
+    return analyse(outcomes, faults, t_corrupt, t_end, bad) | ledger | {"api_counters": api_counters(base)}
+
+
+def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_corrupt: float, t_end: float,
+            bad: dict[str, list[int]]) -> dict[str, Any]:  # fmt: skip
+    starts = [f[1] for f in faults] + [t_corrupt]
+    recovery: dict[str, list[float | None]] = {}
+    windows = []  # (start, end) of each fault plus its recovery: degraded answers there are expected
+    for n, (kind, start, end) in enumerate(faults):
+        rec = recovery_after(outcomes, end, starts[n + 1])
+        recovery.setdefault(kind, []).append(rec)
+        windows.append((start, end + (rec if rec is not None else starts[n + 1] - end)))
+    entry_bad = {u for k in ENTRY_FAULTS for u in bad.get(k, [])}
+    all_bad = entry_bad | {u for k in HISTORY_FAULTS for u in bad.get(k, [])}
+    recs = [o for o in outcomes if o.kind == "recommend"]
+    during = [o for o in recs if any(s <= o.sched < e for kind, s, e in faults if kind == "kill")]
+    steady = [o for o in recs if not any(s <= o.sched < e for s, e in windows)
+              and not (o.sched >= t_corrupt and o.user in all_bad)]  # fmt: skip
+    corrupt_recs = [o for o in recs if o.sched >= t_corrupt and o.user in all_bad]
+    healthy_after = [o for o in recs if o.sched >= t_corrupt and o.user not in all_bad]
+    kills = recovery.get("kill", [])
+    statuses = Counter(o.status for o in outcomes)
+    return {
+        "requests": len(outcomes), "recommend_requests": len(recs), "statuses": dict(statuses),
+        "server_errors": sum(n for s, n in statuses.items() if s >= 500),
+        "transport_errors": statuses.get(0, 0),
+        "error_kinds": dict(Counter(o.error for o in outcomes if o.error)),
+        "redis_kills": len(kills), "redis_freezes": len(recovery.get("freeze", [])),
+        "recovery_s_each": [round(r, 3) if r is not None else None for r in kills],
+        "recovery_s": round(max(r if r is not None else float("inf") for r in kills), 3) if kills else None,
+        "freeze_recovery_s": [round(r, 3) if r is not None else None for r in recovery.get("freeze", [])],
+        "answers_during_redis_down": len(during),
+        "degraded_during_redis_down": sum(o.degraded for o in during),
+        "p99_ms_during_redis_down": round(pct([o.done - o.sched for o in during], 99) * 1000, 1) if during else None,
+        "degraded_outside_faults": sum(o.degraded or o.status != 200 for o in steady),
+        "answers_outside_faults": len(steady),
+        "p50_ms_outside_faults": round(pct([o.done - o.sched for o in steady], 50) * 1000, 1),
+        "p99_ms_outside_faults": round(pct([o.done - o.sched for o in steady], 99) * 1000, 1),
+        "corrupt_values": sum(len(v) for v in bad.values()), "corrupt_user_answers": len(corrupt_recs),
+        "corrupt_user_5xx": sum(o.status >= 500 for o in corrupt_recs),
+        "corrupt_entries_served": sum(o.source == "think-ahead" for o in corrupt_recs if o.user in entry_bad),
+        "think_ahead_share_other_users_during_corruption": round(
+            sum(o.good for o in healthy_after) / max(1, len(healthy_after)), 4),
+        "load_s": round(t_end - min((o.sched for o in outcomes), default=t_end), 1),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- phase 2: refresh killed mid-way
+
+
+class VersionReader(threading.Thread):
+    """Polls the live version of `ns`; a read is partial if that version lacks any user's entry."""
+
+    def __init__(self, url: str, ns: str, users: list[int]) -> None:
+        super().__init__(name="version-reader", daemon=True)
+        self.url, self.ns, self.users = url, ns, users
+        self.stop_flag = threading.Event()
+        self.reads = self.partial = self.errors = 0
+        self.seen: Counter[str | None] = Counter()
+
+    def run(self) -> None:
+        store = ThinkStore(redis.Redis.from_url(self.url, socket_timeout=5), self.ns)
+        rng = random.Random(0)
+        while not self.stop_flag.is_set():
+            try:
+                v = store.current_version()
+                n = store.count_entries(v) if v is not None else 0
+                sample = store.get_entries(v, rng.sample(self.users, 8)) if v is not None else {}
+            except redis.RedisError:
+                self.errors += 1
+                continue
+            self.reads += 1
+            self.seen[v] += 1
+            self.partial += v is None or n != len(self.users) or any(e is None for e in sample.values())
+            time.sleep(0.01)
+
+
+def phase_refresh(args: argparse.Namespace, redis_url: str, logdir: Path) -> dict[str, Any]:
+    from model.semantic_ids import SemanticIDs
+    from offline_worker.refresh import HISTORY_TAIL, offline_histories
+    from services.catalog import load_sequences
+    from services.config import get_settings
+
+    s = get_settings()
+    ns = NS + "_refresh"
+    histories = offline_histories(load_sequences(Path(s.data_dir) / "sequences.txt"), 0, args.refresh_users)
+    users = sorted(histories)
+    think = s.resolved("think")
+    sid_dir = think / "sid" if (think / "sid" / "codes.tsv").is_file() else s.resolved("sid")
+    valid = {(int(c[0]), int(c[1])) for c in SemanticIDs.load(sid_dir).codes}
+    client = redis.Redis.from_url(redis_url, socket_timeout=30)
+    store = ThinkStore(client, ns)
+    # the live version the refresh replaces (complete, so readers have something to read from the start)
+    a, b = next(iter(valid))
+    store.begin_version("baseline", {"model": "faults-baseline"})
+    store.write_entries("baseline", {u: ThinkEntry("baseline", [(a, b, -1.0)], len(h), h[-HISTORY_TAIL:],
+                                                   "faults-baseline", time.time()) for u, h in histories.items()},
+                        3600)  # fmt: skip
+    store.publish("baseline", len(users))
+    reader = VersionReader(redis_url, ns, users)
+    reader.start()
+    cmd = [PY, "-m", "offline_worker", "--redis-url", redis_url, "--namespace", ns, "refresh", "--engine", "hf",
+           "--limit", str(args.refresh_users), "--chunk", str(args.refresh_chunk), "--samples", "1", "--prefixes", "4",
+           "--beam-a", "2", "--max-reasoning-tokens", "8", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    version: str | None = None
+    kills, early, report = 0, 0, dict[str, Any]()
+    for attempt in range(args.refresh_kills + 1):
+        last = attempt == args.refresh_kills
+        out, err = logdir / f"refresh{attempt}.json", logdir / f"refresh{attempt}.log"
+        extra = [] if last else ["--throttle-s", str(args.refresh_throttle_s)]
+        done_before = len(store.done_chunks(version, 0)) if version else 0
+        with out.open("wb") as fo, err.open("wb") as fe:
+            proc = subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=fo, stderr=fe)
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if not last:
+                    version = version or next((v for v in store.versions() if v != "baseline"), None)
+                    if version is not None and len(store.done_chunks(version, 0)) >= done_before + 2:
+                        proc.send_signal(signal.SIGKILL)
+                        proc.wait(10)
+                        kills += 1
+                        early += store.current_version() != "baseline"  # published with chunks missing?
+                        print(f"[faults] refresh SIGKILL {kills}: {len(store.done_chunks(version, 0))} chunks "
+                              "done", flush=True)  # fmt: skip
+                        break
+                time.sleep(0.02)
+            if proc.poll() is None:
+                proc.kill()
+                raise RuntimeError(f"refresh attempt {attempt} did not finish in time; see {err}")
+        if last:
+            if proc.returncode != 0:
+                raise RuntimeError(f"resumed refresh failed ({proc.returncode}); see {err}")
+            report = json.loads(out.read_text())
+    time.sleep(0.3)  # a few reads of the new version
+    reader.stop_flag.set()
+    reader.join(10)
+    version = report["version"]
+    entries = store.get_entries(version, users)
+    bad_entries = bad_histories = 0
+    for u, h in histories.items():
+        e = entries[u]
+        bad_entries += not (e is not None and e.history_len == len(h) and e.history_tail == h[-HISTORY_TAIL:]
+                            and e.model_id != "faults-baseline" and e.prefixes
+                            and all((p[0], p[1]) in valid for p in e.prefixes))  # fmt: skip
+        bad_histories += store.get_history(u) != h[-s.history_max :]
+    live = store.current_version()
+    client.close()
+    return {
+        "refresh_users": len(users), "refresh_kills": kills, "refresh_published_early": early,
+        "refresh_resumed_chunks": report.get("resumed_chunks"), "refresh_live_is_new": live == version,
+        "refresh_lost_entries": bad_entries, "refresh_lost_histories": bad_histories,
+        "version_reads": reader.reads, "partial_version_reads": reader.partial + early,
+        "versions_seen": {str(k): v for k, v in reader.seen.items()}, "reader_errors": reader.errors,
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.fuzz import fuzz
+    from services.catalog import load_sequences
+    from services.config import get_settings
+
+    s = get_settings()
+    checkpoint = s.resolved("onerec").resolve()
+    logdir = Path(args.log_dir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    out: dict[str, Any] = {"load_avg_1m_start": round(os.getloadavg()[0], 2)}
+    with tempfile.TemporaryDirectory() as d:
+        rp = RedisProc(Path(d))
+        rp.start()
+        try:
+            users = seed_redis(rp.url, NS, checkpoint, args.users, args.prefixes, VERSION)
+            seqs = load_sequences(Path(s.data_dir) / "sequences.txt")
+            others = sorted(set(seqs) - set(users))
+            initial = {u: seqs[u][-5:] for u in random.Random(2).sample(others, args.event_users)}
+            client = redis.Redis.from_url(rp.url)
+            ThinkStore(client, NS).write_histories(initial, args.history_max)
+            client.close()
+            items = sorted({i for u in users for i in seqs[u]})
+            env = {"ONEREC_REDIS_URL": rp.url, "ONEREC_NAMESPACE": NS, "ONEREC_ONEREC_DIR": str(checkpoint),
+                   "ONEREC_API_KEY": KEY, "ONEREC_HISTORY_MAX": str(args.history_max), "PYTHONPATH": str(ROOT)}
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            with process(uvicorn_cmd("online_api.app:create_app", port), env, logdir / "api.log") as api:
+                wait_http(f"{base}/readyz", 180, api)
+                out |= phase_serving(args, rp, base, users, initial, items)
+                print(f"[faults] serving: {json.dumps(out)}", flush=True)
+                out |= phase_refresh(args, rp.url, logdir)
+                print(f"[faults] refresh done: partial reads {out['partial_version_reads']}", flush=True)
+                rep = fuzz(base, args.fuzz_per_op, api_key=KEY)
+                out |= {"fuzz_cases": rep.cases, "fuzz_server_errors": rep.server_errors,
+                        "fuzz_transport_errors": rep.transport_errors, "fuzz_check_failures": rep.failures,
+                        "fuzz_failure_kinds": dict(rep.check_failures), "fuzz_examples": rep.examples}  # fmt: skip
+                out["api_alive"] = api.poll() is None
+        finally:
+            rp.stop()
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def metrics_of(out: dict[str, Any]) -> dict[str, Any]:
+    keys = ["faults_injected", "requests", "server_errors", "lost_writes", "partial_version_reads", "fuzz_cases",
+            "fuzz_server_errors", "recovery_s", "transport_errors", "redis_kills", "redis_freezes", "refresh_kills",
+            "corrupt_values", "lost_events", "duplicate_events", "events_acked", "refresh_lost_entries",
+            "refresh_lost_histories", "version_reads", "fuzz_check_failures", "degraded_during_redis_down",
+            "answers_during_redis_down", "p99_ms_during_redis_down", "degraded_outside_faults",
+            "answers_outside_faults", "corrupt_user_answers", "corrupt_user_5xx", "corrupt_entries_served",
+            "think_ahead_share_other_users_during_corruption", "wall_s", "load_avg_1m_start"]  # fmt: skip
+    out = dict(out)
+    out["faults_injected"] = out["redis_kills"] + out["redis_freezes"] + out["refresh_kills"] + out["corrupt_values"]
+    out["lost_writes"] = out["lost_events"] + out["refresh_lost_entries"] + out["refresh_lost_histories"]
+    return {k: out[k] for k in keys}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.split("\n")[0])
+    p.add_argument("--users", type=int, default=300, help="test users with think-ahead entries, requested in turn")
+    p.add_argument("--prefixes", type=int, default=16, help="prefixes per seeded think entry")
+    p.add_argument("--rate", type=float, default=40.0, help="recommend requests per second (open loop)")
+    p.add_argument("--event-rate", type=float, default=4.0, help="event posts per second")
+    p.add_argument("--event-users", type=int, default=40, help="users receiving the events (one every 10 s each)")
+    p.add_argument("--budget-ms", type=float, default=500.0,
+                   help="budget_ms of each request: generous, so degraded answers mean Redis, not a busy CPU")
+    p.add_argument("--history-max", type=int, default=50, help="ONEREC_HISTORY_MAX of the API")
+    p.add_argument("--warm-s", type=float, default=6.0, help="load before the first fault")
+    p.add_argument("--kills", type=int, default=3, help="Redis SIGKILL + restart cycles")
+    p.add_argument("--down-s", type=float, default=2.0, help="seconds Redis stays dead each time")
+    p.add_argument("--gap-s", type=float, default=8.0, help="seconds between faults")
+    p.add_argument("--freeze-s", type=float, default=1.5, help="SIGSTOP Redis this long (0: skip)")
+    p.add_argument("--corrupt-users", type=int, default=40, help="users whose Redis values are corrupted")
+    p.add_argument("--corrupt-s", type=float, default=15.0, help="load after the corruption")
+    p.add_argument("--refresh-users", type=int, default=64, help="users of the killed refresh")
+    p.add_argument("--refresh-chunk", type=int, default=8, help="users per refresh chunk")
+    p.add_argument("--refresh-kills", type=int, default=2, help="SIGKILLs of the refresh before it may finish")
+    p.add_argument("--refresh-throttle-s", type=float, default=0.3, help="pause per chunk of the runs to be killed")
+    p.add_argument("--fuzz-per-op", type=int, default=150, help="fuzz cases per operation and mode")
+    p.add_argument("--log-dir", default="/tmp/faults", help="server and refresh logs, faults_full.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer faults and cases, nothing written")
+    p.add_argument("--results", action="store_true", help="write docs/results/faults.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.users, args.kills, args.gap_s, args.corrupt_s, args.corrupt_users = 100, 1, 4.0, 5.0, 16
+        args.refresh_users, args.refresh_kills, args.fuzz_per_op = 24, 1, 10
+    out = run(args)
+    Path(args.log_dir, "faults_full.json").write_text(json.dumps(out, indent=2))
+    metrics = metrics_of(out)
+    print(json.dumps(metrics, indent=2))
+    if args.results and not args.quick:
+        from services.results import write_result
+
+        note = (f"API: uvicorn 1 worker, real OneRec checkpoint, {args.rate:g} recommend/s + {args.event_rate:g} "
+                f"events/s open loop, budget {args.budget_ms:g} ms; Redis AOF appendfsync always; refresh: HF engine, "
+                f"real think model, {args.refresh_users} users; recovery_s: restart -> 10 think-ahead answers in a "
+                f"row; details: {args.log_dir}/faults_full.json")  # fmt: skip
+        write_result("faults", metrics, note=note)
+
+
+if __name__ == "__main__":
+    main()
