@@ -80,11 +80,13 @@ class ThinkAheadRecommender:
     ranked over the whole catalogue as the protocol requires.
     """
 
-    def __init__(self, onerec: OneRec, source: EntrySource, beam: int = 20, prefix_weight: float = 1.0):
+    def __init__(self, onerec: OneRec, source: EntrySource, beam: int = 20, prefix_weight: float = 1.0,
+                 own_prefixes: int = 0, own_floor: float = 0.0):
         self.onerec = onerec
         self.source = source
         self.beam = beam
         self.prefix_weight = prefix_weight
+        self.own_prefixes, self.own_floor = own_prefixes, own_floor
         self.with_entry = 0
         self.without_entry = 0
 
@@ -100,7 +102,7 @@ class ThinkAheadRecommender:
         if idx:
             done = self.onerec.complete(
                 [examples[i].history for i in idx], [entries[i].prefixes for i in idx],  # type: ignore[union-attr]
-                k, beam, prefix_weight=self.prefix_weight,
+                k, beam, prefix_weight=self.prefix_weight, own_prefixes=self.own_prefixes, own_floor=self.own_floor,
             )  # fmt: skip
             for i, scored in zip(idx, done, strict=True):
                 out[i] = [item for item, _ in scored]
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N users only")
     p.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
     p.add_argument("--prefix-weight", type=float, default=1.0, help="weight of the offline prefix log-prob")
+    p.add_argument("--own-prefixes", type=int, default=s.own_prefixes,
+                   help="also complete under the lightweight model's own top-N prefixes (0: cached prefixes only; "
+                        "with N > 0 the strict variant is reported too, as think_ahead_strict)")
+    p.add_argument("--own-floor", type=float, default=s.own_prefix_floor, help="offline score offset of own prefixes")
     p.add_argument("--results", action="store_true", help="write docs/results/think_ahead_quality.json")
     args = p.parse_args(argv)
 
@@ -150,19 +156,32 @@ def main(argv: list[str] | None = None) -> None:
     source: EntrySource
     if args.source == "redis":
         source = StoreSource(ThinkStore(redis.Redis.from_url(args.redis_url), args.namespace), args.version)
+        # entries must come from the history one interaction staler than the evaluated one:
+        # test -> `refresh --holdout 2`, valid -> `--holdout 3`
+        want = 2 if args.split == "test" else 3
+        lens = {e.user_id: len(ds.sequences[e.user_id]) - want for e in examples}
+        wrong = [en for e, en in zip(examples, source(examples), strict=True)
+                 if en is not None and en.history_len != lens[e.user_id]]
+        if wrong:
+            raise SystemExit(f"{len(wrong)} entries were not computed from the staler history (history_len "
+                             f"{wrong[0].history_len}); for --split {args.split} run `refresh --holdout {want}`")
     else:
         source = OneRecPrefixSource(onerec)
     from model.onerec import OneRecRecommender
 
     metrics: dict[str, object] = {"onerec": evaluate(OneRecRecommender(onerec, args.beam), examples, desc="onerec")}
-    rec = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight)
+    rec = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight, args.own_prefixes, args.own_floor)
     metrics["think_ahead"] = evaluate(rec, examples, desc="think-ahead")
+    if args.own_prefixes > 0:
+        strict = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight)
+        metrics["think_ahead_strict"] = evaluate(strict, examples, desc="think-ahead (cached prefixes only)")
     metrics["think_ahead_coverage"] = round(rec.with_entry / max(1, rec.with_entry + rec.without_entry), 4)
     if args.think_json is not None:
         metrics["think"] = json.loads(args.think_json.read_text())["metrics"]
     print(json.dumps(metrics, indent=2))
     if args.results and args.limit is None:
-        note = f"split={args.split}, beam={args.beam}, source={args.source}, prefix_weight={args.prefix_weight}"
+        note = (f"split={args.split}, beam={args.beam}, source={args.source}, prefix_weight={args.prefix_weight}, "
+                f"own_prefixes={args.own_prefixes}, own_floor={args.own_floor}")
         write_result("think_ahead_quality", metrics, note=note)
 
 
