@@ -97,13 +97,13 @@ class RedisProc:
 # --------------------------------------------------------------------------- phase 1: serving under faults
 
 
-def corrupt(client: redis.Redis, users: list[int]) -> dict[str, list[int]]:
-    """Write a bad value under each user's entry or history key, kinds in turn. Returns kind -> users."""
-    keys, out = ThinkKeys(NS), dict[str, list[int]]()
+def corrupt(client: redis.Redis, users: list[int]) -> dict[int, tuple[str, float]]:
+    """Write a bad value under each user's entry or history key, kinds in turn.
+    Returns user -> (kind, time.monotonic() once written)."""
+    keys, out = ThinkKeys(NS), dict[int, tuple[str, float]]()
     kinds = ENTRY_FAULTS + HISTORY_FAULTS
     for n, u in enumerate(users):
         kind = kinds[n % len(kinds)]
-        out.setdefault(kind, []).append(u)
         entry, hist = keys.think(VERSION, u), keys.history(u)
         values: dict[str, bytes] = {
             "garbage": os.urandom(64),
@@ -122,13 +122,14 @@ def corrupt(client: redis.Redis, users: list[int]) -> dict[str, list[int]]:
             client.set(hist, b"not a list")
         else:  # history_junk: non-ids among 1000 elements
             client.rpush(hist, *[random.choice([b"junk", b"-5", b"1e3", b"\xff", b"12"]) for _ in range(1000)])
+        out[u] = (kind, time.monotonic())
     return out
 
 
 def api_counters(base: str) -> dict[str, float]:
     """The API's own view: fallback reasons, Redis errors, corrupt values, queued events (Prometheus text)."""
     wanted = ("onerec_fallback_total{", "onerec_redis_errors_total{", "onerec_corrupt_values_total ",
-              "onerec_pending_events ", "onerec_events_total{")  # fmt: skip
+              "onerec_pending_events ", "onerec_events_total{", "onerec_events_replayed ")  # fmt: skip
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
         lines = r.read().decode().splitlines()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(wanted)}
@@ -159,7 +160,9 @@ def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: lis
     client = redis.Redis.from_url(rp.url, socket_timeout=10)
     t_corrupt = time.monotonic()
     bad = corrupt(client, random.Random(1).sample(users, args.corrupt_users))
-    print(f"[faults] {args.corrupt_users} corrupt values written: { {k: len(v) for k, v in bad.items()} }", flush=True)
+    kinds = Counter(kind for kind, _ in bad.values())
+    print(f"[faults] {len(bad)} corrupt values written in {time.monotonic() - t_corrupt:.2f}s: {dict(kinds)}",
+          flush=True)  # fmt: skip
     time.sleep(args.corrupt_s)
     outcomes = load.stop()
     t_end = time.monotonic()
@@ -175,7 +178,7 @@ def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: lis
 
 
 def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_corrupt: float, t_end: float,
-            bad: dict[str, list[int]]) -> dict[str, Any]:  # fmt: skip
+            bad: dict[int, tuple[str, float]]) -> dict[str, Any]:  # fmt: skip
     starts = [f[1] for f in faults] + [t_corrupt]
     recovery: dict[str, list[float | None]] = {}
     windows = []  # (start, end) of each fault plus its recovery: degraded answers there are expected
@@ -183,14 +186,14 @@ def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_c
         rec = recovery_after(outcomes, end, starts[n + 1])
         recovery.setdefault(kind, []).append(rec)
         windows.append((start, end + (rec if rec is not None else starts[n + 1] - end)))
-    entry_bad = {u for k in ENTRY_FAULTS for u in bad.get(k, [])}
-    all_bad = entry_bad | {u for k in HISTORY_FAULTS for u in bad.get(k, [])}
+    entry_bad = {u for u, (kind, _) in bad.items() if kind in ENTRY_FAULTS}
     recs = [o for o in outcomes if o.kind == "recommend"]
     during = [o for o in recs if any(s <= o.sched < e for kind, s, e in faults if kind == "kill")]
     steady = [o for o in recs if not any(s <= o.sched < e for s, e in windows)
-              and not (o.sched >= t_corrupt and o.user in all_bad)]  # fmt: skip
-    corrupt_recs = [o for o in recs if o.sched >= t_corrupt and o.user in all_bad]
-    healthy_after = [o for o in recs if o.sched >= t_corrupt and o.user not in all_bad]
+              and not (o.sched >= t_corrupt and o.user in bad)]  # fmt: skip
+    # answers to a corrupted user count from the moment its bad value was written
+    corrupt_recs = [o for o in recs if o.user in bad and o.sched >= bad[o.user][1]]
+    healthy_after = [o for o in recs if o.sched >= t_corrupt and o.user not in bad]
     kills = recovery.get("kill", [])
     statuses = Counter(o.status for o in outcomes)
     return {
@@ -209,7 +212,7 @@ def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_c
         "answers_outside_faults": len(steady),
         "p50_ms_outside_faults": round(pct([o.done - o.sched for o in steady], 50) * 1000, 1),
         "p99_ms_outside_faults": round(pct([o.done - o.sched for o in steady], 99) * 1000, 1),
-        "corrupt_values": sum(len(v) for v in bad.values()), "corrupt_user_answers": len(corrupt_recs),
+        "corrupt_values": len(bad), "corrupt_user_answers": len(corrupt_recs),
         "corrupt_user_5xx": sum(o.status >= 500 for o in corrupt_recs),
         "corrupt_entries_served": sum(o.source == "think-ahead" for o in corrupt_recs if o.user in entry_bad),
         "think_ahead_share_other_users_during_corruption": round(
@@ -377,16 +380,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def metrics_of(out: dict[str, Any]) -> dict[str, Any]:
-    keys = ["faults_injected", "requests", "server_errors", "lost_writes", "partial_version_reads", "fuzz_cases",
-            "fuzz_server_errors", "recovery_s", "transport_errors", "redis_kills", "redis_freezes", "refresh_kills",
-            "corrupt_values", "lost_events", "duplicate_events", "events_acked", "refresh_lost_entries",
-            "refresh_lost_histories", "version_reads", "fuzz_check_failures", "degraded_during_redis_down",
-            "answers_during_redis_down", "p99_ms_during_redis_down", "degraded_outside_faults",
-            "answers_outside_faults", "corrupt_user_answers", "corrupt_user_5xx", "corrupt_entries_served",
-            "think_ahead_share_other_users_during_corruption", "wall_s", "load_avg_1m_start"]  # fmt: skip
+    keys = """faults_injected requests server_errors lost_writes partial_version_reads fuzz_cases fuzz_server_errors
+        recovery_s transport_errors redis_kills redis_freezes refresh_kills corrupt_values lost_events duplicate_events
+        events_acked events_replayed refresh_lost_entries refresh_lost_histories version_reads fuzz_check_failures
+        degraded_during_redis_down answers_during_redis_down p99_ms_during_redis_down degraded_outside_faults
+        answers_outside_faults corrupt_user_answers corrupt_user_5xx corrupt_entries_served
+        think_ahead_share_other_users_during_corruption wall_s load_avg_1m_start""".split()
     out = dict(out)
     out["faults_injected"] = out["redis_kills"] + out["redis_freezes"] + out["refresh_kills"] + out["corrupt_values"]
     out["lost_writes"] = out["lost_events"] + out["refresh_lost_entries"] + out["refresh_lost_histories"]
+    out["events_replayed"] = int(out["api_counters"].get("onerec_events_replayed", 0))
     return {k: out[k] for k in keys}
 
 
@@ -401,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="budget_ms of each request: generous, so degraded answers mean Redis, not a busy CPU")
     p.add_argument("--history-max", type=int, default=50, help="ONEREC_HISTORY_MAX of the API")
     p.add_argument("--warm-s", type=float, default=6.0, help="load before the first fault")
-    p.add_argument("--kills", type=int, default=3, help="Redis SIGKILL + restart cycles")
+    p.add_argument("--kills", type=int, default=5, help="Redis SIGKILL + restart cycles")
     p.add_argument("--down-s", type=float, default=2.0, help="seconds Redis stays dead each time")
     p.add_argument("--gap-s", type=float, default=8.0, help="seconds between faults")
     p.add_argument("--freeze-s", type=float, default=1.5, help="SIGSTOP Redis this long (0: skip)")

@@ -54,6 +54,10 @@ class Metrics:
         )  # fmt: skip
         self.pending_events = Gauge("onerec_pending_events", "events queued while Redis is unavailable", registry=r)
         self.events = Counter("onerec_events_total", "appended interactions", ["stored"], registry=r)
+        self.events_replayed = Gauge(
+            "onerec_events_replayed", "queued appends Redis had applied already (skipped on retry, not duplicated)",
+            registry=r,
+        )  # fmt: skip
         self.ready = Gauge("onerec_ready", "1 when model and Redis are ready", registry=r)
 
     def render(self) -> bytes:

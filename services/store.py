@@ -13,6 +13,7 @@ key                                   type      content
 ====================================  ========  ====================================================
 ``ns:think:{version}:{<user>}``       string    encoded `ThinkEntry` (compact JSON), SET with EX ttl
 ``ns:history:{<user>}``               list      recent item ids, oldest first, bounded (LTRIM)
+``ns:appended:{<user>}``              list      ids of the user's last appends (a retried append is a no-op)
 ``ns:think:current``                  string    the live version (flipped with one atomic SET)
 ``ns:think:previous``                 string    the version live before the last flip (rollback)
 ``ns:think:{version}:meta``           hash      refresh metadata, one JSON-encoded value per field
@@ -239,6 +240,9 @@ class ThinkKeys:
 
     def history(self, user: int) -> str:
         return f"{self.ns}:history:{{{_check_user(user)}}}"
+
+    def appended(self, user: int) -> str:
+        return f"{self.ns}:appended:{{{_check_user(user)}}}"
 
     def meta(self, version: str) -> str:
         return f"{self.ns}:think:{self.check_version(version)}:meta"
@@ -499,6 +503,31 @@ class ThinkStore:
 
 # --------------------------------------------------------------------------- online (async)
 
+APPEND_IDS_KEPT = 16  # append ids remembered per user: more than the appends between a failed write and its retry
+APPEND_IDS_TTL_S = 24 * 3600
+
+# One atomic, idempotent append. KEYS: history, appended ids. ARGV: max_len, append id ('' = none), ids kept,
+# ids TTL, item ids... Returns {history length, 1 if this id was applied before, 1 if a foreign value was
+# replaced}. A value of another Redis type under either key is corrupt, i.e. missing: it is replaced.
+_APPEND = """
+local replaced = 0
+for _, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k).ok
+  if t ~= 'none' and t ~= 'list' then redis.call('DEL', k); replaced = 1 end
+end
+if ARGV[2] ~= '' and redis.call('LPOS', KEYS[2], ARGV[2]) then
+  return {redis.call('LLEN', KEYS[1]), 1, replaced}
+end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+if ARGV[2] ~= '' then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+end
+return {redis.call('LLEN', KEYS[1]), 0, replaced}
+"""
+
 
 class AsyncThinkReader:
     """Online side: one round trip per request for the live entry plus the user's history.
@@ -519,6 +548,8 @@ class AsyncThinkReader:
         self.current_ttl_s = current_ttl_s
         self.clock = clock
         self.corrupt = 0  # values treated as missing; the API exports this as a metric
+        self.replayed = 0  # appends whose id had been applied already (a retry after an unanswered write)
+        self._append = client.register_script(_APPEND)
         self._current: str | None = None
         self._current_at = -math.inf
 
@@ -573,27 +604,24 @@ class AsyncThinkReader:
             raw = e
         return self._decode(raw)[0]
 
-    async def append_events(self, user: int, items: list[int], max_len: int) -> int:
-        """Append interactions to the user's bounded history; returns its new length."""
+    async def append_events(self, user: int, items: list[int], max_len: int, append_id: str = "") -> int:
+        """Append interactions to the user's bounded history; returns its new length.
+
+        With an `append_id` the append is idempotent: a write that timed out may still have been applied,
+        so retrying it with the same id must not append the items twice (the last `APPEND_IDS_KEPT` ids
+        of each user are remembered for `APPEND_IDS_TTL_S`)."""
         if not _is_int(max_len) or max_len <= 0:
             raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+        if not isinstance(append_id, str) or len(append_id) > 64:
+            raise ValueError(f"append_id: expected a string of at most 64 chars, got {append_id!r}")
         key = self.keys.history(user)
         items = _check_ints("items", items)
         if not items:
             return int(await self.r.llen(key))
-        try:
-            async with self.r.pipeline(transaction=True) as pipe:  # one key, so MULTI is Cluster-safe
-                pipe.rpush(key, *items)
-                pipe.ltrim(key, -max_len, -1)
-                n, _ = await pipe.execute()
-        except redis.ResponseError as e:
-            if not _wrong_type(e):
-                raise
-            # a foreign value under our history key is corrupt, i.e. missing: the history starts afresh
-            self.corrupt += 1
-            async with self.r.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                pipe.rpush(key, *items)
-                pipe.ltrim(key, -max_len, -1)
-                _, n, _ = await pipe.execute()
+        # both keys carry the {user} hash tag: one slot, so the script is Cluster-safe
+        n, replayed, replaced = await self._append(
+            keys=[key, self.keys.appended(user)], args=[max_len, append_id, APPEND_IDS_KEPT, APPEND_IDS_TTL_S, *items]
+        )
+        self.replayed += int(replayed)
+        self.corrupt += int(replaced)
         return min(int(n), max_len)

@@ -74,6 +74,33 @@ def test_redis_stopped_mid_test_then_recovers(world: TinyWorld, redis_server: Re
         wait_ready(c, 2.0)
 
 
+def test_pending_events_retry_does_not_duplicate_an_applied_write(world: TinyWorld, redis_server: RedisServer,
+                                                                   redis_client: redis.Redis, ns: str) -> None:
+    """An events write that timed out may have been applied by Redis; its queued retry carries the same
+    append id, so the flush does not append the items a second time (and later appends follow in order)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from online_api.events import PendingEvents
+    from services.store import AsyncThinkReader
+
+    async def go() -> int:
+        client = aioredis.Redis.from_url(redis_server.url)
+        reader = AsyncThinkReader(client, ns)
+        await reader.append_events(8, [1001, 1002], 50, "first")  # applied, but the API saw a timeout
+        pending = PendingEvents(100)
+        assert pending.add(8, [1001, 1002], "first") and pending.add(8, [1003], "second")
+        assert pending.get(8) == [1001, 1002, 1003]
+        written = await pending.flush(reader, 50, 1.0)
+        await client.aclose()
+        assert len(pending) == 0 and not pending.has(8)
+        return written
+
+    assert asyncio.run(go()) == 3
+    assert redis_client.lrange(f"{ns}:history:{{8}}", 0, -1) == [b"1001", b"1002", b"1003"]
+
+
 def test_dead_redis_from_start_costs_milliseconds(world: TinyWorld, ns: str) -> None:
     settings = make_settings(world, "redis://127.0.0.1:1/0", ns, redis_backoff_ms=0.0)
     with running_app(settings, ready=False) as c:

@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from services.store import (
+    APPEND_IDS_KEPT,
+    APPEND_IDS_TTL_S,
     MAX_VALUE_BYTES,
     SCHEMA_VERSION,
     AsyncThinkReader,
@@ -455,6 +457,29 @@ def test_histories_bounded_and_replaced(store: ThinkStore, redis_server: Any) ->
 
     assert run_async(redis_server.url, go) == [3, 5, 5, 5]
     assert store.get_history(1) == [201, 102, 202, 103, 203]
+
+
+def test_appends_with_an_id_are_idempotent(store: ThinkStore, redis_client: redis.Redis, redis_server: Any) -> None:
+    """A retried append (same id, e.g. after a write that timed out but was applied) is not stored twice."""
+    redis_client.set(store.keys.appended(2), b"foreign")  # a foreign value under the ids key is replaced
+
+    async def go(client: aioredis.Redis) -> tuple[list[int], int]:
+        reader = AsyncThinkReader(client, store.keys.ns)
+        n = [await reader.append_events(1, [5, 6], 50, "a1"), await reader.append_events(1, [5, 6], 50, "a1"),
+             await reader.append_events(1, [7], 50, "a2"), await reader.append_events(1, [7], 50),
+             await reader.append_events(1, [7], 50), await reader.append_events(2, [9], 50, "b1")]  # fmt: skip
+        for i in range(APPEND_IDS_KEPT + 1):  # ids beyond the kept ones are forgotten
+            await reader.append_events(3, [i], 50, f"c{i}")
+        await reader.append_events(3, [0], 50, "c0")
+        return n, reader.replayed
+
+    lengths, replayed = run_async(redis_server.url, go)
+    assert lengths == [2, 2, 3, 4, 5, 1] and replayed == 1
+    assert store.get_history(1) == [5, 6, 7, 7, 7] and store.get_history(2) == [9]
+    assert store.get_history(3) == [*range(APPEND_IDS_KEPT + 1), 0]
+    assert redis_client.llen(store.keys.appended(3)) == APPEND_IDS_KEPT
+    assert 0 < redis_client.ttl(store.keys.appended(1)) <= APPEND_IDS_TTL_S
+    assert key_slot(store.keys.appended(1).encode()) == key_slot(store.keys.history(1).encode())
 
 
 class CountingConnection(aioredis.Connection):

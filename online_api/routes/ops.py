@@ -47,6 +47,7 @@ async def readyz(request: Request) -> JSONResponse:
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
 async def metrics(state: AppState = Depends(get_state)) -> Response:
     state.metrics.pending_events.set(len(state.pending))
+    state.metrics.events_replayed.set(state.reader.replayed)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from redis.exceptions import RedisError
@@ -50,11 +51,12 @@ async def post_events(req: EventsRequest, response: Response, state: AppState = 
     if not items:
         return EventsResponse(user_id=req.user_id, accepted=0, unknown_items=unknown, stored=True)
     s = state.settings
+    append_id = uuid.uuid4().hex  # a retry of a write that timed out must not append the items twice
     # queued events of this user go first, so new ones queue behind them (order = arrival order)
     if not state.pending.has(req.user_id) and state.breaker.allow():
         try:
             async with asyncio.timeout(s.redis_timeout_ms / 1000.0):
-                n = await state.reader.append_events(req.user_id, items, s.history_max)
+                n = await state.reader.append_events(req.user_id, items, s.history_max, append_id)
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("events write failed: %r", e)
             state.breaker.failed()
@@ -64,7 +66,7 @@ async def post_events(req: EventsRequest, response: Response, state: AppState = 
             state.metrics.events.labels("true").inc(len(items))
             return EventsResponse(user_id=req.user_id, accepted=len(items), unknown_items=unknown, stored=True,
                                   history_len=n)
-    if not state.pending.add(req.user_id, items):
+    if not state.pending.add(req.user_id, items, append_id):
         raise HTTPException(503, "Redis unavailable and the event buffer is full; retry later",
                             headers={"Retry-After": "1"})
     state.metrics.events.labels("false").inc(len(items))
