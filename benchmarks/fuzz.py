@@ -22,6 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.core.result import Ok
 
 
 @dataclass
@@ -52,6 +53,8 @@ def fuzz(base_url: str, per_operation: int, api_key: str | None = None, seed: in
     report = FuzzReport()
     session = requests.Session()
     for result in schema.get_all_operations():
+        if not isinstance(result, Ok):
+            raise RuntimeError(f"the served OpenAPI document has an invalid operation: {result.err()}")
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             _fuzz_operation(op, mode, base_url, headers, session, per_operation, seed, timeout_s, report,
