@@ -185,6 +185,10 @@ class OneRec:
         self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
         # trie rows follow the code table order: both are built from sid.codes in the same order
         self.child = [torch.from_numpy(t) for t in self.trie.dense_tables()]
+        # decoding indexes these copies: one extra all -1 row at the end, so that a dead beam (node -1)
+        # looks up "no children" directly instead of through clamp + mask ops on every step
+        self._child_pad = [torch.cat([t, t.new_full((1, t.shape[1]), -1)]) for t in self.child]
+        self._no_root = self.child[0][0] < 0  # (K,) level-a codes absent from the trie
         self.K = sid.codebook_size
         self.row_of = {int(i): r for r, i in enumerate(sid.item_ids)}
         self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
@@ -241,24 +245,30 @@ class OneRec:
 
     def _step(self, h: torch.Tensor, codes: torch.Tensor, nodes: torch.Tensor, scores: torch.Tensor, level: int,
               beam: int, excl: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Expand beams one level. h (B, D); codes (B, W, level); nodes/scores (B, W) -> new (B, W')."""
+        """Expand beams one level. h (B, D); codes (B, W, level); nodes/scores (B, W) -> new (B, W').
+
+        Serving calls this per request, so it is written for few tensor ops (each costs microseconds
+        here, whatever its size): a dead beam (node -1) reads the all -1 row of `_child_pad`.
+        """
         B, W = nodes.shape
         logits = self.model.level_logits(h[:, None].expand(B, W, -1), codes, level)  # (B, W, K)
-        nxt = self.child[level][nodes.clamp(min=0)]  # (B, W, K) child rows (or leaf item rows)
-        valid = (nxt >= 0) & (nodes >= 0)[..., None]
+        nxt = self._child_pad[level][nodes]  # (B, W, K) child rows (or leaf item rows), -1: none
+        invalid = nxt < 0
         if excl is not None and level == self.cfg.num_levels - 1:
-            valid &= ~torch.gather(excl, 1, nxt.reshape(B, -1).clamp(min=-1) % excl.shape[1]).reshape(B, W, -1)
-        logp = torch.log_softmax(logits.masked_fill(~valid, -math.inf), -1).nan_to_num(nan=-math.inf, neginf=-math.inf)
+            # excl (B, N + 1): column -1 (the last one) is the never-excluded "no leaf" index
+            invalid |= excl[torch.arange(B)[:, None, None], nxt]
+        logp = torch.log_softmax(logits.masked_fill_(invalid, -math.inf), -1)
+        logp = logp.nan_to_num_(nan=-math.inf, neginf=-math.inf)  # rows without any valid child
         if level == self.cfg.num_levels - 1 and self.cfg.item_score_weight > 0:  # leaves: add the item head
             item_lp = self.model.item_logprobs(h)  # (B, N)
             logp = logp + self.cfg.item_score_weight * torch.gather(item_lp, 1, nxt.clamp(min=0).reshape(B, -1)
                                                                     ).reshape(B, W, -1)
-        total = (scores[..., None] + logp).reshape(B, -1)  # (B, W*K)
+        total = (scores[..., None] + logp).view(B, -1)  # (B, W*K)
         width = min(beam, total.shape[1])
         top, idx = total.topk(width, dim=1)
         src, code = idx // self.K, idx % self.K
         new_codes = torch.cat([torch.gather(codes, 1, src[..., None].expand(-1, -1, level)), code[..., None]], -1)
-        new_nodes = torch.gather(nxt.reshape(B, -1), 1, idx).masked_fill(top == -math.inf, -1)
+        new_nodes = torch.gather(nxt.view(B, -1), 1, idx).masked_fill_(top == -math.inf, -1)
         return new_codes, new_nodes, top
 
     def _finish(self, nodes: torch.Tensor, scores: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
@@ -325,15 +335,17 @@ class OneRec:
             off_rows.append(list(best.values()) + [-math.inf] * pad)
         pa, pb, off = torch.tensor(la_rows), torch.tensor(lb_rows), torch.tensor(off_rows)  # (B, P)
         # model scores of the two given levels, renormalised over the trie like in decode_full
-        node_a = self.child[0][0][pa]  # (B, P)
         la = self.model.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
-        la = torch.log_softmax(la.masked_fill(self.child[0][0][None] < 0, -math.inf), -1)
-        node_b = torch.where(node_a >= 0, self.child[1][node_a.clamp(min=0), pb], -1)  # (B, P)
-        codes_a = pa[..., None]
-        lb = self.model.level_logits(h[:, None].expand(B, P, -1), codes_a, 1)  # (B, P, K)
-        lb = torch.log_softmax(lb.masked_fill(self.child[1][node_a.clamp(min=0)] < 0, -math.inf), -1)
-        scores = torch.gather(la, 1, pa) + torch.gather(lb, 2, pb[..., None])[..., 0] + prefix_weight * off
-        scores = scores.masked_fill(node_b < 0, -math.inf).nan_to_num(nan=-math.inf, neginf=-math.inf)
+        la = torch.log_softmax(la.masked_fill_(self._no_root, -math.inf), -1)
+        # level b depends on (user, a) only, and prefixes share their a: run the head once per pair
+        pairs, inv = torch.unique(pa + self.K * torch.arange(B)[:, None], return_inverse=True)  # (U,), (B, P)
+        ua = pairs % self.K
+        node_ua = self.child[0][0][ua]  # (U,) level-b node of each a (-1: a not in the trie)
+        lb = self.model.level_logits(h[pairs // self.K], ua[:, None], 1)  # (U, K)
+        lb = torch.log_softmax(lb.masked_fill_(self._child_pad[1][node_ua] < 0, -math.inf), -1)
+        node_b = self._child_pad[1][node_ua[inv], pb]  # (B, P)
+        scores = torch.gather(la, 1, pa) + lb[inv, pb] + prefix_weight * off
+        scores = scores.masked_fill_(node_b < 0, -math.inf).nan_to_num_(nan=-math.inf, neginf=-math.inf)
         codes = torch.stack([pa, pb], -1)
         nodes = node_b
         self._check(deadline)

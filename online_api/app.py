@@ -89,6 +89,7 @@ class AppState:
         self.loaded: LoadedModel | None = None
         self.load_error: str | None = None
         self.batcher: MicroBatcher | None = None
+        self._codes: dict[int, list[int]] = {}
         self.completer = Completer(settings, self.reader, set(catalog.item_ids), None, None, popularity, metrics,
                                    self.pending, self.breaker)
 
@@ -97,8 +98,8 @@ class AppState:
         return self.loaded.model_id if self.loaded is not None else "none"
 
     def codes_of(self, item_id: int) -> list[int]:
-        sid = self.loaded.sid if self.loaded is not None else None
-        return list(sid.codes_of(item_id)) if sid is not None and sid.has_item(item_id) else []
+        """Semantic-ID codes of an item ([] before the model is loaded or for an item without codes)."""
+        return self._codes.get(item_id, [])
 
     def attach(self, loaded: LoadedModel) -> None:
         """Model is loaded: start its thread and let the completer use it."""
@@ -109,6 +110,8 @@ class AppState:
             on_batch=self._on_batch, on_wait=m.queue_wait.observe,
         )  # fmt: skip
         batcher.start()
+        # every answer lists each item's codes: one dict lookup instead of a numpy row per item and request
+        self._codes = {int(i): c for i, c in zip(loaded.sid.item_ids.tolist(), loaded.sid.codes.tolist(), strict=True)}
         self.batcher, self.loaded = batcher, loaded
         self.completer.known = {int(i) for i in loaded.sid.item_ids}
         self.completer.trie = loaded.trie

@@ -141,6 +141,8 @@ class Completer:
         self.m = metrics
         self.pending = pending
         self.breaker = breaker
+        self._prefixes_of: CodeTrie | None = None  # the trie `_prefix_set` was built from
+        self._prefix_set: frozenset[tuple[int, ...]] = frozenset()
 
     # ---- Redis
     async def fetch(self, user: int, deadline: float) -> tuple[FetchResult | None, str | None]:
@@ -214,10 +216,18 @@ class Completer:
 
     def _usable_prefixes(self, entry: ThinkEntry) -> list[tuple[int, int, float]]:
         """The entry's prefixes that exist in the trie (a foreign or outdated entry may hold others)."""
-        if self.trie is None:
-            return []
+        valid = self._valid_prefixes()
+        return [(a, b, lp) for a, b, lp in entry.prefixes if (a, b) in valid]
+
+    def _valid_prefixes(self) -> frozenset[tuple[int, ...]]:
+        """Every (a, b) of the current trie, built once per trie: one set lookup per prefix and request."""
         trie = self.trie
-        return [(a, b, lp) for a, b, lp in entry.prefixes if trie.has_prefix((a, b))]
+        if trie is None:
+            return frozenset()
+        if self._prefixes_of is not trie:
+            self._prefix_set = frozenset(map(tuple, trie.codes[:, :2].tolist()))
+            self._prefixes_of = trie
+        return self._prefix_set
 
     async def _model(self, kind: Kind, history: list[int], k: int, deadline: float, consumed: set[int],
                      prefixes: list[tuple[int, int, float]] | None, reasons: list[str]) -> list[tuple[int, float]]:
