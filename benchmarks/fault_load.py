@@ -1,11 +1,12 @@
 """Open-loop load that keeps every answer on a timeline, and the bookkeeping of `benchmarks.faults`.
 
-`benchmarks.online_load` measures latency and returns aggregates from a separate process; a fault run
-needs each answer with its time instead (was it degraded? when did answers become think-ahead again after
-Redis came back?), on the same clock as the fault injector. So this generator runs in a background thread
-of the injecting process: request i of `POST /v1/recommend` is sent at ``t0 + i / rate`` whatever happened
-before (open loop), and one `POST /v1/events` every ``1 / event_rate`` seconds appends one known item to
-one of the event users in turn (so one user's events are seconds apart and their order is defined).
+`benchmarks.online_load` measures latency and returns aggregates; a fault run needs each answer with its
+time instead (was it degraded? when did answers become think-ahead again after Redis came back?), on the
+clock of the fault injector. `LoadProcess` runs the generator in its own process (so that on a starved
+machine the injector is not held up behind it) and times everything with ``time.monotonic()``, one clock
+for every process on Linux. Request i of `POST /v1/recommend` is sent at ``t0 + i / rate`` whatever
+happened before (open loop), and one `POST /v1/events` every ``1 / event_rate`` seconds appends one known
+item to one of the event users in turn (so one user's events are seconds apart and their order is defined).
 
 `event_ledger` then compares what the API acknowledged (200 stored, 202 queued) with what Redis holds;
 `recovery_after` finds when answers became good again after a fault. Not a benchmark by itself.
@@ -15,12 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -43,7 +50,8 @@ class Outcome:
 
 
 class OpenLoopLoad:
-    """Recommend requests at `rate` per second over `users`, plus events from `events` at `event_rate`."""
+    """Recommend requests at `rate` per second over `users`, plus events from `events` at `event_rate`;
+    `await run()` until `stop` is set, then the answers in flight are awaited (`outcomes`)."""
 
     def __init__(self, base_url: str, users: Sequence[int], rate: float, events: Iterator[tuple[int, int]] | None,
                  event_rate: float, api_key: str | None = None, budget_ms: float | None = None, k: int = 10,
@@ -52,17 +60,10 @@ class OpenLoopLoad:
         self.events, self.event_rate, self.budget_ms, self.timeout_s = events, event_rate, budget_ms, timeout_s
         self.headers = {"content-type": "application/json", **({"X-API-Key": api_key} if api_key else {})}
         self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="open-loop", daemon=True)
+        self.stop = False
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> list[Outcome]:
-        """Stop sending, wait for the answers in flight, return every outcome (in completion order)."""
-        self._stop.set()
-        self._thread.join(self.timeout_s + 30)
-        return self.outcomes
+    async def run(self) -> None:
+        await self._main()
 
     async def _main(self) -> None:
         import aiohttp
@@ -73,7 +74,7 @@ class OpenLoopLoad:
             tasks: set[asyncio.Task[None]] = set()
             t0 = time.monotonic() + 0.05
             i, n_events = 0, 0
-            while not self._stop.is_set():
+            while not self.stop:
                 sched = t0 + i / self.rate
                 next_event = t0 + n_events / self.event_rate if self.events is not None else float("inf")
                 at = min(sched, next_event)
@@ -114,6 +115,48 @@ class OpenLoopLoad:
         self.outcomes.append(out)
 
 
+class LoadProcess:
+    """`OpenLoopLoad` in a child process (``python -m benchmarks.fault_load SPEC``); `stop` returns outcomes."""
+
+    def __init__(self, workdir: Path, url: str, users: Sequence[int], rate: float, event_users: Sequence[int],
+                 items: Sequence[int], event_rate: float, api_key: str | None, budget_ms: float | None,
+                 timeout_s: float = 5.0) -> None:  # fmt: skip
+        self.spec_path, self.out_path = workdir / "load_spec.json", workdir / "load_outcomes.jsonl"
+        self.spec: dict[str, Any] = {"url": url, "users": list(users), "rate": rate, "event_users": list(event_users),
+                     "items": list(items), "event_rate": event_rate, "api_key": api_key, "budget_ms": budget_ms,
+                     "timeout_s": timeout_s, "out": str(self.out_path)}  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.spec_path.write_text(json.dumps(self.spec))
+        self.out_path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fault_load", str(self.spec_path)], cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+
+    def stop(self) -> list[Outcome]:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        if self.proc.wait(self.spec["timeout_s"] + 60) != 0:
+            raise RuntimeError(f"load generator exited with {self.proc.returncode}")
+        return [Outcome(**json.loads(line)) for line in self.out_path.read_text().splitlines()]
+
+
+def _child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    events = round_robin_events(spec["event_users"], spec["items"]) if spec["event_users"] else None
+    load = OpenLoopLoad(spec["url"], spec["users"], spec["rate"], events, spec["event_rate"], spec["api_key"],
+                        spec["budget_ms"], timeout_s=spec["timeout_s"])  # fmt: skip
+
+    def stop(*_: Any) -> None:
+        load.stop = True
+
+    signal.signal(signal.SIGINT, stop)
+    asyncio.run(load.run())
+    with open(spec["out"], "w") as f:
+        for o in load.outcomes:
+            f.write(json.dumps(asdict(o)) + "\n")
+
+
 def round_robin_events(users: Sequence[int], items: Sequence[int]) -> Iterator[tuple[int, int]]:
     """(user, item): users in turn; each user's j-th event is a different item (items wrap after len(items))."""
     j = 0
@@ -123,9 +166,12 @@ def round_robin_events(users: Sequence[int], items: Sequence[int]) -> Iterator[t
         j += 1
 
 
-def recovery_after(outcomes: Sequence[Outcome], start: float, end: float, streak: int = 10) -> float | None:
+def recovery_after(outcomes: Sequence[Outcome], start: float, end: float, streak: int = 1) -> float | None:
     """Seconds from `start` until the first good recommend answer that opens a run of `streak` good ones
-    (answers scheduled in [start, end), by scheduled time); None if answers never recovered."""
+    (answers scheduled in [start, end), by scheduled time); None if answers never recovered.
+
+    One good answer suffices by default: a think-ahead answer needs a Redis read that worked, so it cannot
+    happen by chance while Redis is still away (how good the answers stay afterwards is `good_share`)."""
     recs = sorted((o for o in outcomes if o.kind == "recommend" and start <= o.sched < end), key=lambda o: o.sched)
     for j in range(len(recs)):
         run = recs[j : j + streak]
@@ -174,3 +220,22 @@ def event_ledger(outcomes: Sequence[Outcome], initial: dict[int, list[int]], sto
             reordered += 1
     return {"events_acked": n_acked, "lost_events": lost, "duplicate_events": duplicate, "reordered_users": reordered,
             "duplicate_event_answers": dict(dup_answers)}  # fmt: skip
+
+
+def good_share(outcomes: Sequence[Outcome], start: float, end: float) -> float | None:
+    """Share of good recommend answers among those scheduled in [start, end)."""
+    recs = [o.good for o in outcomes if o.kind == "recommend" and start <= o.sched < end]
+    return round(sum(recs) / len(recs), 4) if recs else None
+
+
+def dump(outcomes: Sequence[Outcome], path: Any, t0: float, marks: Sequence[tuple[str, float, float]]) -> None:
+    """Every outcome as a JSON line (times relative to `t0`), then the fault marks: for later inspection."""
+    with open(path, "w") as f:
+        for kind, a, b in marks:
+            f.write(json.dumps({"fault": kind, "start": round(a - t0, 4), "end": round(b - t0, 4)}) + "\n")
+        for o in sorted(outcomes, key=lambda o: o.sched):
+            f.write(json.dumps({**asdict(o), "sched": round(o.sched - t0, 4), "done": round(o.done - t0, 4)}) + "\n")
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])

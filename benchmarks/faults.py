@@ -1,14 +1,15 @@
 """Reliability suite: real faults injected into real processes, and what clients saw, counted.
 
-One run (about 6 minutes on 2 shared cores) does, against the trained artifacts and Beauty:
+One run (about 5 minutes on 2 shared cores) does, against the trained artifacts and Beauty:
 1. **Redis under load.** A private redis-server (AOF with ``appendfsync always``, so what it acknowledged
    survives a SIGKILL) is seeded with think-ahead entries for ``--users`` test users
    (`benchmarks.online_load.seed_redis`); the API runs as a uvicorn subprocess and gets open-loop load
    (`benchmarks.fault_load`: ``--rate`` recommend/s plus events). Redis is SIGKILLed and restarted
    ``--kills`` times (down ``--down-s`` each), frozen once with SIGSTOP for ``--freeze-s``, then corrupt,
    oversized and foreign values are written under some users' keys while the load goes on. Counted: 5xx,
-   answers that never came, degraded answers, and per restart ``recovery_s``: from the restart until
-   answers are think-ahead and not degraded again (10 in a row); events acknowledged vs stored at the end.
+   answers that never came, degraded answers, and per restart ``recovery_s``: from the restarted Redis
+   answering PING until answers are think-ahead and not degraded again (and the share of such answers
+   until the next fault); events acknowledged vs stored at the end (lost, duplicated).
 2. **Refresh killed.** ``python -m offline_worker refresh`` (HF engine, the real think model, the first
    ``--refresh-users`` users) is SIGKILLed ``--refresh-kills`` times mid-way and then re-run to completion
    (it resumes and publishes). A reader thread polls the live version all along: every version it sees
@@ -42,7 +43,7 @@ from typing import Any
 
 import redis
 
-from benchmarks.fault_load import OpenLoopLoad, Outcome, event_ledger, recovery_after, round_robin_events
+from benchmarks.fault_load import LoadProcess, Outcome, dump, event_ledger, good_share, recovery_after
 from benchmarks.online_load import PY, ROOT, free_port, pct, process, seed_redis, uvicorn_cmd, wait_http
 from services.store import SCHEMA_VERSION, ThinkEntry, ThinkKeys, ThinkStore
 
@@ -62,8 +63,8 @@ class RedisProc:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> float:
-        """Spawn and wait for PING; returns the spawn time (time.monotonic)."""
+    def start(self) -> tuple[float, float]:
+        """Spawn and wait for PING; returns (spawn, first PING answered) as time.monotonic()."""
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                "--appendfsync", "always", "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]
         t = time.monotonic()
@@ -79,7 +80,7 @@ class RedisProc:
                     raise RuntimeError(f"redis-server on {self.port} did not come up") from None
                 time.sleep(0.01)
         client.close()
-        return t
+        return t, time.monotonic()
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
@@ -137,17 +138,21 @@ def api_counters(base: str) -> dict[str, float]:
 
 def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: list[int],
                   initial: dict[int, list[int]], items: list[int]) -> dict[str, Any]:  # fmt: skip
-    events = round_robin_events(sorted(initial), items)
-    load = OpenLoopLoad(base, users, args.rate, events, args.event_rate, KEY, args.budget_ms)
-    faults: list[tuple[str, float, float]] = []  # (kind, start, end)
+    load = LoadProcess(Path(args.log_dir), base, users, args.rate, sorted(initial), items, args.event_rate, KEY,
+                       args.budget_ms)  # fmt: skip
+    faults: list[tuple[str, float, float]] = []  # (kind, start, end: Redis answers again)
+    boot: list[float] = []  # seconds from spawning redis-server to its first PING answer
     load.start()
-    time.sleep(args.warm_s)
+    time.sleep(args.warm_s + 2.0)  # + the generator's start-up
     for n in range(args.kills):
         t_kill = time.monotonic()
         rp.signal(signal.SIGKILL)
         time.sleep(args.down_s)
-        faults.append(("kill", t_kill, rp.start()))
-        print(f"[faults] redis SIGKILL {n + 1}/{args.kills}: down {time.monotonic() - t_kill:.2f}s", flush=True)
+        spawned, ready = rp.start()
+        faults.append(("kill", t_kill, ready))
+        boot.append(round(ready - spawned, 3))
+        print(f"[faults] redis SIGKILL {n + 1}/{args.kills}: down {ready - t_kill:.2f}s (boot {boot[-1]:.2f}s)",
+              flush=True)  # fmt: skip
         time.sleep(args.gap_s)
     if args.freeze_s > 0:
         t = time.monotonic()
@@ -166,6 +171,8 @@ def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: lis
     time.sleep(args.corrupt_s)
     outcomes = load.stop()
     t_end = time.monotonic()
+    marks = faults + [("corrupt", t_corrupt, t_corrupt)]
+    dump(outcomes, Path(args.log_dir) / "outcomes.jsonl", min(o.sched for o in outcomes), marks)
 
     # acknowledged events: wait for the API's write-behind buffer to drain, then read what Redis holds
     deadline = time.monotonic() + 15
@@ -174,18 +181,21 @@ def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: lis
     store = ThinkStore(client, NS)
     ledger = event_ledger(outcomes, initial, {u: store.get_history(u) for u in initial}, args.history_max)
     client.close()
-    return analyse(outcomes, faults, t_corrupt, t_end, bad) | ledger | {"api_counters": api_counters(base)}
+    extra = {"api_counters": api_counters(base), "redis_boot_s_each": boot}
+    return analyse(outcomes, faults, t_corrupt, t_end, bad) | ledger | extra
 
 
 def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_corrupt: float, t_end: float,
             bad: dict[int, tuple[str, float]]) -> dict[str, Any]:  # fmt: skip
     starts = [f[1] for f in faults] + [t_corrupt]
     recovery: dict[str, list[float | None]] = {}
+    after: list[float | None] = []  # share of good answers from recovery to the next fault
     windows = []  # (start, end) of each fault plus its recovery: degraded answers there are expected
     for n, (kind, start, end) in enumerate(faults):
         rec = recovery_after(outcomes, end, starts[n + 1])
         recovery.setdefault(kind, []).append(rec)
         windows.append((start, end + (rec if rec is not None else starts[n + 1] - end)))
+        after.append(good_share(outcomes, windows[-1][1], starts[n + 1]))
     entry_bad = {u for u, (kind, _) in bad.items() if kind in ENTRY_FAULTS}
     recs = [o for o in outcomes if o.kind == "recommend"]
     during = [o for o in recs if any(s <= o.sched < e for kind, s, e in faults if kind == "kill")]
@@ -203,7 +213,10 @@ def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_c
         "error_kinds": dict(Counter(o.error for o in outcomes if o.error)),
         "redis_kills": len(kills), "redis_freezes": len(recovery.get("freeze", [])),
         "recovery_s_each": [round(r, 3) if r is not None else None for r in kills],
-        "recovery_s": round(max(r if r is not None else float("inf") for r in kills), 3) if kills else None,
+        # JSON has no infinity: a restart after which answers never recovered makes recovery_s null
+        "recovery_s": round(max(r for r in kills if r is not None), 3) if kills and None not in kills else None,
+        "restarts_not_recovered": sum(r is None for r in kills),
+        "good_share_after_recovery": after,
         "freeze_recovery_s": [round(r, 3) if r is not None else None for r in recovery.get("freeze", [])],
         "answers_during_redis_down": len(during),
         "degraded_during_redis_down": sum(o.degraded for o in during),
@@ -381,10 +394,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def metrics_of(out: dict[str, Any]) -> dict[str, Any]:
     keys = """faults_injected requests server_errors lost_writes partial_version_reads fuzz_cases fuzz_server_errors
-        recovery_s transport_errors redis_kills redis_freezes refresh_kills corrupt_values lost_events duplicate_events
-        events_acked events_replayed refresh_lost_entries refresh_lost_histories version_reads fuzz_check_failures
-        degraded_during_redis_down answers_during_redis_down p99_ms_during_redis_down degraded_outside_faults
-        answers_outside_faults corrupt_user_answers corrupt_user_5xx corrupt_entries_served
+        recovery_s restarts_not_recovered transport_errors redis_kills redis_freezes refresh_kills corrupt_values
+        lost_events duplicate_events events_acked events_replayed refresh_lost_entries refresh_lost_histories
+        version_reads fuzz_check_failures degraded_during_redis_down answers_during_redis_down
+        p99_ms_during_redis_down degraded_outside_faults answers_outside_faults p50_ms_outside_faults
+        p99_ms_outside_faults corrupt_user_answers corrupt_user_5xx corrupt_entries_served
         think_ahead_share_other_users_during_corruption wall_s load_avg_1m_start""".split()
     out = dict(out)
     out["faults_injected"] = out["redis_kills"] + out["redis_freezes"] + out["refresh_kills"] + out["corrupt_values"]
@@ -431,8 +445,8 @@ def main(argv: list[str] | None = None) -> None:
 
         note = (f"API: uvicorn 1 worker, real OneRec checkpoint, {args.rate:g} recommend/s + {args.event_rate:g} "
                 f"events/s open loop, budget {args.budget_ms:g} ms; Redis AOF appendfsync always; refresh: HF engine, "
-                f"real think model, {args.refresh_users} users; recovery_s: restart -> 10 think-ahead answers in a "
-                f"row; details: {args.log_dir}/faults_full.json")  # fmt: skip
+                f"real think model, {args.refresh_users} users; recovery_s: restarted Redis answers PING -> first "
+                f"think-ahead, non-degraded answer; details: {args.log_dir}/faults_full.json")  # fmt: skip
         write_result("faults", metrics, note=note)
 
 

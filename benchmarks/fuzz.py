@@ -45,8 +45,8 @@ class FuzzReport:
         }  # fmt: skip
 
 
-def fuzz(base_url: str, per_operation: int, api_key: str | None = None, seed: int = 0,
-         timeout_s: float = 10.0, max_examples_kept: int = 10) -> FuzzReport:
+def fuzz(base_url: str, per_operation: int, api_key: str | None = None, timeout_s: float = 10.0,
+         max_examples_kept: int = 10) -> FuzzReport:
     """Fuzz every operation of `base_url`/openapi.json; `api_key` is sent on every case (not fuzzed)."""
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", timeout=timeout_s)
     headers = {"X-API-Key": api_key} if api_key else None
@@ -57,15 +57,13 @@ def fuzz(base_url: str, per_operation: int, api_key: str | None = None, seed: in
             raise RuntimeError(f"the served OpenAPI document has an invalid operation: {result.err()}")
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            _fuzz_operation(op, mode, base_url, headers, session, per_operation, seed, timeout_s, report,
-                            max_examples_kept)  # fmt: skip
+            _fuzz_operation(op, mode, base_url, headers, session, per_operation, timeout_s, report, max_examples_kept)
     session.close()
     return report
 
 
 def _fuzz_operation(op: Any, mode: GenerationMode, base_url: str, headers: dict[str, str] | None,
-                    session: requests.Session, n: int, seed: int, timeout_s: float, report: FuzzReport,
-                    keep: int) -> None:  # fmt: skip
+                    session: requests.Session, n: int, timeout_s: float, report: FuzzReport, keep: int) -> None:
     label = f"{op.label} {mode.value}"
 
     # derandomize: the same cases on every run (a CI failure reproduces); no example database on disk
