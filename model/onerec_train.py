@@ -1,9 +1,10 @@
 """Training and evaluation CLI of the lightweight OneRec (``python -m model.onerec train|eval``).
 
 Trains on the training parts of the leave-one-out splits, learning from every position of each
-sequence in one pass; validates Recall@10 on a fixed validation subset each epoch, stops early,
-checkpoints the best model (safetensors + config + code table) into a versioned folder, and resumes
-from ``state.pt`` after an interruption. Does not serve requests.
+sequence in one pass (code cross-entropy + the tied next-item head; warm-up + cosine LR by default);
+validates Recall@10 on a fixed validation subset each epoch, stops early, checkpoints the best model
+(safetensors + config + code table) into a versioned folder, and resumes from ``state.pt`` after an
+interruption. Does not serve requests.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     sid = SemanticIDs.load(args.sid)
     ds = load_dataset(args.data_dir)
+    if args.no_item_emb and (args.item_loss_weight or args.item_score_weight):
+        print("--no-item-emb: the item head is tied to the item embeddings, so it is off too")
+        args.item_loss_weight = args.item_score_weight = 0.0
     cfg = OneRecConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=2 * args.d_model,
                        dropout=args.dropout, use_item_emb=not args.no_item_emb, max_len=args.max_len,
                        item_loss_weight=args.item_loss_weight, item_score_weight=args.item_score_weight)
@@ -224,14 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--sid", type=Path, default=st.resolved("sid"), help="semantic-ID folder")
     t.add_argument("--out", type=Path, default=st.artifacts_dir / "onerec", help="root of checkpoint folders")
     t.add_argument("--name", default=None, help="checkpoint folder name (default: from sid variant and time)")
-    t.add_argument("--epochs", type=int, default=200, help="maximum epochs")
+    t.add_argument("--epochs", type=int, default=20, help="maximum epochs (the cosine schedule ends here)")
     t.add_argument("--max-minutes", type=float, default=60.0, help="training time budget")
     t.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping")
     t.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    t.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+    t.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
                    help="LR after warm-up: constant, or cosine decay to --min-lr-ratio at --epochs")
-    t.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up length")
+    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warm-up length")
     t.add_argument("--min-lr-ratio", type=float, default=0.02, help="final LR / base LR of the cosine schedule")
     t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     t.add_argument("--d-model", type=int, default=128, help="hidden size")
@@ -240,9 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--dropout", type=float, default=0.3, help="dropout")
     t.add_argument("--max-len", type=int, default=50, help="history length")
     t.add_argument("--no-item-emb", action="store_true", help="items embedded by their codes only")
-    t.add_argument("--item-loss-weight", type=float, default=0.0,
+    t.add_argument("--item-loss-weight", type=float, default=1.0,
                    help="weight of the auxiliary next-item softmax (tied to the item embeddings)")
-    t.add_argument("--item-score-weight", type=float, default=0.0,
+    t.add_argument("--item-score-weight", type=float, default=1.0,
                    help="decode: add this x the item head's log-prob to each complete item's score")
     t.add_argument("--val-users", type=int, default=3000, help="validation users evaluated each epoch")
     t.add_argument("--val-beam", type=int, default=10, help="beam width of validation decoding")
