@@ -283,6 +283,22 @@ class OneRec:
             out.append(items)
         return out
 
+    def _own_prefixes(self, h: torch.Tensor, la: torch.Tensor, n: int) -> list[list[tuple[int, int]]]:
+        """The model's top-n (a, b) per user by log p(a) + log p(b|a) over the trie (a-beam of width n)."""
+        B = h.shape[0]
+        top_a, a = la.topk(min(n, self.K), dim=1)  # (B, A)
+        node_a = self.child[0][0][a]  # (B, A)
+        lb = self.model.level_logits(h[:, None].expand(B, a.shape[1], -1), a[..., None], 1)  # (B, A, K)
+        valid = (self.child[1][node_a.clamp(min=0)] >= 0) & (node_a >= 0)[..., None] & (top_a > -math.inf)[..., None]
+        lb = torch.log_softmax(lb.masked_fill(~valid, -math.inf), -1)
+        total = (top_a[..., None] + lb).nan_to_num(nan=-math.inf).reshape(B, -1)
+        top, idx = total.topk(min(n, total.shape[1]), dim=1)
+        out: list[list[tuple[int, int]]] = []
+        for b in range(B):
+            out.append([(int(a[b, i // self.K]), int(i % self.K))
+                        for i, t in zip(idx[b].tolist(), top[b].tolist(), strict=True) if t > -math.inf])
+        return out
+
     # ---------------------------------------------------------------- entry points
     @torch.no_grad()
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
@@ -306,37 +322,46 @@ class OneRec:
     @torch.no_grad()
     def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
                  k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 prefix_weight: float = 1.0) -> list[list[tuple[int, float]]]:
+                 prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0
+                 ) -> list[list[tuple[int, float]]]:
         """Complete levels c.. under each user's allowed (a, b) prefixes.
 
         Score = model log p(a) + log p(b|a) + ... under the fresh history, plus `prefix_weight` times the
-        offline log-prob of (a, b). Unknown prefixes are ignored; a user with no valid prefix gets [].
+        offline log-prob of (a, b). Unknown prefixes are ignored; without own prefixes (below) a user with
+        no valid prefix gets [].
+        With `own_prefixes` = N > 0 the model's own top-N (a, b) under the fresh history join the set, each
+        with the offline log-prob of the user's weakest given prefix + `own_floor` (a safety net when the
+        offline prefixes miss what the fresh history points to; given prefixes keep their own score).
         """
         if beam < k:
             raise ValueError(f"beam ({beam}) must be >= k ({k})")
         if len(prefixes) != len(histories):
             raise ValueError(f"{len(prefixes)} prefix lists for {len(histories)} users")
         B = len(histories)
-        P = max(1, max((len(p) for p in prefixes), default=1))
         h = self._last_hidden(histories)
         self._check(deadline)
         excl = self._exclusion(exclude, B)
+        la = self.model.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
+        la = torch.log_softmax(la.masked_fill_(self._no_root, -math.inf), -1)
+        own = self._own_prefixes(h, la, own_prefixes) if own_prefixes > 0 else [[] for _ in range(B)]
+        P = max(1, max((len(p) + len(o) for p, o in zip(prefixes, own, strict=True)), default=1))
         la_rows: list[list[int]] = []
         lb_rows: list[list[int]] = []
         off_rows: list[list[float]] = []
-        for plist in prefixes:
+        for plist, olist in zip(prefixes, own, strict=True):
             best: dict[tuple[int, int], float] = {}  # duplicates keep their best offline score
             for a, bb, lp in plist:
                 if 0 <= a < self.K and 0 <= bb < self.K and lp > best.get((a, bb), -math.inf):
                     best[(a, bb)] = lp
+            floor = (min(best.values()) if best else 0.0) + own_floor
+            for ab in olist:
+                best.setdefault(ab, floor)
             pad = P - len(best)  # padding entries (0, 0) get -inf and never survive
             la_rows.append([a for a, _ in best] + [0] * pad)
             lb_rows.append([bb for _, bb in best] + [0] * pad)
             off_rows.append(list(best.values()) + [-math.inf] * pad)
         pa, pb, off = torch.tensor(la_rows), torch.tensor(lb_rows), torch.tensor(off_rows)  # (B, P)
-        # model scores of the two given levels, renormalised over the trie like in decode_full
-        la = self.model.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
-        la = torch.log_softmax(la.masked_fill_(self._no_root, -math.inf), -1)
+        # model scores of the two given levels (la above), renormalised over the trie like in decode_full;
         # level b depends on (user, a) only, and prefixes share their a: run the head once per pair
         pairs, inv = torch.unique(pa + self.K * torch.arange(B)[:, None], return_inverse=True)  # (U,), (B, P)
         ua = pairs % self.K

@@ -147,3 +147,16 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     assert lr_lambda("constant", 0, 100, 0.1)(50) == 1.0
+
+
+def test_complete_with_own_prefixes_adds_the_models_choice(trained: tuple[OneRec, Path]) -> None:
+    """Cached prefixes that miss the fresh history's answer: own prefixes recover it; strict mode does not."""
+    onerec, _ = trained
+    a, b = onerec.sid.codes_of(30)[:2]
+    strict = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, beam=5)[0]
+    assert all(tuple(onerec.sid.codes_of(i)[:2]) == (a, b) for i, _ in strict)
+    assert 8 not in [i for i, _ in strict] or tuple(onerec.sid.codes_of(8)[:2]) == (a, b)
+    mixed = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, beam=5, own_prefixes=4)[0]
+    assert mixed[0][0] == 8
+    # no cached prefix at all: own prefixes alone still answer
+    assert onerec.complete([[5, 6, 7]], [[]], k=1, beam=5, own_prefixes=4)[0][0][0] == 8
