@@ -106,7 +106,8 @@ class AppState:
         s, m = self.settings, self.metrics
         batcher = MicroBatcher(
             loaded.model, beam=s.beam, batch_max=s.batch_max, wait_ms=s.batch_wait_ms, torch_threads=s.torch_threads,
-            queue_max=s.batch_queue_max, prefix_weight=s.prefix_weight,
+            queue_max=s.batch_queue_max, prefix_weight=s.prefix_weight, own_prefixes=s.own_prefixes,
+            own_floor=s.own_prefix_floor,
             on_batch=self._on_batch, on_wait=m.queue_wait.observe,
         )  # fmt: skip
         batcher.start()

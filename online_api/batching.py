@@ -37,7 +37,7 @@ class OnlineModel(Protocol):
 
     def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
                  k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 prefix_weight: float = 1.0) -> list[Scored]: ...
+                 prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0) -> list[Scored]: ...
 
 
 class Overloaded(RuntimeError):
@@ -76,6 +76,7 @@ class MicroBatcher:
 
     def __init__(self, model: OnlineModel, beam: int, batch_max: int = 16, wait_ms: float = 1.0,
                  torch_threads: int = 1, queue_max: int = 256, prefix_weight: float = 1.0,
+                 own_prefixes: int = 0, own_floor: float = 0.0,
                  on_batch: BatchHook | None = None, on_wait: WaitHook | None = None) -> None:
         if batch_max < 1 or beam < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
             raise ValueError(f"bad batcher settings: batch_max={batch_max} beam={beam} queue_max={queue_max} "
@@ -86,6 +87,7 @@ class MicroBatcher:
         self.wait_s = wait_ms / 1000.0
         self.torch_threads = torch_threads
         self.prefix_weight = prefix_weight
+        self.own_prefixes, self.own_floor = own_prefixes, own_floor  # see `OneRec.complete`
         self.on_batch = on_batch
         self.on_wait = on_wait
         self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
@@ -227,7 +229,8 @@ class MicroBatcher:
             with self._inference():
                 if kind == "complete":
                     prefixes = [j.prefixes or [] for j in jobs]
-                    out = self.model.complete(histories, prefixes, k, beam, exclude, deadline, self.prefix_weight)
+                    out = self.model.complete(histories, prefixes, k, beam, exclude, deadline, self.prefix_weight,
+                                              self.own_prefixes, self.own_floor)
                 else:
                     out = self.model.decode_full(histories, k, beam, exclude, deadline)
         except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back

@@ -44,7 +44,8 @@ class FakeModel:
     def decode_full(self, histories, k, beam, exclude=None, deadline=None):  # type: ignore[no-untyped-def]
         return self._run("full", histories, k, beam, deadline)
 
-    def complete(self, histories, prefixes, k, beam, exclude=None, deadline=None, prefix_weight=1.0):  # type: ignore[no-untyped-def]
+    def complete(self, histories, prefixes, k, beam, exclude=None, deadline=None, prefix_weight=1.0,  # type: ignore[no-untyped-def]
+                 own_prefixes=0, own_floor=0.0):
         assert all(prefixes)
         return self._run("complete", histories, k, beam, deadline)
 

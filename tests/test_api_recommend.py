@@ -32,7 +32,7 @@ def test_think_ahead_path(world: TinyWorld, redis_server: RedisServer, redis_cli
     entry = entry_for(world, user, reasoning="enjoys tiny gadgets")
     publish(store, world, {user: entry})
     store.write_histories({user: world.sequences[user]}, 50)
-    with running_app(make_settings(world, redis_server.url, ns)) as c:
+    with running_app(make_settings(world, redis_server.url, ns, own_prefixes=0)) as c:  # cached prefixes only
         r = c.post("/v1/recommend", json={"user_id": user, "k": 5})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -56,6 +56,21 @@ def test_think_ahead_path(world: TinyWorld, redis_server: RedisServer, redis_cli
         metrics = c.get("/metrics").text
         assert 'onerec_think_lookups_total{result="hit"} 1.0' in metrics
         assert 'onerec_recommend_latency_seconds_count{source="think-ahead"} 1.0' in metrics
+
+
+def test_think_ahead_with_own_prefixes(world: TinyWorld, redis_server: RedisServer, redis_client: redis.Redis,
+                                       ns: str) -> None:
+    """The default safety net: the online model's own prefixes join the cached ones; still think-ahead, valid."""
+    store = ThinkStore(redis_client, ns)
+    user = 3
+    publish(store, world, {user: entry_for(world, user)})
+    store.write_histories({user: world.sequences[user]}, 50)
+    with running_app(make_settings(world, redis_server.url, ns, own_prefixes=8)) as c:
+        body = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
+        assert body["source"] == "think-ahead" and body["degraded"] is False
+        ids = [it["item_id"] for it in body["items"]]
+        assert len(ids) == len(set(ids)) == 5
+        assert all(world.sid.has_item(i) and i not in world.sequences[user] for i in ids)
 
 
 def test_online_only_path(world: TinyWorld, redis_server: RedisServer, redis_client: redis.Redis, ns: str) -> None:
