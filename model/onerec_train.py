@@ -217,6 +217,29 @@ def run_eval(folder: Path, data_dir: Path, beam: int, split: str, results: str |
     return m
 
 
+def run_variants(runs: list[str], data_dir: Path, beam: int, results: bool) -> dict:
+    """Semantic-ID variant table: per ``variant=folder`` run, its best validation R@10/N@10 (from
+    curve.json) and the test metrics of that checkpoint; ``--results`` writes onerec_sid_variants.json."""
+    table: dict[str, dict] = {}
+    for spec in runs:
+        variant, _, folder_s = spec.partition("=")
+        folder = Path(folder_s)
+        if not variant or not (folder / "curve.json").is_file():
+            raise SystemExit(f"--run {spec!r}: expected VARIANT=FOLDER of a `train` run (with curve.json)")
+        curve = json.loads((folder / "curve.json").read_text())
+        best = max(curve, key=lambda c: c["val_recall@10"])
+        m = run_eval(folder, data_dir, beam, "test", None, None)
+        table[variant] = {**{k: round(v, 6) for k, v in m.items()}, "val_recall@10": best["val_recall@10"],
+                          "val_ndcg@10": best["val_ndcg@10"], "best_epoch": best["epoch"], "epochs": len(curve)}
+    print(json.dumps(table, indent=2))
+    if results:
+        from services.results import write_result
+
+        write_result("onerec_sid_variants", table, note="same model and recipe per variant (train part only, "
+                     "validation users identical); test metrics of each run's best-validation checkpoint")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     from services.config import get_settings
 
@@ -265,8 +288,15 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--results", default=None, help="write docs/results/<NAME>.json")
     e.add_argument("--item-score-weight", type=float, default=None,
                    help="override the checkpoint's decode-time item-head weight (tuning on --split valid)")
+    v = sub.add_parser("variants", help="semantic-ID variant table from finished train runs")
+    v.add_argument("--run", action="append", required=True, help="VARIANT=FOLDER of a train run, repeatable")
+    v.add_argument("--data-dir", type=Path, default=st.data_dir, help="dataset folder")
+    v.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
+    v.add_argument("--results", action="store_true", help="write docs/results/onerec_sid_variants.json")
     args = p.parse_args(argv)
-    if args.cmd == "train":
+    if args.cmd == "variants":
+        run_variants(args.run, args.data_dir, args.beam, args.results)
+    elif args.cmd == "train":
         if args.name is None:
             variant = SemanticIDs.load(args.sid).config.variant
             args.name = f"{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
