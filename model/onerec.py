@@ -146,6 +146,11 @@ class OneRecModel(nn.Module):
             z = z + self.dec_emb(prev[..., :level] + self.level_offset[:level]).sum(-2)
         return self.heads[level](z)
 
+    def item_logits(self, h: torch.Tensor, where: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
+        """Unnormalised item-head logits of the leaves at `where` of `rows` (B, W, K) for users h (B, D)."""
+        assert self.item_emb is not None
+        return (self.item_emb.weight[rows[where] + 1] * h[where[0]]).sum(-1)
+
     def item_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> log-softmax over catalogue rows (..., N) of the tied item head."""
         assert self.item_emb is not None
@@ -260,9 +265,10 @@ class OneRec:
         logp = torch.log_softmax(logits.masked_fill_(invalid, -math.inf), -1)
         logp = logp.nan_to_num_(nan=-math.inf, neginf=-math.inf)  # rows without any valid child
         if level == self.cfg.num_levels - 1 and self.cfg.item_score_weight > 0:  # leaves: add the item head
-            item_lp = self.model.item_logprobs(h)  # (B, N)
-            logp = logp + self.cfg.item_score_weight * torch.gather(item_lp, 1, nxt.clamp(min=0).reshape(B, -1)
-                                                                    ).reshape(B, W, -1)
+            # only the valid leaves' logits (a few dozen rows, not the whole catalogue); the item
+            # log-softmax normaliser is one constant per user, so leaving it out keeps every ranking
+            logp = logp.index_put_(where := (~invalid).nonzero(as_tuple=True),
+                                   logp[where] + self.cfg.item_score_weight * self.model.item_logits(h, where, nxt))
         total = (scores[..., None] + logp).view(B, -1)  # (B, W*K)
         width = min(beam, total.shape[1])
         top, idx = total.topk(width, dim=1)
