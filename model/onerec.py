@@ -289,21 +289,17 @@ class OneRec:
             out.append(items)
         return out
 
-    def _own_prefixes(self, h: torch.Tensor, la: torch.Tensor, n: int) -> list[list[tuple[int, int]]]:
-        """The model's top-n (a, b) per user by log p(a) + log p(b|a) over the trie (a-beam of width n)."""
-        B = h.shape[0]
-        top_a, a = la.topk(min(n, self.K), dim=1)  # (B, A)
-        node_a = self.child[0][0][a]  # (B, A)
-        lb = self.model.level_logits(h[:, None].expand(B, a.shape[1], -1), a[..., None], 1)  # (B, A, K)
-        valid = (self.child[1][node_a.clamp(min=0)] >= 0) & (node_a >= 0)[..., None] & (top_a > -math.inf)[..., None]
-        lb = torch.log_softmax(lb.masked_fill(~valid, -math.inf), -1)
-        total = (top_a[..., None] + lb).nan_to_num(nan=-math.inf).reshape(B, -1)
+    def _own_prefixes(self, top_a: torch.Tensor, a: torch.Tensor, lb: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """The model's top-n (a, b) per user by log p(a) + log p(b|a) over the trie (a-beam of width n).
+
+        top_a, a (B, n): the n best level-a log-probs and codes; lb (B, n, K): log p(b | a), -inf off the trie.
+        """
+        B, n = a.shape
+        total = (top_a[..., None] + lb).nan_to_num(nan=-math.inf).reshape(B, -1)  # (B, n*K)
         top, idx = total.topk(min(n, total.shape[1]), dim=1)
-        out: list[list[tuple[int, int]]] = []
-        for b in range(B):
-            out.append([(int(a[b, i // self.K]), int(i % self.K))
-                        for i, t in zip(idx[b].tolist(), top[b].tolist(), strict=True) if t > -math.inf])
-        return out
+        a_l, idx_l, top_l = a.tolist(), idx.tolist(), top.tolist()
+        return [[(a_l[u][i // self.K], i % self.K) for i, t in zip(idx_l[u], top_l[u], strict=True) if t > -math.inf]
+                for u in range(B)]
 
     # ---------------------------------------------------------------- entry points
     @torch.no_grad()
@@ -349,16 +345,30 @@ class OneRec:
         excl = self._exclusion(exclude, B)
         la = self.model.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
         la = torch.log_softmax(la.masked_fill_(self._no_root, -math.inf), -1)
-        own = self._own_prefixes(h, la, own_prefixes) if own_prefixes > 0 else [[] for _ in range(B)]
-        P = max(1, max((len(p) + len(o) for p, o in zip(prefixes, own, strict=True)), default=1))
-        la_rows: list[list[int]] = []
-        lb_rows: list[list[int]] = []
-        off_rows: list[list[float]] = []
-        for plist, olist in zip(prefixes, own, strict=True):
+        given: list[dict[tuple[int, int], float]] = []
+        for plist in prefixes:
             best: dict[tuple[int, int], float] = {}  # duplicates keep their best offline score
             for a, bb, lp in plist:
                 if 0 <= a < self.K and 0 <= bb < self.K and lp > best.get((a, bb), -math.inf):
                     best[(a, bb)] = lp
+            given.append(best)
+        # level b depends on (user, a) only: one head run per distinct (user, a) over the given prefixes' a,
+        # the model's own top a (own prefixes) and a = 0 (padding), keyed user * K + a
+        user = torch.arange(B)[:, None]
+        top_a, own_a = la.topk(max(0, min(own_prefixes, self.K)), dim=1)  # (B, n), n = 0: no own prefixes
+        keys = torch.tensor([u * self.K + a for u, best in enumerate(given) for a, _ in best], dtype=torch.long)
+        pairs = torch.unique(torch.cat([keys, (own_a + self.K * user).flatten(), self.K * user[:, 0]]))  # (U,)
+        ua = pairs % self.K
+        node_ua = self.child[0][0][ua]  # (U,) level-b node of each a (-1: a not in the trie)
+        lb = self.model.level_logits(h[pairs // self.K], ua[:, None], 1)  # (U, K)
+        lb = torch.log_softmax(lb.masked_fill_(self._child_pad[1][node_ua] < 0, -math.inf), -1)
+        own = ([[] for _ in range(B)] if own_prefixes <= 0 else
+               self._own_prefixes(top_a, own_a, lb[torch.searchsorted(pairs, own_a + self.K * user)]))
+        P = max(1, max((len(p) + len(o) for p, o in zip(prefixes, own, strict=True)), default=1))
+        la_rows: list[list[int]] = []
+        lb_rows: list[list[int]] = []
+        off_rows: list[list[float]] = []
+        for best, olist in zip(given, own, strict=True):
             floor = (min(best.values()) if best else 0.0) + own_floor
             for ab in olist:
                 best.setdefault(ab, floor)
@@ -367,13 +377,8 @@ class OneRec:
             lb_rows.append([bb for _, bb in best] + [0] * pad)
             off_rows.append(list(best.values()) + [-math.inf] * pad)
         pa, pb, off = torch.tensor(la_rows), torch.tensor(lb_rows), torch.tensor(off_rows)  # (B, P)
-        # model scores of the two given levels (la above), renormalised over the trie like in decode_full;
-        # level b depends on (user, a) only, and prefixes share their a: run the head once per pair
-        pairs, inv = torch.unique(pa + self.K * torch.arange(B)[:, None], return_inverse=True)  # (U,), (B, P)
-        ua = pairs % self.K
-        node_ua = self.child[0][0][ua]  # (U,) level-b node of each a (-1: a not in the trie)
-        lb = self.model.level_logits(h[pairs // self.K], ua[:, None], 1)  # (U, K)
-        lb = torch.log_softmax(lb.masked_fill_(self._child_pad[1][node_ua] < 0, -math.inf), -1)
+        inv = torch.searchsorted(pairs, pa + self.K * user)  # (B, P) row of lb of each prefix's (user, a)
+        # model scores of the two given levels, renormalised over the trie like in decode_full
         node_b = self._child_pad[1][node_ua[inv], pb]  # (B, P)
         scores = torch.gather(la, 1, pa) + lb[inv, pb] + prefix_weight * off
         scores = scores.masked_fill_(node_b < 0, -math.inf).nan_to_num_(nan=-math.inf, neginf=-math.inf)
