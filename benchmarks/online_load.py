@@ -64,6 +64,19 @@ def pct(xs: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, int(q / 100.0 * len(s)))]
 
 
+def cpu_probe_ms() -> float:
+    """Median time of a fixed pure-Python loop: how fast this (shared, virtual) CPU is right now. The load
+    average misses a slow host: the same code measured 2-3x apart with an idle load average."""
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1000, 1)
+
+
 def uvicorn_cmd(app: str, port: int) -> list[str]:
     import importlib.util
 
@@ -376,7 +389,8 @@ def run(args: argparse.Namespace) -> dict:
     logdir.mkdir(parents=True, exist_ok=True)
     ns, version = "bench", "bench"
     # other jobs on a shared machine change every number: record how busy it was
-    out: dict[str, Any] = {"checkpoint": str(checkpoint), "load_avg_1m_start": round(os.getloadavg()[0], 2)}
+    out: dict[str, Any] = {"checkpoint": str(checkpoint), "load_avg_1m_start": round(os.getloadavg()[0], 2),
+                           "cpu_probe_ms_start": cpu_probe_ms()}
     with redis_server() as redis_url:
         users = seed_redis(redis_url, ns, checkpoint, args.users, args.prefixes, version)
         env = {"ONEREC_REDIS_URL": redis_url, "ONEREC_NAMESPACE": ns, "ONEREC_ONEREC_DIR": str(checkpoint),
@@ -398,7 +412,7 @@ def run(args: argparse.Namespace) -> dict:
             run_client(url, 50, 2, users, args.k)
             best, steps = sweep(url, args.floor_sweep, args.sweep_duration, users, args.k, 100.0, "floor")
             out["floor_max_rps"], out["floor_sweep"] = best, steps
-    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    out["load_avg_1m_end"], out["cpu_probe_ms_end"] = round(os.getloadavg()[0], 2), cpu_probe_ms()
     if args.full_engine != "none":
         think_dir = (args.think_dir or settings.resolved("think")).resolve()
         sid_dir = think_dir / "sid" if (think_dir / "sid" / "codes.tsv").is_file() else checkpoint / "sid"
@@ -422,6 +436,7 @@ def metrics_of(out: dict) -> dict[str, Any]:
         "max_rps_p99_under_100ms": out["api_max_rps"], "floor_max_rps": out["floor_max_rps"],
         "ratio_to_floor": round(out["api_max_rps"] / out["floor_max_rps"], 3) if out["floor_max_rps"] else None,
         "load_avg_1m_start": out["load_avg_1m_start"], "load_avg_1m_end": out["load_avg_1m_end"],
+        "cpu_probe_ms_start": out["cpu_probe_ms_start"], "cpu_probe_ms_end": out["cpu_probe_ms_end"],
     }  # fmt: skip
     if "full_model" in out:
         m["full_model_p50_ms"] = out["full_model"]["p50_ms"]
