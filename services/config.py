@@ -47,9 +47,10 @@ class Settings(BaseSettings):
     max_request_history: int = Field(200, ge=1, le=1000, description="longest history a request may carry")
     batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")
     prefix_weight: float = Field(1.0, ge=0, description="weight of the offline (a, b) log-prob in think-ahead")
-    own_prefixes: int = Field(16, ge=0, le=256,
-                              description="think-ahead: also complete under the online model's own top-N (a, b) "
-                                          "(0: cached prefixes only)")
+    own_prefixes: int = Field(0, ge=0, le=256,
+                              description="think-ahead: also complete under the online model's own top-N (a, b); "
+                                          "0: cached prefixes only (the paper's design); 16 gave R@10 .0786 vs "
+                                          ".0496 on Beauty test but costs serving time (docs/RESULTS.md)")
     own_prefix_floor: float = Field(0.0, le=0, description="offline score of an own prefix: weakest given + this")
     redis_backoff_ms: float = Field(250.0, ge=0, description="skip Redis this long after a failure (breaker)")
     redis_max_connections: int = Field(64, ge=1, description="size of the online Redis pool")
