@@ -25,16 +25,22 @@ def tiny_sid() -> SemanticIDs:
     return SemanticIDs(np.arange(1, N_ITEMS + 1), codes, SemanticIDConfig("text", levels=2, codebook_size=16))
 
 
+def successor_seqs(rng: random.Random, n: int = 200) -> list[list[int]]:
+    """Sequences following 'next item = item + 1 (mod N)' (item rows + 1 == item ids here)."""
+    out = []
+    for _ in range(n):
+        start, length = rng.randrange(N_ITEMS), rng.randint(4, 10)
+        out.append([(start + j) % N_ITEMS + 1 for j in range(length)])
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[OneRec, Path]:
     """A tiny model trained for a few seconds on 'next item = item + 1 (mod N)'."""
     torch.set_num_threads(1)
     sid = tiny_sid()
     rng = random.Random(0)
-    seqs = []
-    for _ in range(200):
-        start, n = rng.randrange(N_ITEMS), rng.randint(4, 10)
-        seqs.append([(start + j) % N_ITEMS + 1 for j in range(n)])  # item rows + 1 == item ids here
+    seqs = successor_seqs(rng)
     model = build_model(OneRecConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0, max_len=12), sid)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
@@ -114,10 +120,7 @@ def test_item_head_learns_the_pattern_and_reranks_only_valid_items(tmp_path: Pat
     torch.set_num_threads(1)
     sid = tiny_sid()
     rng = random.Random(1)
-    seqs = []
-    for _ in range(200):
-        start, n = rng.randrange(N_ITEMS), rng.randint(4, 10)
-        seqs.append([(start + j) % N_ITEMS + 1 for j in range(n)])
+    seqs = successor_seqs(rng)
     cfg = OneRecConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0, max_len=12,
                        item_loss_weight=1.0, item_score_weight=1.0)
     model = build_model(cfg, sid)
