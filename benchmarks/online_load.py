@@ -247,21 +247,47 @@ def run_client(url: str, rate: float, duration_s: float, users: list[int], k: in
         os.unlink(users_file)
 
 
+def fallback_counts(metrics_url: str) -> dict[str, float]:
+    """The API's ``onerec_fallback_total`` counters by reason (Prometheus text format)."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("onerec_fallback_total{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('reason="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+def client_step(url: str, rate: float, duration_s: float, users: list[int], k: int,
+                metrics_url: str | None = None) -> dict:
+    """`run_client`, plus why answers fell back during the step (delta of the API's counters) if given."""
+    before = fallback_counts(metrics_url) if metrics_url else {}
+    res = run_client(url, rate, duration_s, users, k)
+    if metrics_url:
+        after = fallback_counts(metrics_url)
+        res["fallback_reasons"] = {r: int(v - before.get(r, 0)) for r, v in after.items() if v > before.get(r, 0)}
+    return res
+
+
 def sweep(url: str, rates: Sequence[float], duration_s: float, users: list[int], k: int, limit_ms: float,
-          label: str) -> tuple[float, list[dict]]:
+          label: str, metrics_url: str | None = None) -> tuple[float, list[dict]]:
     """Increasing rates until p99 > limit_ms, errors, achieved < 95% of offered or > 1% degraded answers.
     Returns (best passing rate, steps)."""
     best, steps = 0.0, []
     for rate in rates:
         load = round(os.getloadavg()[0], 2)  # other jobs on a shared machine: recorded per step
-        res = run_client(url, rate, duration_s, users, k)
+        res = client_step(url, rate, duration_s, users, k, metrics_url)
         res["load_avg_1m"] = load
         steps.append(res)
         # a rate only counts if answers stay real: <= 1% degraded (fallback) answers
         good = (res["errors"] == 0 and res["p99_ms"] <= limit_ms and res["achieved_rps"] >= 0.95 * rate
                 and res["degraded"] <= 0.01 * max(1, res["ok"]))
         print(f"[{label}] {rate:>6.0f}/s: achieved {res['achieved_rps']}/s p50 {res['p50_ms']} p99 {res['p99_ms']} "
-              f"ms errors {res['errors']} sources {res['sources']} load {load} {'ok' if good else 'FAIL'}", flush=True)
+              f"ms errors {res['errors']} sources {res['sources']} reasons {res.get('fallback_reasons', {})} "
+              f"load {load} {'ok' if good else 'FAIL'}", flush=True)
         if not good:
             break
         best = rate
@@ -398,12 +424,12 @@ def run(args: argparse.Namespace) -> dict:
         port = free_port()
         with process(uvicorn_cmd("online_api.app:create_app", port), env, logdir / "api.log") as api:
             wait_http(f"http://127.0.0.1:{port}/readyz", 120, api)
-            url = f"http://127.0.0.1:{port}/v1/recommend"
+            url, metrics_url = f"http://127.0.0.1:{port}/v1/recommend", f"http://127.0.0.1:{port}/metrics"
             run_client(url, 50, 3, users, args.k)  # warm-up (not reported)
-            main = run_client(url, args.rate, args.duration, users, args.k)
+            main = client_step(url, args.rate, args.duration, users, args.k, metrics_url)
             print(f"[api] {args.rate}/s for {args.duration}s: {json.dumps(main)}", flush=True)
             out["api_main"] = main
-            best, steps = sweep(url, args.sweep, args.sweep_duration, users, args.k, 100.0, "api")
+            best, steps = sweep(url, args.sweep, args.sweep_duration, users, args.k, 100.0, "api", metrics_url)
             out["api_max_rps"], out["api_sweep"] = best, steps
         port = free_port()
         with process(uvicorn_cmd("benchmarks.online_load:floor_app", port), env, logdir / "floor.log") as floor:

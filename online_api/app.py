@@ -107,7 +107,7 @@ class AppState:
         batcher = MicroBatcher(
             loaded.model, beam=s.beam, batch_max=s.batch_max, wait_ms=s.batch_wait_ms, torch_threads=s.torch_threads,
             queue_max=s.batch_queue_max, prefix_weight=s.prefix_weight, own_prefixes=s.own_prefixes,
-            own_floor=s.own_prefix_floor,
+            own_floor=s.own_prefix_floor, admit_by_expected=s.batch_admit_expected,
             on_batch=self._on_batch, on_wait=m.queue_wait.observe,
         )  # fmt: skip
         batcher.start()

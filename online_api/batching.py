@@ -5,8 +5,11 @@ future with the job's deadline. The model thread takes the first job and everyth
 queued; when the previous batch held several jobs it also waits at most ``wait_ms`` for more (up to
 ``batch_max``). Jobs whose caller gave up or whose deadline passed are dropped before the model runs;
 the rest are grouped by kind (``full`` = `decode_full`, ``complete`` = think-ahead completion) and
-answered with one model call per group. Torch threads are set explicitly once, on start. This module
-knows nothing about HTTP or Redis.
+answered with one model call per group. A job whose remaining budget is below the model time the
+batcher expects (a running average per kind, at least one measured batch) is failed at once with
+`DeadlineExceeded`: under overload the model then spends no time on answers that would arrive after
+their caller gave up, and those callers fall back at once instead of at their deadline. Torch threads
+are set explicitly once, on start. This module knows nothing about HTTP or Redis.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class MicroBatcher:
 
     def __init__(self, model: OnlineModel, beam: int, batch_max: int = 16, wait_ms: float = 1.0,
                  torch_threads: int = 1, queue_max: int = 256, prefix_weight: float = 1.0,
-                 own_prefixes: int = 0, own_floor: float = 0.0,
+                 own_prefixes: int = 0, own_floor: float = 0.0, admit_by_expected: bool = True,
                  on_batch: BatchHook | None = None, on_wait: WaitHook | None = None) -> None:
         if batch_max < 1 or beam < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
             raise ValueError(f"bad batcher settings: batch_max={batch_max} beam={beam} queue_max={queue_max} "
@@ -90,6 +93,9 @@ class MicroBatcher:
         self.own_prefixes, self.own_floor = own_prefixes, own_floor  # see `OneRec.complete`
         self.on_batch = on_batch
         self.on_wait = on_wait
+        self.admit_by_expected = admit_by_expected
+        self.expected_s: dict[Kind, float] = {}  # running average model seconds per batch, by kind
+        self.skipped = 0  # jobs failed before the model because their budget was below the expected time
         self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -208,6 +214,10 @@ class MicroBatcher:
                 if job.deadline <= now:
                     self._fail(job, DeadlineExceeded("deadline passed while queued"))
                     continue
+                if self.admit_by_expected and job.deadline - now < self.expected_s.get(job.kind, 0.0):
+                    self.skipped += 1
+                    self._fail(job, DeadlineExceeded("budget left is below the expected model time"))
+                    continue
                 if self.on_wait is not None:
                     self.on_wait(now - job.enqueued)
                 live.append(job)
@@ -240,7 +250,10 @@ class MicroBatcher:
                 self._fail(j, e)
             return
         finally:
+            dt = time.perf_counter() - t0
+            old = self.expected_s.get(kind)  # one stall (GC, a busy host) moves it by at most 4x old / 5
+            self.expected_s[kind] = dt if old is None else 0.8 * old + 0.2 * min(dt, 4 * old)
             if self.on_batch is not None:
-                self.on_batch(kind, len(jobs), time.perf_counter() - t0)
+                self.on_batch(kind, len(jobs), dt)
         for j, res in zip(jobs, out, strict=True):
             self._post(j, res[: j.k], None)

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="if set, requests need header X-API-Key")
     max_request_history: int = Field(200, ge=1, le=1000, description="longest history a request may carry")
     batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")
+    batch_admit_expected: bool = Field(True, description="fail a model job at once when its budget left is below "
+                                                         "the model time expected from recent batches")
     prefix_weight: float = Field(1.0, ge=0, description="weight of the offline (a, b) log-prob in think-ahead")
     own_prefixes: int = Field(0, ge=0, le=256,
                               description="think-ahead: also complete under the online model's own top-N (a, b); "

@@ -105,6 +105,35 @@ def test_deadline_overload_errors_and_stop() -> None:
         run(b.submit("full", [1], 1, time.perf_counter() + 1))
 
 
+def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> None:
+    model = FakeModel(delay_s=0.05)
+    b = MicroBatcher(model, beam=4, batch_max=1, wait_ms=0.0)
+    b.start()
+    try:
+        async def go() -> None:
+            # first batch: nothing measured yet, so even a tight job runs (and teaches the batcher ~50 ms)
+            assert await b.submit("full", [1], 1, time.perf_counter() + 5) == [(1, 0.0)]
+            assert b.expected_s["full"] >= 0.05
+            before = len(model.calls)
+            t0 = time.perf_counter()
+            with pytest.raises(DeadlineExceeded):  # 20 ms left < ~50 ms expected: failed before the model
+                await b.submit("full", [2], 1, time.perf_counter() + 0.02)
+            assert time.perf_counter() - t0 < 0.02 + 0.5  # (no model run; generous on a busy machine)
+            assert len(model.calls) == before and b.skipped == 1
+            # another kind has no measurement yet: it still runs
+            assert await b.submit("complete", [3], 1, time.perf_counter() + 5, prefixes=[(0, 0, 0.0)]) == [(3, 0.0)]
+        run(go())
+    finally:
+        b.stop()
+    off = MicroBatcher(FakeModel(), beam=4, admit_by_expected=False)
+    off.expected_s["full"] = 10.0
+    off.start()
+    try:
+        assert run(off.submit("full", [4], 1, time.perf_counter() + 5)) == [(4, 0.0)]
+    finally:
+        off.stop()
+
+
 def test_model_exception_reaches_the_caller() -> None:
     class Boom(FakeModel):
         def decode_full(self, *a, **kw):  # type: ignore[no-untyped-def]
