@@ -317,13 +317,9 @@ class HFEngine(Engine):
 
     def _pad(self, seqs: list[list[int]]) -> tuple[Any, Any, Any]:
         """Left-pad to (B, L) ids, attention mask and position ids (positions start at 0 per row)."""
-        torch = self.torch
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
+        from model.think.decode import left_pad
+
+        ids, mask = left_pad(seqs, self.pad_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids, mask, pos
 

@@ -10,6 +10,7 @@ Not here: prompt text (`model.think.tasks`), training, vLLM (the offline worker 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,17 @@ class BeamResult:
     codes: np.ndarray  # (B, W, L) code tuples, best first
     scores: np.ndarray  # (B, W) summed log-probabilities (-inf where no valid path)
     items: list[list[int]]  # per row, item ids of the valid beams, best first
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) token ids left-padded with `pad`, and the (B, L) attention mask (1 = real token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
 
 
 class Decoder:
@@ -74,12 +86,7 @@ class Decoder:
         rows = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         if max_len is not None:
             rows = [r[-max_len:] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
+        ids, mask = left_pad(rows, self.pad)
         return Batch(ids.to(self.device), mask.to(self.device))
 
     def _forward(self, b: Batch, new_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
