@@ -261,25 +261,39 @@ def fallback_counts(metrics_url: str) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client_step(url: str, rate: float, duration_s: float, users: list[int], k: int,
-                metrics_url: str | None = None) -> dict:
-    """`run_client`, plus why answers fell back during the step (delta of the API's counters) if given."""
+                metrics_url: str | None = None, pid: int | None = None) -> dict:
+    """`run_client`, plus why answers fell back during the step (delta of the API's counters) and the
+    server's CPU milliseconds per answered request (`server_cpu_ms_per_request`), when given."""
     before = fallback_counts(metrics_url) if metrics_url else {}
+    cpu0 = cpu_seconds(pid) if pid else None
     res = run_client(url, rate, duration_s, users, k)
+    cpu1 = cpu_seconds(pid) if pid else None
     if metrics_url:
         after = fallback_counts(metrics_url)
         res["fallback_reasons"] = {r: int(v - before.get(r, 0)) for r, v in after.items() if v > before.get(r, 0)}
+    if cpu0 is not None and cpu1 is not None and res["ok"]:
+        res["server_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / res["ok"], 3)
     return res
 
 
 def sweep(url: str, rates: Sequence[float], duration_s: float, users: list[int], k: int, limit_ms: float,
-          label: str, metrics_url: str | None = None) -> tuple[float, list[dict]]:
+          label: str, metrics_url: str | None = None, pid: int | None = None) -> tuple[float, list[dict]]:
     """Increasing rates until p99 > limit_ms, errors, achieved < 95% of offered or > 1% degraded answers.
     Returns (best passing rate, steps)."""
     best, steps = 0.0, []
     for rate in rates:
         load = round(os.getloadavg()[0], 2)  # other jobs on a shared machine: recorded per step
-        res = client_step(url, rate, duration_s, users, k, metrics_url)
+        res = client_step(url, rate, duration_s, users, k, metrics_url, pid)
         res["load_avg_1m"] = load
         steps.append(res)
         # a rate only counts if answers stay real: <= 1% degraded (fallback) answers
@@ -287,7 +301,8 @@ def sweep(url: str, rates: Sequence[float], duration_s: float, users: list[int],
                 and res["degraded"] <= 0.01 * max(1, res["ok"]))
         print(f"[{label}] {rate:>6.0f}/s: achieved {res['achieved_rps']}/s p50 {res['p50_ms']} p99 {res['p99_ms']} "
               f"ms errors {res['errors']} sources {res['sources']} reasons {res.get('fallback_reasons', {})} "
-              f"load {load} {'ok' if good else 'FAIL'}", flush=True)
+              f"server cpu {res.get('server_cpu_ms_per_request')} ms/req load {load} {'ok' if good else 'FAIL'}",
+              flush=True)
         if not good:
             break
         best = rate
@@ -426,17 +441,18 @@ def run(args: argparse.Namespace) -> dict:
             wait_http(f"http://127.0.0.1:{port}/readyz", 120, api)
             url, metrics_url = f"http://127.0.0.1:{port}/v1/recommend", f"http://127.0.0.1:{port}/metrics"
             run_client(url, 50, 3, users, args.k)  # warm-up (not reported)
-            main = client_step(url, args.rate, args.duration, users, args.k, metrics_url)
+            main = client_step(url, args.rate, args.duration, users, args.k, metrics_url, api.pid)
             print(f"[api] {args.rate}/s for {args.duration}s: {json.dumps(main)}", flush=True)
             out["api_main"] = main
-            best, steps = sweep(url, args.sweep, args.sweep_duration, users, args.k, 100.0, "api", metrics_url)
+            best, steps = sweep(url, args.sweep, args.sweep_duration, users, args.k, 100.0, "api", metrics_url, api.pid)
             out["api_max_rps"], out["api_sweep"] = best, steps
         port = free_port()
         with process(uvicorn_cmd("benchmarks.online_load:floor_app", port), env, logdir / "floor.log") as floor:
             wait_http(f"http://127.0.0.1:{port}/readyz", 60, floor)
             url = f"http://127.0.0.1:{port}/v1/recommend"
             run_client(url, 50, 2, users, args.k)
-            best, steps = sweep(url, args.floor_sweep, args.sweep_duration, users, args.k, 100.0, "floor")
+            best, steps = sweep(url, args.floor_sweep, args.sweep_duration, users, args.k, 100.0, "floor",
+                                pid=floor.pid)
             out["floor_max_rps"], out["floor_sweep"] = best, steps
     out["load_avg_1m_end"], out["cpu_probe_ms_end"] = round(os.getloadavg()[0], 2), cpu_probe_ms()
     if args.full_engine != "none":
