@@ -81,12 +81,15 @@ class ThinkAheadRecommender:
     """
 
     def __init__(self, onerec: OneRec, source: EntrySource, beam: int = 20, prefix_weight: float = 1.0,
-                 own_prefixes: int = 0, own_floor: float = 0.0):
+                 own_prefixes: int = 0, own_floor: float = 0.0, use_cached: bool = True):
+        if not use_cached and own_prefixes <= 0:
+            raise ValueError("use_cached=False needs own_prefixes > 0 (there would be nothing to complete)")
         self.onerec = onerec
         self.source = source
         self.beam = beam
         self.prefix_weight = prefix_weight
         self.own_prefixes, self.own_floor = own_prefixes, own_floor
+        self.use_cached = use_cached  # False: ablation, the same users completed under own prefixes only
         self.with_entry = 0
         self.without_entry = 0
 
@@ -101,7 +104,8 @@ class ThinkAheadRecommender:
         out: list[list[int]] = [[] for _ in examples]
         if idx:
             done = self.onerec.complete(
-                [examples[i].history for i in idx], [entries[i].prefixes for i in idx],  # type: ignore[union-attr]
+                [examples[i].history for i in idx],
+                [entries[i].prefixes if self.use_cached else [] for i in idx],  # type: ignore[union-attr]
                 k, beam, prefix_weight=self.prefix_weight, own_prefixes=self.own_prefixes, own_floor=self.own_floor,
             )  # fmt: skip
             for i, scored in zip(idx, done, strict=True):
@@ -142,11 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--limit", type=int, default=None, help="first N users only")
     p.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
-    p.add_argument("--prefix-weight", type=float, default=1.0, help="weight of the offline prefix log-prob")
+    p.add_argument("--prefix-weight", type=float, default=s.prefix_weight, help="weight of the offline prefix log-prob")
     p.add_argument("--own-prefixes", type=int, default=s.own_prefixes,
                    help="also complete under the lightweight model's own top-N prefixes (0: cached prefixes only; "
                         "with N > 0 the strict variant is reported too, as think_ahead_strict)")
     p.add_argument("--own-floor", type=float, default=s.own_prefix_floor, help="offline score offset of own prefixes")
+    p.add_argument("--wide-beams", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                   help="also report the lightweight model alone at these beam widths (e.g. 40,64)")
     p.add_argument("--results", action="store_true", help="write docs/results/think_ahead_quality.json")
     args = p.parse_args(argv)
 
@@ -175,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.own_prefixes > 0:
         strict = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight)
         metrics["think_ahead_strict"] = evaluate(strict, examples, desc="think-ahead (cached prefixes only)")
+        # ablation: what the cached prefixes add over the online model's own ones
+        own = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight, args.own_prefixes, args.own_floor,
+                                    use_cached=False)  # fmt: skip
+        metrics["own_prefixes_only"] = evaluate(own, examples, desc="own prefixes only (ablation)")
+    for wide in args.wide_beams:  # the lightweight model alone with a wider beam (a reference, not a mode)
+        metrics[f"onerec_beam{wide}"] = evaluate(OneRecRecommender(onerec, wide), examples, desc=f"onerec beam {wide}")
     metrics["think_ahead_coverage"] = round(rec.with_entry / max(1, rec.with_entry + rec.without_entry), 4)
     if args.think_json is not None:
         metrics["think"] = json.loads(args.think_json.read_text())["metrics"]

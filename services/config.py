@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
     default_k: int = Field(10, ge=1)
     exclude_consumed: bool = Field(True, description="drop items already in the user's history")
-    beam: int = Field(10, ge=1, description="beam width of online decoding")
+    beam: int = Field(20, ge=1, description="beam width of online decoding (10 cost 14% R@10 on Beauty validation "
+                                            "for about the same model time: docs/RESULTS.md)")
     batch_max: int = Field(16, ge=1, description="micro-batch size of the model thread")
     batch_wait_ms: float = Field(1.0, ge=0, description="how long the model thread waits to fill a batch")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the online model")
@@ -48,11 +49,12 @@ class Settings(BaseSettings):
     batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")
     batch_admit_expected: bool = Field(True, description="fail a model job at once when its budget left is below "
                                                          "the model time expected from recent batches")
-    prefix_weight: float = Field(1.0, ge=0, description="weight of the offline (a, b) log-prob in think-ahead")
-    own_prefixes: int = Field(0, ge=0, le=256,
+    # chosen on Beauty validation (`python -m model.think_ahead_tune`, docs/think/think_ahead_tuning.json)
+    prefix_weight: float = Field(0.25, ge=0, description="weight of the offline (a, b) log-prob in think-ahead")
+    own_prefixes: int = Field(32, ge=0, le=256,
                               description="think-ahead: also complete under the online model's own top-N (a, b); "
-                                          "0: cached prefixes only (the paper's design); 16 gave R@10 .0786 vs "
-                                          ".0496 on Beauty test but costs serving time (docs/RESULTS.md)")
+                                          "0: cached prefixes only (the paper's design, R@10 .0495 vs .0837 with 32 "
+                                          "on Beauty test, for ~16-25% more model time: docs/RESULTS.md)")
     own_prefix_floor: float = Field(0.0, le=0, description="offline score of an own prefix: weakest given + this")
     redis_backoff_ms: float = Field(250.0, ge=0, description="skip Redis this long after a failure (breaker)")
     redis_max_connections: int = Field(64, ge=1, description="size of the online Redis pool")

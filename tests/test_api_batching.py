@@ -187,3 +187,19 @@ def test_think_ahead_eval_mode(world: TinyWorld) -> None:
     first = entries[0]
     assert first is not None
     assert tuple(world.sid.codes_of(ranked[0][0])[:2]) in {(a, b) for a, b, _ in first.prefixes}
+
+
+def test_own_prefixes_only_ablation_ignores_the_cached_prefixes(world: TinyWorld) -> None:
+    onerec = OneRec.load(world.checkpoint)
+    examples = [Example(u, s[:-1], s[-1]) for u, s in list(world.sequences.items())[:8]]
+    entries = OneRecPrefixSource(onerec, prefixes=4, beam=16)(examples)
+    # a source whose cached prefixes all differ from the real ones: with use_cached=False nothing changes
+    moved = [ThinkEntry(e.reasoning, [((a + 1) % 4, b, lp) for a, b, lp in e.prefixes], e.history_len, e.history_tail,
+                        e.model_id, e.created_at) if e is not None else None for e in entries]  # fmt: skip
+    own = [ThinkAheadRecommender(onerec, src, beam=10, own_prefixes=4, use_cached=False).recommend(examples, 5)
+           for src in (lambda ex: entries, lambda ex: moved)]  # fmt: skip
+    assert own[0] == own[1]
+    with_cached = ThinkAheadRecommender(onerec, lambda ex: moved, beam=10, own_prefixes=4).recommend(examples, 5)
+    assert with_cached != own[0]  # the cached prefixes do change the answer when they are used
+    with pytest.raises(ValueError, match="own_prefixes"):
+        ThinkAheadRecommender(onerec, lambda ex: entries, use_cached=False)

@@ -1,0 +1,124 @@
+"""Choose the think-ahead completion settings on the validation split (never on test).
+
+The online completion has three knobs (`OneRec.complete`): how many of the lightweight model's own
+top (a, b) prefixes join the cached ones (``own_prefixes``), the weight of the offline prefix log-prob
+(``prefix_weight``) and the offline score given to own prefixes (``own_floor``). This module scores a
+grid of them on validation users whose entries an offline refresh wrote from the history one
+interaction staler than the validation history (``refresh --holdout 3``), next to the lightweight
+model alone, and writes every row plus the best setting to a JSON file. Test numbers then come from
+`model.think_ahead` with the chosen setting and the ``--holdout 2`` entries.
+
+The OneRec checkpoint must not have seen the validation targets: use the selection run (trained on
+the train part), not the ``--refit`` one (train + valid), whose validation numbers are inflated; the
+module refuses a checkpoint whose ``train_args.json`` says ``refit``.
+
+    python -m offline_worker refresh --holdout 3 --namespace val3
+    python -m model.think_ahead_tune --checkpoint artifacts/onerec/text_cf-item-cos20 --namespace val3
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from model.onerec import OneRec, OneRecRecommender
+from model.think_ahead import ThinkAheadRecommender
+from services.catalog import Example
+from services.store import ThinkEntry
+
+
+class CachedSource:
+    """Entries fetched once per user id (the grid reads the same users many times)."""
+
+    def __init__(self, entries: dict[int, ThinkEntry | None]):
+        self.entries = entries
+
+    def __call__(self, examples: Sequence[Example]) -> list[ThinkEntry | None]:
+        return [self.entries.get(e.user_id) for e in examples]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def grid(own: Sequence[int], weights: Sequence[float], floors: Sequence[float]) -> list[tuple[int, float, float]]:
+    """Distinct settings: the floor only matters with own prefixes and a non-zero prefix weight."""
+    out: list[tuple[int, float, float]] = []
+    for n, w, f in itertools.product(own, weights, floors):
+        f = f if n > 0 and w != 0 else 0.0
+        if (n, w, f) not in out:
+            out.append((n, w, f))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m model.think_ahead_tune``: grid over the completion knobs on validation users."""
+    import redis
+
+    from model.evaluate import evaluate, split_examples
+    from services.catalog import load_dataset
+    from services.config import get_settings
+    from services.store import ThinkStore
+
+    s = get_settings()
+    p = argparse.ArgumentParser(prog="python -m model.think_ahead_tune", description=main.__doc__)
+    p.add_argument("--checkpoint", type=Path, default=None, help="OneRec folder (default: artifacts/onerec/current)")
+    p.add_argument("--redis-url", default=s.redis_url, help="Redis holding the --holdout 3 entries")
+    p.add_argument("--namespace", default=s.namespace, help="key namespace of those entries")
+    p.add_argument("--version", default=None, help="think version (default: the live one)")
+    p.add_argument("--limit", type=int, default=None, help="first N validation users only")
+    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--own", type=_ints, default=[0, 16, 20, 32], help="own-prefix counts, comma separated")
+    p.add_argument("--weights", type=_floats, default=[0.0, 0.1, 0.25, 0.5, 1.0], help="prefix weights")
+    p.add_argument("--floors", type=_floats, default=[0.0], help="own-prefix floors")
+    p.add_argument("--out", type=Path, default=Path("docs/think/think_ahead_tuning.json"))
+    args = p.parse_args(argv)
+
+    ds = load_dataset(s.data_dir)
+    examples = split_examples(ds, "valid", args.limit)
+    store = ThinkStore(redis.Redis.from_url(args.redis_url), args.namespace)
+    version = args.version or store.current_version()
+    if version is None:
+        raise SystemExit(f"no live think version in namespace {args.namespace!r}")
+    entries = {e.user_id: store.get_entry(version, e.user_id) for e in examples}
+    wrong = [u for u, en in entries.items() if en is not None and en.history_len != len(ds.sequences[u]) - 3]
+    if wrong:
+        raise SystemExit(f"{len(wrong)} entries were not computed from the staler history; run `refresh --holdout 3`")
+    coverage = sum(1 for en in entries.values() if en is not None and en.prefixes) / len(examples)
+    checkpoint = args.checkpoint or s.resolved("onerec")
+    train_args = Path(checkpoint) / "train_args.json"
+    if train_args.is_file() and str(json.loads(train_args.read_text()).get("refit", "")).lower() == "true":
+        raise SystemExit(f"{checkpoint} was refit on train + valid: its validation numbers are inflated; "
+                         "pass the selection checkpoint (trained on the train part) with --checkpoint")
+    onerec = OneRec.load(checkpoint)
+    source = CachedSource(entries)
+    rows: list[dict[str, object]] = []
+    base = evaluate(OneRecRecommender(onerec, args.beam), examples, desc="onerec")
+    for n, w, f in grid(args.own, args.weights, args.floors):
+        t0 = time.perf_counter()
+        m = evaluate(ThinkAheadRecommender(onerec, source, args.beam, w, n, f), examples,
+                     desc=f"own={n} w={w} floor={f}")  # fmt: skip
+        rows.append({"own_prefixes": n, "prefix_weight": w, "own_floor": f, "metrics": m,
+                     "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    best = max(rows, key=lambda r: (r["metrics"]["recall@10"], r["metrics"]["ndcg@10"]))  # type: ignore[index]
+    cmd = " ".join(["python -m model.think_ahead_tune", *(argv if argv is not None else sys.argv[1:])])
+    out = {"split": "valid", "users": len(examples), "version": version, "coverage": round(coverage, 4),
+           "beam": args.beam, "onerec": base, "rows": rows, "best": best,
+           "command": cmd}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({"onerec": base, "best": best}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
