@@ -8,7 +8,8 @@ the rest are grouped by kind (``full`` = `decode_full`, ``complete`` = think-ahe
 answered with one model call per group. A job whose remaining budget is below the model time the
 batcher expects (a running average per kind, at least one measured batch) is failed at once with
 `DeadlineExceeded`: under overload the model then spends no time on answers that would arrive after
-their caller gave up, and those callers fall back at once instead of at their deadline. Torch threads
+their caller gave up, and those callers fall back at once instead of at their deadline. A kind's job
+with the most budget left always runs, so the estimate keeps following the model after a slow spell. Torch threads
 are set explicitly once, on start. This module knows nothing about HTTP or Redis.
 """
 
@@ -214,19 +215,36 @@ class MicroBatcher:
                 if job.deadline <= now:
                     self._fail(job, DeadlineExceeded("deadline passed while queued"))
                     continue
-                if self.admit_by_expected and job.deadline - now < self.expected_s.get(job.kind, 0.0):
-                    self.skipped += 1
-                    self._fail(job, DeadlineExceeded("budget left is below the expected model time"))
-                    continue
                 if self.on_wait is not None:
                     self.on_wait(now - job.enqueued)
                 live.append(job)
+            if self.admit_by_expected:
+                live = self._admit(live, now)
             for kind in ("complete", "full"):
                 group = [j for j in live if j.kind == kind]
                 if group:
                     self._run_group(kind, group)  # type: ignore[arg-type]
             if stop or self._stopping:
                 return
+
+    def _admit(self, jobs: list[_Job], now: float) -> list[_Job]:
+        """Fail the jobs whose budget left is below the expected model time of their kind. If that would
+        leave a kind without any job, its job with the most budget left runs anyway: the estimate only
+        moves when the model runs, so a kind that never ran again could never be admitted again."""
+        keep: list[_Job] = []
+        kinds: tuple[Kind, ...] = ("complete", "full")
+        for kind in kinds:
+            group = [j for j in jobs if j.kind == kind]
+            expected = self.expected_s.get(kind, 0.0)
+            ok = [j for j in group if j.deadline - now >= expected]
+            if group and not ok:
+                ok = [max(group, key=lambda j: j.deadline)]
+            for j in group:
+                if j not in ok:
+                    self.skipped += 1
+                    self._fail(j, DeadlineExceeded("budget left is below the expected model time"))
+            keep += ok
+        return keep
 
     def _run_group(self, kind: Kind, jobs: list[_Job]) -> None:
         k = max(j.k for j in jobs)
