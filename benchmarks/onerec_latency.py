@@ -1,7 +1,8 @@
 """Model-only latency of the lightweight OneRec on this machine.
 
-Measures, for one user with a 50-item history: completion under 32 allowed (a, b) prefixes (beam 10)
-and full decode (beam 10), p50/p99 over >= 1000 calls each; plus users/s of full decode at batch 16.
+Measures, for one user with a 50-item history: completion under 32 allowed (a, b) prefixes and full
+decode, p50/p99 over >= 1000 calls each; plus users/s of full decode at batch 16. Beam, own prefixes
+and prefix weight default to the API's settings (`services.config`), so the numbers are the served ones.
 Baseline in the same run: the trunk forward alone (the floor any decode pays). Writes
 docs/results/onerec_latency.json.
 
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=st.resolved("onerec"), help="OneRec checkpoint")
     p.add_argument("--calls", type=int, default=1000, help="timed calls per measurement")
     p.add_argument("--prefixes", type=int, default=32, help="allowed (a, b) prefixes per user")
-    p.add_argument("--beam", type=int, default=10, help="beam width")
+    p.add_argument("--beam", type=int, default=st.beam, help="beam width (default: the API's)")
+    p.add_argument("--own-prefixes", type=int, default=st.own_prefixes, help="own prefixes (default: the API's)")
+    p.add_argument("--prefix-weight", type=float, default=st.prefix_weight, help="offline prefix weight")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the online tier uses 1)")
     p.add_argument("--no-results", action="store_true", help="do not write the results file")
     args = p.parse_args(argv)
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cases = [user() for _ in range(args.calls)]
     for h, pre in cases[:20]:  # warm-up
-        onerec.complete([h], [pre], k=10, beam=args.beam)
+        onerec.complete([h], [pre], k=10, beam=args.beam, prefix_weight=args.prefix_weight,
+                        own_prefixes=args.own_prefixes)
         onerec.decode_full([h], k=10, beam=args.beam)
 
     def timed(fn) -> list[float]:
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.no_grad():
         trunk = timed(lambda h, pre: onerec._last_hidden([h]))
-    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam))
+    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, prefix_weight=args.prefix_weight,
+                                                    own_prefixes=args.own_prefixes))
     full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
     batches = [cases[s : s + 16] for s in range(0, min(len(cases), 640), 16)]
     t0 = time.perf_counter()
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         "trunk_p50_ms": round(tr["p50"], 3),
         "complete_over_trunk_p50": round(c["p50"] / tr["p50"], 2),
         "calls": args.calls, "prefixes": args.prefixes, "beam": args.beam, "threads": args.threads,
+        "own_prefixes": args.own_prefixes, "prefix_weight": args.prefix_weight,
     }
     print(metrics, f"(mean complete {statistics.mean(complete) * 1000:.2f} ms)")
     if not args.no_results:
