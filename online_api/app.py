@@ -85,7 +85,7 @@ class AppState:
         self.metrics = metrics
         self.reader = AsyncThinkReader(redis, settings.namespace, current_ttl_s=settings.current_ttl_s)
         self.pending = PendingEvents(settings.pending_events_max)
-        self.breaker = RedisBreaker(settings.redis_backoff_ms / 1000.0)
+        self.breaker = RedisBreaker(settings.redis_backoff_ms / 1000.0, settings.redis_breaker_failures)
         self.loaded: LoadedModel | None = None
         self.load_error: str | None = None
         self.batcher: MicroBatcher | None = None

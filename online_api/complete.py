@@ -94,19 +94,28 @@ class Popularity:
 
 
 class RedisBreaker:
-    """After a failure, skip Redis for `backoff_s` (a hung Redis must not cost every request a timeout)."""
+    """After `threshold` failures in a row, skip Redis for `backoff_s` (a hung Redis must not cost every
+    request a timeout). One late answer is more often the process's own busy event loop than Redis, and
+    opening on it would send every request of the next `backoff_s` to the fallback."""
 
-    def __init__(self, backoff_s: float) -> None:
+    def __init__(self, backoff_s: float, threshold: int = 1) -> None:
+        if threshold < 1:
+            raise ValueError(f"threshold must be >= 1, got {threshold}")
         self.backoff_s = backoff_s
+        self.threshold = threshold
         self._open_until = 0.0
+        self._failures = 0  # in a row
 
     def allow(self) -> bool:
         return time.monotonic() >= self._open_until
 
     def failed(self) -> None:
-        self._open_until = time.monotonic() + self.backoff_s
+        self._failures += 1
+        if self._failures >= self.threshold:
+            self._open_until = time.monotonic() + self.backoff_s
 
     def succeeded(self) -> None:
+        self._failures = 0
         self._open_until = 0.0
 
 

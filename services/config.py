@@ -56,7 +56,8 @@ class Settings(BaseSettings):
                                           "0: cached prefixes only (the paper's design, R@10 .0495 vs .0837 with 32 "
                                           "on Beauty test, for ~16-25% more model time: docs/RESULTS.md)")
     own_prefix_floor: float = Field(0.0, le=0, description="offline score of an own prefix: weakest given + this")
-    redis_backoff_ms: float = Field(250.0, ge=0, description="skip Redis this long after a failure (breaker)")
+    redis_backoff_ms: float = Field(250.0, ge=0, description="skip Redis this long once the breaker opens")
+    redis_breaker_failures: int = Field(3, ge=1, description="failed Redis round trips in a row that open the breaker")
     redis_max_connections: int = Field(64, ge=1, description="size of the online Redis pool")
     current_ttl_s: float = Field(1.0, ge=0, description="how long the API caches the live think version")
     pending_events_max: int = Field(100_000, ge=0, description="events buffered while Redis is down")

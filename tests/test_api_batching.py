@@ -14,7 +14,7 @@ from api_support import TinyWorld, build_tiny_world
 from model.onerec import DeadlineExceeded, OneRec
 from model.think_ahead import OneRecPrefixSource, ThinkAheadRecommender, staler
 from online_api.batching import MicroBatcher, Overloaded
-from online_api.complete import Popularity, entry_lag, merge_history
+from online_api.complete import Popularity, RedisBreaker, entry_lag, merge_history
 from services.catalog import Example
 from services.store import ThinkEntry
 
@@ -166,6 +166,26 @@ def test_merge_history_and_lag() -> None:
     assert merge_history(list(range(10)), [10, 11], 5) == [7, 8, 9, 10, 11]
     e = ThinkEntry("", [], 3, [2, 3], "m", 0.0)
     assert entry_lag(e, [1, 2, 3]) == 0 and entry_lag(e, [1, 2, 3, 9, 8]) == 2 and entry_lag(e, [7]) is None
+
+
+def test_redis_breaker_opens_after_failures_in_a_row() -> None:
+    b = RedisBreaker(10.0, threshold=3)
+    b.failed()
+    b.failed()
+    assert b.allow()  # two late answers: still asking Redis
+    b.succeeded()
+    b.failed()
+    b.failed()
+    assert b.allow()  # the success reset the count
+    b.failed()
+    assert not b.allow()  # three in a row: skip Redis for backoff_s
+    b.succeeded()
+    assert b.allow()
+    one = RedisBreaker(10.0)
+    one.failed()
+    assert not one.allow()
+    with pytest.raises(ValueError):
+        RedisBreaker(1.0, threshold=0)
 
 
 def test_popularity_skips_consumed() -> None:
