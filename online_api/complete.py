@@ -130,6 +130,7 @@ class Answer:
     version: str | None = None
     unknown_items: int = 0
     reasons: list[str] = field(default_factory=list)  # why it fell back, if it did
+    cached: frozenset[tuple[int, int]] = frozenset()  # (a, b) of the entry's usable cached prefixes
 
 
 # --------------------------------------------------------------------------- the completer
@@ -221,7 +222,8 @@ class Completer:
             self.m.fallbacks.labels(r).inc()
         degraded = fetched is None or source == FALLBACK
         version = fetched.version if fetched is not None else None
-        return Answer(items, source, degraded, reasoning, version, unknown, reasons)
+        cached = frozenset((a, b) for a, b, _ in prefixes) if source == THINK else frozenset()
+        return Answer(items, source, degraded, reasoning, version, unknown, reasons, cached)
 
     def _usable_prefixes(self, entry: ThinkEntry) -> list[tuple[int, int, float]]:
         """The entry's prefixes that exist in the trie (a foreign or outdated entry may hold others)."""

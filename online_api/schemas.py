@@ -79,13 +79,17 @@ class Item(BaseModel):
     codes: list[int] = Field(..., description="semantic-ID codes (a, b, c, d)")
     score: float = Field(..., description="log-probability (model) or log-popularity (fallback); higher is better")
     source: Source = Field(..., description="which path produced this item")
+    cached_prefix: bool | None = Field(
+        None, description="think-ahead items: true when the item's (a, b) is one of the cached prefixes the "
+                          "offline reasoning produced, false when it came from the online model's own prefixes "
+                          "(ONEREC_OWN_PREFIXES); null for other sources")
 
 
 class RecommendResponse(BaseModel):
     items: list[Item]
     reasoning: str | None = Field(None, description="offline reasoning text of the think-ahead entry, if used")
-    source: Source = Field(..., description="think-ahead: completed under cached prefixes; online-only: full "
-                           "decode of the fresh history; fallback: popular items")
+    source: Source = Field(..., description="think-ahead: completed under the cached prefixes (and the online "
+                           "model's own ones); online-only: full decode of the fresh history; fallback: popular items")
     degraded: bool = Field(..., description="a dependency failed or the budget ran out")
     latency_ms: float
     version: str | None = Field(None, description="live think-ahead version in Redis (null if unknown)")

@@ -42,7 +42,7 @@ def test_think_ahead_path(world: TinyWorld, redis_server: RedisServer, redis_cli
         model_items = [it for it in body["items"] if it["source"] == "think-ahead"]
         assert model_items, body
         for it in model_items:
-            assert tuple(it["codes"][:2]) in allowed
+            assert tuple(it["codes"][:2]) in allowed and it["cached_prefix"] is True
             assert list(world.sid.codes_of(it["item_id"])) == it["codes"]
             assert it["title"] == f"Tiny item {it['item_id']}"
         assert len(body["items"]) == 5
@@ -63,7 +63,9 @@ def test_think_ahead_with_own_prefixes(world: TinyWorld, redis_server: RedisServ
     """The default safety net: the online model's own prefixes join the cached ones; still think-ahead, valid."""
     store = ThinkStore(redis_client, ns)
     user = 3
-    publish(store, world, {user: entry_for(world, user)})
+    entry = entry_for(world, user)
+    cached = {(a, b) for a, b, _ in entry.prefixes}
+    publish(store, world, {user: entry})
     store.write_histories({user: world.sequences[user]}, 50)
     with running_app(make_settings(world, redis_server.url, ns, own_prefixes=8)) as c:
         body = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
@@ -71,6 +73,10 @@ def test_think_ahead_with_own_prefixes(world: TinyWorld, redis_server: RedisServ
         ids = [it["item_id"] for it in body["items"]]
         assert len(ids) == len(set(ids)) == 5
         assert all(world.sid.has_item(i) and i not in world.sequences[user] for i in ids)
+        # each think-ahead item says whether it follows the offline reasoning's prefixes
+        for it in body["items"]:
+            want = (tuple(it["codes"][:2]) in cached) if it["source"] == "think-ahead" else None
+            assert it["cached_prefix"] is want
 
 
 def test_online_only_path(world: TinyWorld, redis_server: RedisServer, redis_client: redis.Redis, ns: str) -> None:

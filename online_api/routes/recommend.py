@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.exceptions import RequestValidationError
 
 from online_api.app import AppState
-from online_api.complete import FALLBACK, Answer
+from online_api.complete import FALLBACK, THINK, Answer
 from online_api.deps import get_state, require_api_key
 from online_api.schemas import UNAUTHORIZED, Item, RecommendRequest, RecommendResponse
 
@@ -55,8 +55,11 @@ async def recommend(req: RecommendRequest, state: AppState = Depends(get_state))
         popular = state.completer.popularity.recommend(req.k)
         ans = Answer([(i, sc, FALLBACK) for i, sc in popular], FALLBACK, True, reasons=["internal_error"])
     cat = state.catalog
-    items = [Item(item_id=i, title=cat.title(i), codes=state.codes_of(i), score=sc, source=src)
-             for i, sc, src in ans.items]
+    items = []
+    for i, sc, src in ans.items:
+        codes = state.codes_of(i)
+        cached = tuple(codes[:2]) in ans.cached if src == THINK else None
+        items.append(Item(item_id=i, title=cat.title(i), codes=codes, score=sc, source=src, cached_prefix=cached))
     latency = time.perf_counter() - t0
     state.metrics.latency.labels(ans.source).observe(latency)
     state.metrics.requests.labels(ans.source, str(ans.degraded).lower()).inc()
