@@ -92,6 +92,13 @@ class ThinkAheadRecommender:
         self.use_cached = use_cached  # False: ablation, the same users completed under own prefixes only
         self.with_entry = 0
         self.without_entry = 0
+        self.items = 0  # completed items (users with an entry)
+        self.items_cached = 0  # ... of them under one of the entry's cached (a, b) prefixes
+
+    @property
+    def cached_share(self) -> float:
+        """Share of the completed items that sit under a cached prefix (what the offline reasoning chose)."""
+        return self.items_cached / self.items if self.items else 0.0
 
     def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
         beam = max(self.beam, k)
@@ -110,6 +117,9 @@ class ThinkAheadRecommender:
             )  # fmt: skip
             for i, scored in zip(idx, done, strict=True):
                 out[i] = [item for item, _ in scored]
+                cached = {(a, b) for a, b, _ in entries[i].prefixes}  # type: ignore[union-attr]
+                self.items += len(out[i])
+                self.items_cached += sum(tuple(self.onerec.sid.codes_of(it)[:2]) in cached for it in out[i])
         short = [i for i, r in enumerate(out) if len(r) < k]
         if short:
             full = self.onerec.decode_full([examples[i].history for i in short], k, beam)
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     for wide in args.wide_beams:  # the lightweight model alone with a wider beam (a reference, not a mode)
         metrics[f"onerec_beam{wide}"] = evaluate(OneRecRecommender(onerec, wide), examples, desc=f"onerec beam {wide}")
     metrics["think_ahead_coverage"] = round(rec.with_entry / max(1, rec.with_entry + rec.without_entry), 4)
+    # how much of the think-ahead answer the offline reasoning chose (1.0 in the strict variant)
+    metrics["think_ahead_cached_item_share"] = round(rec.cached_share, 4)
     if args.think_json is not None:
         metrics["think"] = json.loads(args.think_json.read_text())["metrics"]
     print(json.dumps(metrics, indent=2))

@@ -210,6 +210,7 @@ def test_think_ahead_eval_mode(world: TinyWorld) -> None:
     rec = ThinkAheadRecommender(onerec, lambda ex: [*entries[:-1], None], beam=10)
     ranked = rec.recommend(examples, 10)
     assert rec.with_entry == 7 and rec.without_entry == 1
+    assert rec.items > 0 and rec.cached_share == 1.0  # strict: every completed item is under a cached prefix
     for r in ranked:
         assert len(r) == 10 and len(set(r)) == 10 and all(world.sid.has_item(i) for i in r)
     # items from the completion come first and sit under the user's allowed prefixes
@@ -228,7 +229,9 @@ def test_own_prefixes_only_ablation_ignores_the_cached_prefixes(world: TinyWorld
     own = [ThinkAheadRecommender(onerec, src, beam=10, own_prefixes=4, use_cached=False).recommend(examples, 5)
            for src in (lambda ex: entries, lambda ex: moved)]  # fmt: skip
     assert own[0] == own[1]
-    with_cached = ThinkAheadRecommender(onerec, lambda ex: moved, beam=10, own_prefixes=4).recommend(examples, 5)
+    mixed = ThinkAheadRecommender(onerec, lambda ex: moved, beam=10, own_prefixes=4)
+    with_cached = mixed.recommend(examples, 5)
     assert with_cached != own[0]  # the cached prefixes do change the answer when they are used
+    assert 0.0 < mixed.cached_share < 1.0  # some items under the cached prefixes, some under the model's own
     with pytest.raises(ValueError, match="own_prefixes"):
         ThinkAheadRecommender(onerec, lambda ex: entries, use_cached=False)
