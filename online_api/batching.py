@@ -7,10 +7,10 @@ queued; when the previous batch held several jobs it also waits at most ``wait_m
 the rest are grouped by kind (``full`` = `decode_full`, ``complete`` = think-ahead completion) and
 answered with one model call per group. A job whose remaining budget is below the model time the
 batcher expects (a running average per kind, at least one measured batch) is failed at once with
-`DeadlineExceeded`: under overload the model then spends no time on answers that would arrive after
+`BelowExpected`: under overload the model then spends no time on answers that would arrive after
 their caller gave up, and those callers fall back at once instead of at their deadline. A kind's job
-with the most budget left always runs, so the estimate keeps following the model after a slow spell. Torch threads
-are set explicitly once, on start. This module knows nothing about HTTP or Redis.
+with the most budget left always runs, so the estimate keeps following the model after a slow spell.
+Torch threads are set explicitly once, on start. This module knows nothing about HTTP or Redis.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class OnlineModel(Protocol):
     def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
                  k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
                  prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0) -> list[Scored]: ...
+
+
+class BelowExpected(DeadlineExceeded):
+    """The job's budget left was below the model time of recent batches: failed before the model ran."""
 
 
 class Overloaded(RuntimeError):
@@ -239,10 +243,11 @@ class MicroBatcher:
             ok = [j for j in group if j.deadline - now >= expected]
             if group and not ok:
                 ok = [max(group, key=lambda j: j.deadline)]
+            admitted = {id(j) for j in ok}
             for j in group:
-                if j not in ok:
+                if id(j) not in admitted:
                     self.skipped += 1
-                    self._fail(j, DeadlineExceeded("budget left is below the expected model time"))
+                    self._fail(j, BelowExpected(f"budget left is below the expected model time ({expected:.4f} s)"))
             keep += ok
         return keep
 

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from model.onerec import DeadlineExceeded
 from model.trie import CodeTrie, EmptyAllowedSetError
-from online_api.batching import Kind, MicroBatcher, Overloaded
+from online_api.batching import BelowExpected, Kind, MicroBatcher, Overloaded
 from online_api.events import PendingEvents
 from online_api.metrics import Metrics
 from services.config import Settings
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 THINK, ONLINE, FALLBACK = "think-ahead", "online-only", "fallback"
 _MIN_MODEL_S = 0.001  # do not start the model with less budget than this
 # after these, a second model call would not help (no time, no capacity, no model)
-_NO_RETRY = {"deadline", "overloaded", "model_not_ready", "model_error"}
+_NO_RETRY = {"deadline", "below_expected", "overloaded", "model_not_ready", "model_error"}
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -251,6 +251,8 @@ class Completer:
             return []
         try:
             return await self.batcher.submit(kind, history, k, deadline, prefixes=prefixes, exclude=consumed)
+        except BelowExpected:  # failed before the model: its recent batches took longer than the budget left
+            reasons.append("below_expected")
         except DeadlineExceeded:
             reasons.append("deadline")
         except Overloaded:
