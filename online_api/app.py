@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -45,6 +45,9 @@ from services.catalog import Catalog, load_dataset
 from services.config import Settings, get_settings
 from services.store import AsyncThinkReader
 
+if TYPE_CHECKING:
+    from model.onerec import OneRec
+
 log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
@@ -65,12 +68,30 @@ ModelLoader = Callable[[Settings], LoadedModel]
 
 
 def load_onerec(settings: Settings) -> LoadedModel:
-    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with."""
+    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with, warmed up."""
     from model.onerec import OneRec
 
     folder = settings.resolved("onerec")
     onerec = OneRec.load(folder)
+    warm_up(onerec, settings)
     return LoadedModel(onerec, onerec.sid, onerec.trie, Path(folder).resolve().name)
+
+
+def warm_up(onerec: OneRec, settings: Settings, calls: int = 3) -> None:
+    """A few completions and full decodes with the served settings before the API reports ready: the
+    first calls of a fresh process are several times slower (allocator, kernel selection) and would
+    otherwise miss the first users' budgets."""
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)  # what the model thread will use
+    items = [int(i) for i in onerec.sid.item_ids[:20].tolist()]
+    prefixes = [(int(a), int(b), -1.0) for a, b in onerec.trie.codes[:8, :2].tolist()]
+    beam = max(settings.beam, settings.default_k)
+    with torch.inference_mode():
+        for _ in range(calls):
+            onerec.complete([items], [prefixes], settings.default_k, beam, [set(items[:5])], None,
+                            settings.prefix_weight, settings.own_prefixes, settings.own_prefix_floor)
+            onerec.decode_full([items], settings.default_k, beam, [set(items[:5])])
 
 
 class AppState:
