@@ -36,6 +36,18 @@ def staler(examples: Sequence[Example]) -> list[Example]:
     return out
 
 
+def require_staler(sequences: dict[int, list[int]], examples: Sequence[Example],
+                   entries: Sequence[ThinkEntry | None], split: str) -> None:
+    """Exit unless every entry was computed from the history one interaction staler than the evaluated
+    one: test (target = last item) needs `refresh --holdout 2`, valid (second to last) `--holdout 3`."""
+    holdout = 2 if split == "test" else 3
+    wrong = [en for e, en in zip(examples, entries, strict=True)
+             if en is not None and en.history_len != len(sequences[e.user_id]) - holdout]
+    if wrong:
+        raise SystemExit(f"{len(wrong)} entries were not computed from the staler history (history_len "
+                         f"{wrong[0].history_len}); for the {split} split run `refresh --holdout {holdout}`")
+
+
 @dataclass
 class StoreSource:
     """Entries of `version` (default: the live one) in a think store, written for the staler histories."""
@@ -174,13 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         source = StoreSource(ThinkStore(redis.Redis.from_url(args.redis_url), args.namespace), args.version)
         # entries must come from the history one interaction staler than the evaluated one:
         # test -> `refresh --holdout 2`, valid -> `--holdout 3`
-        want = 2 if args.split == "test" else 3
-        lens = {e.user_id: len(ds.sequences[e.user_id]) - want for e in examples}
-        wrong = [en for e, en in zip(examples, source(examples), strict=True)
-                 if en is not None and en.history_len != lens[e.user_id]]
-        if wrong:
-            raise SystemExit(f"{len(wrong)} entries were not computed from the staler history (history_len "
-                             f"{wrong[0].history_len}); for --split {args.split} run `refresh --holdout {want}`")
+        require_staler(ds.sequences, examples, source(examples), args.split)
     else:
         source = OneRecPrefixSource(onerec)
     from model.onerec import OneRecRecommender

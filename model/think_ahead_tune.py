@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model.onerec import OneRec, OneRecRecommender
-from model.think_ahead import ThinkAheadRecommender
+from model.think_ahead import ThinkAheadRecommender, require_staler
 from services.catalog import Example
 from services.store import ThinkEntry
 
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if version is None:
         raise SystemExit(f"no live think version in namespace {args.namespace!r}")
     entries = {e.user_id: store.get_entry(version, e.user_id) for e in examples}
-    wrong = [u for u, en in entries.items() if en is not None and en.history_len != len(ds.sequences[u]) - 3]
-    if wrong:
-        raise SystemExit(f"{len(wrong)} entries were not computed from the staler history; run `refresh --holdout 3`")
+    require_staler(ds.sequences, examples, [entries[e.user_id] for e in examples], "valid")
     coverage = sum(1 for en in entries.values() if en is not None and en.prefixes) / len(examples)
     checkpoint = args.checkpoint or s.resolved("onerec")
     train_args = Path(checkpoint) / "train_args.json"

@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
     default_k: int = Field(10, ge=1)
     exclude_consumed: bool = Field(True, description="drop items already in the user's history")
-    beam: int = Field(20, ge=1, description="beam width of online decoding (10 cost 14% R@10 on Beauty validation "
-                                            "for about the same model time: docs/RESULTS.md)")
+    beam: int = Field(20, ge=1, description="beam width of online decoding (10 cost 14-15% R@10 on Beauty "
+                                            "validation: docs/RESULTS.md)")
     batch_max: int = Field(16, ge=1, description="micro-batch size of the model thread")
     batch_wait_ms: float = Field(1.0, ge=0, description="how long the model thread waits to fill a batch")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the online model")
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     own_prefixes: int = Field(32, ge=0, le=256,
                               description="think-ahead: also complete under the online model's own top-N (a, b); "
                                           "0: cached prefixes only (the paper's design, R@10 .0495 vs .0837 with 32 "
-                                          "on Beauty test, for ~16-25% more model time: docs/RESULTS.md)")
+                                          "on Beauty test, for ~12-16% more model time: docs/RESULTS.md)")
     own_prefix_floor: float = Field(0.0, le=0, description="offline score of an own prefix: weakest given + this")
     redis_backoff_ms: float = Field(250.0, ge=0, description="skip Redis this long once the breaker opens")
     redis_breaker_failures: int = Field(3, ge=1, description="failed Redis round trips in a row that open the breaker")

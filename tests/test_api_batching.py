@@ -134,11 +134,24 @@ def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> 
         run(go())
     finally:
         b.stop()
-    off = MicroBatcher(FakeModel(), beam=4, admit_by_expected=False)
+    # switched off: two queued jobs below the expected time both run (on, one of them would be skipped)
+    gate = threading.Event()
+    gated = FakeModel(gate=gate)
+    off = MicroBatcher(gated, beam=4, batch_max=8, wait_ms=0.0, admit_by_expected=False)
     off.expected_s["full"] = 10.0
     off.start()
     try:
-        assert run(off.submit("full", [4], 1, time.perf_counter() + 5)) == [(4, 0.0)]
+        async def go_off() -> list[list[tuple[int, float]]]:
+            first = asyncio.ensure_future(off.submit("full", [6], 1, time.perf_counter() + 5))
+            for _ in range(500):  # until the model thread holds it
+                if gated.calls:
+                    break
+                await asyncio.sleep(0.005)
+            queued = [asyncio.ensure_future(off.submit("full", [i], 1, time.perf_counter() + 5)) for i in (7, 8)]
+            await asyncio.sleep(0.05)
+            gate.set()
+            return [await first, *[await q for q in queued]]
+        assert run(go_off()) == [[(6, 0.0)], [(7, 0.0)], [(8, 0.0)]] and off.skipped == 0
     finally:
         off.stop()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from model.think_ahead_tune import CachedSource, grid
 from services.catalog import Example
 from services.store import ThinkEntry
@@ -17,3 +19,14 @@ def test_cached_source_answers_by_user() -> None:
     entry = ThinkEntry("r", [(1, 2, -0.5)], 3, [7], "m", 0.0)
     src = CachedSource({5: entry, 6: None})
     assert src([Example(6, [1], 2), Example(5, [1], 2), Example(9, [1], 2)]) == [None, entry, None]
+
+
+def test_entries_must_come_from_the_staler_history() -> None:
+    from model.think_ahead import require_staler
+
+    seqs = {1: [10, 11, 12, 13, 14]}
+    ok = ThinkEntry("", [(1, 2, 0.0)], 2, [11], "m", 0.0)  # valid split: history without the last 3 items
+    require_staler(seqs, [Example(1, [10, 11, 12], 13)], [ok], "valid")
+    require_staler(seqs, [Example(1, [10, 11, 12], 13)], [None], "valid")  # no entry: nothing to check
+    with pytest.raises(SystemExit, match="holdout 2"):
+        require_staler(seqs, [Example(1, [10, 11, 12, 13], 14)], [ok], "test")

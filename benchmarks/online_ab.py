@@ -1,0 +1,73 @@
+"""Alternated A/B of API settings under the same open-loop load (the online_load machinery).
+
+Each arm is a set of ``ONEREC_*`` environment settings; arms run one after the other, each in a fresh
+API process against the same seeded Redis, so that a host whose speed drifts hits every arm alike
+(name an arm twice to alternate). Per arm: p50/p90/p99, think-ahead share, fallback reasons, server CPU
+ms per request and the CPU-speed probe. Prints one JSON line per arm; ``--out`` also writes them all.
+
+    python -m benchmarks.online_ab --rate 100 \\
+        --arms default,ONEREC_OWN_PREFIXES=0+ONEREC_BEAM=10,default,ONEREC_OWN_PREFIXES=0+ONEREC_BEAM=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import online_load as ol
+
+
+def arm_env(arm: str) -> dict[str, str]:
+    """``default`` -> {}; ``A=1+B=2`` -> {"A": "1", "B": "2"}."""
+    if arm == "default":
+        return {}
+    env = dict(kv.split("=", 1) for kv in arm.split("+"))
+    bad = [k for k in env if not k.startswith("ONEREC_")]
+    if bad:
+        raise SystemExit(f"arm {arm!r}: only ONEREC_* settings, got {bad}")
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    from services.config import get_settings
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.online_ab", description=__doc__.split("\n")[0])
+    p.add_argument("--arms", required=True, help="comma-separated arms: default or ONEREC_X=v+ONEREC_Y=w")
+    p.add_argument("--rate", type=float, default=100.0, help="offered requests/s")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per arm")
+    p.add_argument("--users", type=int, default=2000, help="test users seeded into Redis")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None, help="also write the arms' results here (JSON)")
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    envs = [arm_env(a) for a in arms]
+    checkpoint = get_settings().resolved("onerec").resolve()
+    results = []
+    with ol.redis_server() as url:
+        users = ol.seed_redis(url, "bench", checkpoint, args.users, 32, "bench")
+        for arm, extra in zip(arms, envs, strict=True):
+            env = {"ONEREC_REDIS_URL": url, "ONEREC_NAMESPACE": "bench", "ONEREC_ONEREC_DIR": str(checkpoint),
+                   "PYTHONPATH": str(ol.ROOT), **extra}  # fmt: skip
+            port = ol.free_port()
+            with ol.process(ol.uvicorn_cmd("online_api.app:create_app", port), env) as api:
+                ol.wait_http(f"http://127.0.0.1:{port}/readyz", 120, api)
+                base = f"http://127.0.0.1:{port}"
+                ol.run_client(f"{base}/v1/recommend", 50, 3, users, args.k)  # warm-up (not reported)
+                r = ol.client_step(f"{base}/v1/recommend", args.rate, args.duration, users, args.k,
+                                   f"{base}/metrics", api.pid)  # fmt: skip
+            total = sum(r["sources"].values()) or 1
+            row = {"arm": arm, "rate": args.rate, "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"], "p99_ms": r["p99_ms"],
+                   "errors": r["errors"], "think_ahead_share": round(r["sources"].get("think-ahead", 0) / total, 4),
+                   "fallback_reasons": r.get("fallback_reasons", {}),
+                   "server_cpu_ms_per_request": r.get("server_cpu_ms_per_request"), "cpu_probe_ms": ol.cpu_probe_ms()}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out is not None:
+        command = " ".join(["python -m benchmarks.online_ab", *(sys.argv[1:] if argv is None else argv)])
+        args.out.write_text(json.dumps({"command": command, "arms": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
