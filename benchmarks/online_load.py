@@ -262,12 +262,26 @@ def fallback_counts(metrics_url: str) -> dict[str, float]:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` (Linux /proc; None elsewhere)."""
+    """User + system CPU seconds of process `pid` and its live children, e.g. the API's model process
+    (Linux /proc; None elsewhere)."""
+
+    def own(stat: str) -> tuple[int, float]:  # (parent pid, cpu seconds) of one /proc/<pid>/stat text
+        fields = stat.rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = own(Path(f"/proc/{pid}/stat").read_text())[1]
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(pid):
+            try:
+                ppid, cpu = own((entry / "stat").read_text())
+            except (OSError, IndexError, ValueError):  # exited meanwhile, or not a process
+                continue
+            if ppid == pid:
+                total += cpu
+    return total
 
 
 def client_step(url: str, rate: float, duration_s: float, users: list[int], k: int,

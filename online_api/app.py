@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -40,13 +40,11 @@ from online_api.batching import MicroBatcher, OnlineModel
 from online_api.complete import Completer, Popularity, RedisBreaker
 from online_api.events import PendingEvents
 from online_api.metrics import Metrics
+from online_api.model_process import ProcessModel, warm_up
 from online_api.schemas import MAX_BODY_BYTES, apply_server_limits
 from services.catalog import Catalog, load_dataset
 from services.config import Settings, get_settings
 from services.store import AsyncThinkReader
-
-if TYPE_CHECKING:
-    from model.onerec import OneRec
 
 log = logging.getLogger(__name__)
 
@@ -56,42 +54,43 @@ _FLUSH_EVERY_S = 0.2
 
 @dataclass
 class LoadedModel:
-    """What the lifespan loads in the background."""
+    """What the lifespan loads in the background; `process` is set when the model runs in a child process."""
 
     model: OnlineModel
     sid: SemanticIDs
     trie: CodeTrie
     model_id: str
+    process: ProcessModel | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.process is None or self.process.healthy
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
 
 
 ModelLoader = Callable[[Settings], LoadedModel]
 
 
 def load_onerec(settings: Settings) -> LoadedModel:
-    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with, warmed up."""
+    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with, warmed up:
+    in a child process (`settings.model_process`, see `online_api.model_process`) or in this one."""
     from model.onerec import OneRec
 
     folder = settings.resolved("onerec")
+    name = Path(folder).resolve().name
+    if settings.model_process:
+        if not (Path(folder) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no OneRec checkpoint at {folder} (run: python -m model.onerec train)")
+        sid = SemanticIDs.load(Path(folder) / "sid")
+        proc = ProcessModel(folder, settings)
+        proc.start()
+        return LoadedModel(proc, sid, CodeTrie(sid.codes, sid.item_ids, sid.codebook_size), name, proc)
     onerec = OneRec.load(folder)
     warm_up(onerec, settings)
-    return LoadedModel(onerec, onerec.sid, onerec.trie, Path(folder).resolve().name)
-
-
-def warm_up(onerec: OneRec, settings: Settings, calls: int = 3) -> None:
-    """A few completions and full decodes with the served settings before the API reports ready: the
-    first calls of a fresh process are several times slower (allocator, kernel selection) and would
-    otherwise miss the first users' budgets."""
-    import torch
-
-    torch.set_num_threads(settings.torch_threads)  # what the model thread will use
-    items = [int(i) for i in onerec.sid.item_ids[:20].tolist()]
-    prefixes = [(int(a), int(b), -1.0) for a, b in onerec.trie.codes[:8, :2].tolist()]
-    beam = max(settings.beam, settings.default_k)
-    with torch.inference_mode():
-        for _ in range(calls):
-            onerec.complete([items], [prefixes], settings.default_k, beam, [set(items[:5])], None,
-                            settings.prefix_weight, settings.own_prefixes, settings.own_prefix_floor)
-            onerec.decode_full([items], settings.default_k, beam, [set(items[:5])])
+    return LoadedModel(onerec, onerec.sid, onerec.trie, name)
 
 
 class AppState:
@@ -322,6 +321,8 @@ def create_app(settings: Settings | None = None, *, loader: ModelLoader | None =
                     await t
             if state.batcher is not None:
                 await asyncio.to_thread(state.batcher.stop)
+            if state.loaded is not None:
+                await asyncio.to_thread(state.loaded.close)
             await state.redis.aclose()
 
     from online_api.routes import ops, recommend, users

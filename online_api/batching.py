@@ -48,6 +48,10 @@ class BelowExpected(DeadlineExceeded):
     """The job's budget left was below the model time of recent batches: failed before the model ran."""
 
 
+class ModelUnavailable(RuntimeError):
+    """The model cannot run now (its child process died or is restarting); the caller answers without it."""
+
+
 class Overloaded(RuntimeError):
     """The model queue is full (or the batcher is stopped); the caller answers without the model."""
 
@@ -267,7 +271,9 @@ class MicroBatcher:
                 else:
                     out = self.model.decode_full(histories, k, beam, exclude, deadline)
         except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back
-            if not isinstance(e, DeadlineExceeded):
+            if isinstance(e, ModelUnavailable):
+                log.warning("model %s unavailable for a batch of %d: %s", kind, len(jobs), e)
+            elif not isinstance(e, DeadlineExceeded):
                 log.exception("model %s failed on a batch of %d", kind, len(jobs))
             for j in jobs:
                 self._fail(j, e)

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from model.onerec import DeadlineExceeded
 from model.trie import CodeTrie, EmptyAllowedSetError
-from online_api.batching import BelowExpected, Kind, MicroBatcher, Overloaded
+from online_api.batching import BelowExpected, Kind, MicroBatcher, ModelUnavailable, Overloaded
 from online_api.events import PendingEvents
 from online_api.metrics import Metrics
 from services.config import Settings
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 THINK, ONLINE, FALLBACK = "think-ahead", "online-only", "fallback"
 _MIN_MODEL_S = 0.001  # do not start the model with less budget than this
 # after these, a second model call would not help (no time, no capacity, no model)
-_NO_RETRY = {"deadline", "below_expected", "overloaded", "model_not_ready", "model_error"}
+_NO_RETRY = {"deadline", "below_expected", "overloaded", "model_not_ready", "model_down", "model_error"}
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -257,6 +257,8 @@ class Completer:
             reasons.append("deadline")
         except Overloaded:
             reasons.append("overloaded")
+        except ModelUnavailable:  # the model's process died or restarts
+            reasons.append("model_down")
         except EmptyAllowedSetError:
             reasons.append("empty_allowed_set")
         except Exception:  # noqa: BLE001 - a model bug must not become a 5xx

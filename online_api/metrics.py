@@ -58,6 +58,10 @@ class Metrics:
             "onerec_events_replayed", "queued appends Redis had applied already (skipped on retry, not duplicated)",
             registry=r,
         )  # fmt: skip
+        self.model_restarts = Gauge(
+            "onerec_model_process_restarts", "model child processes started after the first (each: one died)",
+            registry=r,
+        )  # fmt: skip
         self.ready = Gauge("onerec_ready", "1 when model and Redis are ready", registry=r)
 
     def render(self) -> bytes:

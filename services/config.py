@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     batch_max: int = Field(16, ge=1, description="micro-batch size of the model thread")
     batch_wait_ms: float = Field(1.0, ge=0, description="how long the model thread waits to fill a batch")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the online model")
+    model_process: bool = Field(True, description="run the online model in a child process (its own GIL, restarted "
+                                                  "if it dies); False: on a thread of the API process")
     api_key: str | None = Field(None, description="if set, requests need header X-API-Key")
     max_request_history: int = Field(200, ge=1, le=1000, description="longest history a request may carry")
     batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")

@@ -60,6 +60,7 @@ def make_settings(world: TinyWorld, redis_url: str, ns: str, **over: Any) -> Set
         data_dir=world.data_dir, onerec_dir=world.checkpoint, redis_url=redis_url, namespace=ns,
         default_budget_ms=2000.0,  # shared CI cores: the budget tests set their own
         redis_timeout_ms=1000, redis_backoff_ms=50.0, current_ttl_s=0.0, beam=10, batch_wait_ms=0.5,
+        model_process=False,  # a child process per app would add seconds to every test: its own tests set True
     )  # fmt: skip
     base.update(over)
     return Settings(**base)

@@ -33,7 +33,7 @@ async def readyz(request: Request) -> JSONResponse:
     if state is None:
         body = Readiness(ready=False, model=False, redis=False, detail="starting")
         return JSONResponse(body.model_dump(), status_code=503)
-    model = state.batcher is not None and state.batcher.running
+    model = state.batcher is not None and state.batcher.running and state.loaded is not None and state.loaded.healthy
     redis = await state.redis_ok()
     detail = state.load_error or (None if model else "model loading")
     if not redis:
@@ -48,6 +48,8 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics(state: AppState = Depends(get_state)) -> Response:
     state.metrics.pending_events.set(len(state.pending))
     state.metrics.events_replayed.set(state.reader.replayed)
+    if state.loaded is not None and state.loaded.process is not None:
+        state.metrics.model_restarts.set(state.loaded.process.restarts)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

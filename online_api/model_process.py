@@ -1,0 +1,228 @@
+"""The online model in a child process, so that the API's event loop and the model never share a GIL.
+
+With the model on a thread of the API process, each request's ~5 ms of model Python (hundreds of small
+tensor ops, each holding the GIL between kernels) and its ~3 ms of FastAPI, pydantic and Redis work take
+turns on one interpreter lock: the process uses at most one core and requests queue behind each other.
+`ProcessModel` implements the batcher's `OnlineModel` protocol by sending each batch to a child process
+(spawned, not forked: torch's thread pools do not survive a fork) over a pipe and waiting for the answer;
+waiting on the pipe releases the GIL, so the event loop keeps parsing, reading Redis and answering
+meanwhile.
+
+- Deadlines cross the pipe as `time.perf_counter()` values; on Linux and macOS that clock is system-wide
+  (CLOCK_MONOTONIC / mach_absolute_time), so the child checks the caller's deadline between decode steps.
+- The child's exceptions come back and are raised in the caller (`DeadlineExceeded` stays itself).
+- A child that dies (OOM kill, segfault) fails the batch in flight with `ModelUnavailable`; calls fail
+  at once with the same error while a new child starts in the background (load + warm-up, seconds), and
+  `healthy` is False until it is ready. The caller answers by fallback meanwhile.
+- The child exits when the API process closes the pipe or dies (its `recv` sees end-of-file).
+
+Not here: batching and admission (`batching.py`), what a request does with the answer (`complete.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from online_api.batching import ModelUnavailable
+from services.config import Settings
+
+if TYPE_CHECKING:
+    from model.onerec import OneRec
+
+log = logging.getLogger(__name__)
+
+Scored = list[tuple[int, float]]
+_METHODS = ("complete", "decode_full")
+
+
+def warm_up(onerec: OneRec, settings: Settings, calls: int = 3) -> None:
+    """A few completions and full decodes with the served settings before the API reports ready: the
+    first calls of a fresh process are several times slower (allocator, kernel selection) and would
+    otherwise miss the first users' budgets."""
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)  # what the model thread will use
+    items = [int(i) for i in onerec.sid.item_ids[:20].tolist()]
+    prefixes = [(int(a), int(b), -1.0) for a, b in onerec.trie.codes[:8, :2].tolist()]
+    beam = max(settings.beam, settings.default_k)
+    with torch.inference_mode():
+        for _ in range(calls):
+            onerec.complete([items], [prefixes], settings.default_k, beam, [set(items[:5])], None,
+                            settings.prefix_weight, settings.own_prefixes, settings.own_prefix_floor)
+            onerec.decode_full([items], settings.default_k, beam, [set(items[:5])])
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling, else a RuntimeError carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any pickling problem: send the text instead
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def _serve(conn: Connection, folder: str, settings: Settings) -> None:
+    """Child process: load and warm up the checkpoint, say ready, then answer calls until the pipe closes."""
+    import torch
+
+    from model.onerec import OneRec
+
+    try:
+        torch.set_num_threads(settings.torch_threads)
+        onerec = OneRec.load(folder)
+        warm_up(onerec, settings)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which reports it on /readyz
+        conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+        return
+    conn.send(("ready", os.getpid()))
+    with torch.inference_mode():
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the API process closed the pipe or died
+                return
+            if msg is None:
+                return
+            name, args, kwargs = msg
+            try:
+                if name not in _METHODS:
+                    raise ValueError(f"unknown model method {name!r}")
+                conn.send(("ok", getattr(onerec, name)(*args, **kwargs)))
+            except Exception as e:  # noqa: BLE001 - every error goes back to the caller
+                conn.send(("error", _sendable(e)))
+
+
+class ProcessModel:
+    """`OnlineModel` whose calls run in a child process; one caller at a time (the batcher's thread)."""
+
+    def __init__(self, folder: Path | str, settings: Settings, start_timeout_s: float = 120.0,
+                 restart_backoff_s: float = 1.0) -> None:
+        self.folder = str(folder)
+        self.settings = settings
+        self.start_timeout_s = start_timeout_s
+        self.restart_backoff_s = restart_backoff_s
+        self.restarts = 0  # children started after the first one
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.Lock()  # one call on the pipe at a time
+        self._conn: Connection | None = None
+        self._proc: Any = None  # multiprocessing's SpawnProcess (no public type)
+        self._restarting = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the child and wait until it has loaded and warmed up the model; raises if it cannot."""
+        self._conn, self._proc = self._spawn()
+
+    def _spawn(self) -> tuple[Connection, Any]:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_serve, args=(child, self.folder, self.settings), name="onerec-model",
+                                 daemon=True)
+        proc.start()
+        child.close()  # the parent keeps one end: the child's recv sees EOF when the parent goes
+        try:
+            if not parent.poll(self.start_timeout_s):
+                raise RuntimeError(f"model process did not get ready within {self.start_timeout_s:.0f} s")
+            status, payload = parent.recv()
+        except Exception:
+            self._kill(parent, proc)
+            raise
+        if status != "ready":
+            self._kill(parent, proc)
+            raise payload if isinstance(payload, BaseException) else RuntimeError(str(payload))
+        log.info("model process %d ready (%s)", proc.pid, self.folder)
+        return parent, proc
+
+    @staticmethod
+    def _kill(conn: Connection | None, proc: Any) -> None:
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            proc.kill()
+            proc.join(5)
+
+    def close(self) -> None:
+        """Stop the child (it exits when the pipe closes); no restart after this."""
+        self._closed = True
+        with self._lock:
+            conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
+        if conn is not None:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            conn.close()
+        if proc is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+    @property
+    def healthy(self) -> bool:
+        """True while a child is up and answering (False while one restarts, and after `close`)."""
+        return self._conn is not None and self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
+    def _died(self, why: BaseException) -> None:
+        """Drop the dead child and start a new one in the background (called with the lock held)."""
+        log.error("model process %s died (%s); restarting it", self.pid, why)
+        self._kill(self._conn, self._proc)
+        self._conn, self._proc = None, None
+        if not self._restarting and not self._closed:
+            self._restarting = True
+            threading.Thread(target=self._restart, name="onerec-model-restart", daemon=True).start()
+
+    def _restart(self) -> None:
+        while not self._closed:
+            try:
+                conn, proc = self._spawn()
+            except Exception:  # noqa: BLE001 - logged; tried again after the backoff
+                log.exception("model process restart failed")
+                time.sleep(self.restart_backoff_s)
+                continue
+            with self._lock:
+                if self._closed:
+                    self._kill(conn, proc)
+                else:
+                    self._conn, self._proc = conn, proc
+                    self.restarts += 1
+            break
+        self._restarting = False
+
+    # ---------------------------------------------------------------- OnlineModel
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> list[Scored]:
+        with self._lock:
+            if self._conn is None:
+                raise ModelUnavailable("model process is starting")
+            try:
+                self._conn.send((name, args, kwargs))
+                status, payload = self._conn.recv()
+            except (EOFError, OSError) as e:
+                self._died(e)
+                raise ModelUnavailable(f"model process died: {type(e).__name__}") from None
+        if status != "ok":
+            raise payload if isinstance(payload, BaseException) else RuntimeError(str(payload))
+        return payload  # type: ignore[no-any-return]
+
+    def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
+                    exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]:
+        return self._call("decode_full", histories, k, beam, exclude, deadline)
+
+    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
+                 k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
+                 prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0) -> list[Scored]:
+        return self._call("complete", histories, prefixes, k, beam, exclude, deadline, prefix_weight, own_prefixes,
+                          own_floor)

@@ -1,0 +1,114 @@
+"""The online model in a child process: same answers as in-process, errors and deadlines cross the pipe,
+a killed child is replaced while the API answers by fallback, and the app serves through it."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import pytest
+import redis
+from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, running_app, wait_ready
+from conftest import RedisServer
+
+from model.onerec import DeadlineExceeded, OneRec
+from online_api.batching import ModelUnavailable
+from online_api.model_process import ProcessModel
+from services.store import ThinkStore
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("tiny"))
+
+
+def _inputs(world: TinyWorld) -> tuple[list[list[int]], list[list[tuple[int, int, float]]], list[set[int]]]:
+    users = [1, 2, 3]
+    hists = [world.sequences[u] for u in users]
+    prefixes = [entry_for(world, u, n_prefixes=4).prefixes for u in users]
+    return hists, prefixes, [set(h) for h in hists]
+
+
+def _wait(cond: object, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
+    settings = make_settings(world, redis_server.url, ns, model_process=True)
+    local = OneRec.load(world.checkpoint)
+    hists, prefixes, excl = _inputs(world)
+    pm = ProcessModel(world.checkpoint, settings)
+    pm.start()
+    try:
+        assert pm.healthy and pm.pid not in (None, os.getpid())
+        got = pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
+        want = local.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
+        assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
+        assert all(math.isclose(a, b, abs_tol=1e-5) for g, w in zip(got, want, strict=True)
+                   for (_, a), (_, b) in zip(g, w, strict=True))
+        full = pm.decode_full(hists, 5, 10, excl)
+        assert [[i for i, _ in r] for r in full] == [[i for i, _ in r] for r in local.decode_full(hists, 5, 10, excl)]
+        # the child checks the caller's deadline (a perf_counter value, system-wide) and its errors come back
+        with pytest.raises(DeadlineExceeded):
+            pm.decode_full(hists, 5, 10, excl, deadline=time.perf_counter() - 1.0)
+        with pytest.raises(ValueError, match="beam"):
+            pm.decode_full(hists, 5, 2)
+        assert pm.decode_full(hists, 5, 10) != []  # still serving after errors
+    finally:
+        pm.close()
+    assert not pm.healthy
+
+
+def test_killed_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
+    settings = make_settings(world, redis_server.url, ns, model_process=True)
+    hists, _, _ = _inputs(world)
+    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1)
+    pm.start()
+    try:
+        first = pm.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(ModelUnavailable):
+            pm.decode_full(hists, 5, 10)  # the call that finds it dead
+        _wait(lambda: pm.healthy, 60)
+        assert pm.pid != first and pm.restarts == 1
+        assert len(pm.decode_full(hists, 5, 10)) == 3
+    finally:
+        pm.close()
+
+
+def test_missing_checkpoint_fails_start(world: TinyWorld, redis_server: RedisServer, ns: str, tmp_path) -> None:
+    settings = make_settings(world, redis_server.url, ns, model_process=True)
+    pm = ProcessModel(tmp_path / "nothing", settings)
+    with pytest.raises(RuntimeError, match="no OneRec checkpoint"):
+        pm.start()
+    assert not pm.healthy
+
+
+def test_app_serves_through_the_child_and_survives_its_death(world: TinyWorld, redis_server: RedisServer,
+                                                            redis_client: redis.Redis, ns: str) -> None:
+    user = 4
+    store = ThinkStore(redis_client, ns)
+    store.begin_version("v1", {"model": "think-test"})
+    store.write_entries("v1", {user: entry_for(world, user)}, 3600)
+    store.publish("v1", 1)
+    store.write_histories({user: world.sequences[user]}, 50)
+    with running_app(make_settings(world, redis_server.url, ns, model_process=True)) as c:
+        assert c.post("/v1/recommend", json={"user_id": user}).json()["source"] == "think-ahead"
+        proc = c.app.state.svc.loaded.process  # type: ignore[attr-defined]
+        assert proc is not None and proc.pid != os.getpid()
+        os.kill(proc.pid, signal.SIGKILL)
+        body = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
+        assert body["source"] == "fallback" and body["degraded"] is True and len(body["items"]) == 5
+        assert 'onerec_fallback_total{reason="model_down"} 1.0' in c.get("/metrics").text
+        wait_ready(c, 60)  # /readyz is 503 until the new child has loaded and warmed up
+        assert c.post("/v1/recommend", json={"user_id": user}).json()["source"] == "think-ahead"
+        assert "onerec_model_process_restarts 1.0" in c.get("/metrics").text
+    assert not proc.healthy  # the app's shutdown stopped the child
