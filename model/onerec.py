@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.onerec_infer import FrozenOneRec
 from model.semantic_ids import SemanticIDs
 from model.trie import CodeTrie
 from services.catalog import Example
@@ -185,6 +186,9 @@ class OneRec:
 
     def __init__(self, model: OneRecModel, sid: SemanticIDs):
         self.model = model.eval()
+        # decoding runs on a plain-tensor copy of the weights (about half the time per call); it is a
+        # snapshot: wrap the model again after training it further
+        self.net = FrozenOneRec(model)
         self.sid = sid
         self.cfg = model.cfg
         self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
@@ -231,7 +235,7 @@ class OneRec:
         return out
 
     def _last_hidden(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        return self.model.encode(self._rows(histories), last_only=True)[:, -1]  # (B, D)
+        return self.net.encode_last(self._rows(histories))  # (B, D)
 
     def _exclusion(self, exclude: Sequence[set[int]] | None, B: int) -> torch.Tensor | None:
         if not exclude:
@@ -256,7 +260,7 @@ class OneRec:
         here, whatever its size): a dead beam (node -1) reads the all -1 row of `_child_pad`.
         """
         B, W = nodes.shape
-        logits = self.model.level_logits(h[:, None].expand(B, W, -1), codes, level)  # (B, W, K)
+        logits = self.net.level_logits(h[:, None].expand(B, W, -1), codes, level)  # (B, W, K)
         nxt = self._child_pad[level][nodes]  # (B, W, K) child rows (or leaf item rows), -1: none
         invalid = nxt < 0
         if excl is not None and level == self.cfg.num_levels - 1:
@@ -268,7 +272,7 @@ class OneRec:
             # only the valid leaves' logits (a few dozen rows, not the whole catalogue); the item
             # log-softmax normaliser is one constant per user, so leaving it out keeps every ranking
             logp = logp.index_put_(where := (~invalid).nonzero(as_tuple=True),
-                                   logp[where] + self.cfg.item_score_weight * self.model.item_logits(h, where, nxt))
+                                   logp[where] + self.cfg.item_score_weight * self.net.item_logits(h, where, nxt))
         total = (scores[..., None] + logp).view(B, -1)  # (B, W*K)
         width = min(beam, total.shape[1])
         top, idx = total.topk(width, dim=1)
@@ -343,7 +347,7 @@ class OneRec:
         h = self._last_hidden(histories)
         self._check(deadline)
         excl = self._exclusion(exclude, B)
-        la = self.model.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
+        la = self.net.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
         la = torch.log_softmax(la.masked_fill_(self._no_root, -math.inf), -1)
         given: list[dict[tuple[int, int], float]] = []
         for plist in prefixes:
@@ -360,7 +364,7 @@ class OneRec:
         pairs = torch.unique(torch.cat([keys, (own_a + self.K * user).flatten(), self.K * user[:, 0]]))  # (U,)
         ua = pairs % self.K
         node_ua = self.child[0][0][ua]  # (U,) level-b node of each a (-1: a not in the trie)
-        lb = self.model.level_logits(h[pairs // self.K], ua[:, None], 1)  # (U, K)
+        lb = self.net.level_logits(h[pairs // self.K], ua[:, None], 1)  # (U, K)
         lb = torch.log_softmax(lb.masked_fill_(self._child_pad[1][node_ua] < 0, -math.inf), -1)
         own = ([[] for _ in range(B)] if own_prefixes <= 0 else
                self._own_prefixes(top_a, own_a, lb[torch.searchsorted(pairs, own_a + self.K * user)]))

@@ -4,9 +4,10 @@ With the model on a thread of the API process, each request's ~5 ms of model Pyt
 tensor ops, each holding the GIL between kernels) and its ~3 ms of FastAPI, pydantic and Redis work take
 turns on one interpreter lock: the process uses at most one core and requests queue behind each other.
 `ProcessModel` implements the batcher's `OnlineModel` protocol by sending each batch to a child process
-(spawned, not forked: torch's thread pools do not survive a fork) over a pipe and waiting for the answer;
-waiting on the pipe releases the GIL, so the event loop keeps parsing, reading Redis and answering
-meanwhile.
+over a socket pair and waiting for the answer; waiting releases the GIL, so the event loop keeps parsing,
+reading Redis and answering meanwhile. The child is a fresh interpreter (``python -m
+online_api.model_process FD``), not a fork (torch's thread pools do not survive one) and not a
+multiprocessing spawn (that re-imports the parent's ``__main__``, which breaks scripts without a main guard).
 
 - Deadlines cross the pipe as `time.perf_counter()` values; on Linux and macOS that clock is system-wide
   (CLOCK_MONOTONIC / mach_absolute_time), so the child checks the caller's deadline between decode steps.
@@ -22,9 +23,12 @@ Not here: batching and admission (`batching.py`), what a request does with the a
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Scored = list[tuple[int, float]]
+_ROOT = str(Path(__file__).resolve().parent.parent)
 _METHODS = ("complete", "decode_full")
 
 
@@ -111,10 +116,9 @@ class ProcessModel:
         self.start_timeout_s = start_timeout_s
         self.restart_backoff_s = restart_backoff_s
         self.restarts = 0  # children started after the first one
-        self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()  # one call on the pipe at a time
         self._conn: Connection | None = None
-        self._proc: Any = None  # multiprocessing's SpawnProcess (no public type)
+        self._proc: subprocess.Popen[bytes] | None = None
         self._restarting = False
         self._closed = False
 
@@ -123,13 +127,18 @@ class ProcessModel:
         """Start the child and wait until it has loaded and warmed up the model; raises if it cannot."""
         self._conn, self._proc = self._spawn()
 
-    def _spawn(self) -> tuple[Connection, Any]:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, args=(child, self.folder, self.settings), name="onerec-model",
-                                 daemon=True)
-        proc.start()
-        child.close()  # the parent keeps one end: the child's recv sees EOF when the parent goes
+    def _spawn(self) -> tuple[Connection, subprocess.Popen[bytes]]:
+        ours, theirs = socket.socketpair()
         try:
+            # this checkout first on the child's path, installed or not
+            path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+            proc = subprocess.Popen([sys.executable, "-m", "online_api.model_process", str(theirs.fileno())],
+                                    pass_fds=(theirs.fileno(),), env={**os.environ, "PYTHONPATH": path})
+        finally:
+            theirs.close()  # the child holds its end: its recv sees EOF when this process goes
+        parent = Connection(ours.detach())
+        try:
+            parent.send((self.folder, self.settings))
             if not parent.poll(self.start_timeout_s):
                 raise RuntimeError(f"model process did not get ready within {self.start_timeout_s:.0f} s")
             status, payload = parent.recv()
@@ -143,12 +152,12 @@ class ProcessModel:
         return parent, proc
 
     @staticmethod
-    def _kill(conn: Connection | None, proc: Any) -> None:
+    def _kill(conn: Connection | None, proc: subprocess.Popen[bytes] | None) -> None:
         if conn is not None:
             conn.close()
         if proc is not None:
             proc.kill()
-            proc.join(5)
+            proc.wait(5)
 
     def close(self) -> None:
         """Stop the child (it exits when the pipe closes); no restart after this."""
@@ -162,15 +171,16 @@ class ProcessModel:
                 pass
             conn.close()
         if proc is not None:
-            proc.join(5)
-            if proc.is_alive():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(5)
+                proc.wait(5)
 
     @property
     def healthy(self) -> bool:
         """True while a child is up and answering (False while one restarts, and after `close`)."""
-        return self._conn is not None and self._proc is not None and self._proc.is_alive()
+        return self._conn is not None and self._proc is not None and self._proc.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -226,3 +236,20 @@ class ProcessModel:
                  prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0) -> list[Scored]:
         return self._call("complete", histories, prefixes, k, beam, exclude, deadline, prefix_weight, own_prefixes,
                           own_floor)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Child entry point: ``python -m online_api.model_process FD`` (FD: its end of the socket pair)."""
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the API process decides
+    logging.basicConfig(level=logging.WARNING)
+    conn = Connection(int(args[0]))
+    try:
+        folder, settings = conn.recv()
+    except (EOFError, OSError):
+        return
+    _serve(conn, folder, settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -115,6 +115,38 @@ def test_last_only_matches_full_encode(trained: tuple[OneRec, Path]) -> None:
     assert torch.allclose(full, last, atol=1e-5)
 
 
+def test_frozen_serving_copy_matches_the_modules() -> None:
+    """The plain-tensor serving path (`model.onerec_infer`) computes what the modules compute: random
+    weights everywhere (biases and norms too), two layers, left-padded users of different lengths."""
+    torch.manual_seed(3)
+    sid = tiny_sid()
+    cfg = OneRecConfig(d_model=32, n_layers=2, n_heads=4, d_ff=48, dropout=0.3, max_len=12, item_score_weight=1.0)
+    model = build_model(cfg, sid)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    onerec = OneRec(model, sid)  # eval mode: no dropout
+    rows = onerec._rows([[5, 6, 7, 8, 9, 10, 11], [1, 2], [3]])
+    with torch.no_grad():
+        want = model.encode(rows, last_only=True)[:, -1]
+        got = onerec.net.encode_last(rows)
+        assert torch.allclose(got, want, atol=1e-5)
+        h = want[:, None].expand(3, 5, -1)
+        prev = torch.randint(0, sid.codebook_size, (3, 5, sid.num_levels))
+        for level in range(sid.num_levels):
+            assert torch.allclose(onerec.net.level_logits(h, prev, level), model.level_logits(h, prev, level),
+                                  atol=1e-5)
+        leaves = torch.randint(0, len(sid), (3, 5, 4))
+        where = torch.ones_like(leaves, dtype=torch.bool).nonzero(as_tuple=True)
+        assert torch.allclose(onerec.net.item_logits(want, where, leaves), model.item_logits(want, where, leaves),
+                              atol=1e-5)
+    # a snapshot: training the model further does not change the copy
+    before = onerec.net.encode_last(rows)
+    with torch.no_grad():
+        model.norm.bias.add_(1.0)
+    assert torch.equal(onerec.net.encode_last(rows), before)
+
+
 def test_item_head_learns_the_pattern_and_reranks_only_valid_items(tmp_path: Path) -> None:
     """The tied next-item head learns the successor alone; decoding with it keeps the trie's guarantees."""
     torch.set_num_threads(1)
