@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from model.onerec import OneRec
+from model.onerec_infer import ModuleNet
 from services.catalog import load_dataset
 from services.config import get_settings
 from services.results import write_result
@@ -76,18 +77,26 @@ def main(argv: list[str] | None = None) -> None:
     complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, prefix_weight=args.prefix_weight,
                                                     own_prefixes=args.own_prefixes))
     full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
+    # baseline in the same run: the same calls through the nn.Modules instead of the serving copy
+    frozen, onerec.net = onerec.net, ModuleNet(onerec.model)
+    complete_modules = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam,
+                                                            prefix_weight=args.prefix_weight,
+                                                            own_prefixes=args.own_prefixes))
+    onerec.net = frozen
     batches = [cases[s : s + 16] for s in range(0, min(len(cases), 640), 16)]
     t0 = time.perf_counter()
     for b in batches:
         onerec.decode_full([h for h, _ in b], k=10, beam=args.beam)
     batch_rate = sum(len(b) for b in batches) / (time.perf_counter() - t0)
     c, f, tr = percentiles(complete), percentiles(full), percentiles(trunk)
+    cm = percentiles(complete_modules)
     metrics = {
         "complete_p50_ms": round(c["p50"], 3), "complete_p99_ms": round(c["p99"], 3),
         "full_p50_ms": round(f["p50"], 3), "full_p99_ms": round(f["p99"], 3),
         "batch16_users_per_s": round(batch_rate, 1),
         "trunk_p50_ms": round(tr["p50"], 3),
         "complete_over_trunk_p50": round(c["p50"] / tr["p50"], 2),
+        "complete_modules_p50_ms": round(cm["p50"], 3), "serving_copy_speedup_p50": round(cm["p50"] / c["p50"], 2),
         "calls": args.calls, "prefixes": args.prefixes, "beam": args.beam, "threads": args.threads,
         "own_prefixes": args.own_prefixes, "prefix_weight": args.prefix_weight,
     }

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.onerec_infer import FrozenOneRec
+from model.onerec_infer import FrozenOneRec, ModuleNet
 from model.semantic_ids import SemanticIDs
 from model.trie import CodeTrie
 from services.catalog import Example
@@ -188,7 +188,7 @@ class OneRec:
         self.model = model.eval()
         # decoding runs on a plain-tensor copy of the weights (about half the time per call); it is a
         # snapshot: wrap the model again after training it further
-        self.net = FrozenOneRec(model)
+        self.net: FrozenOneRec | ModuleNet = FrozenOneRec(model)
         self.sid = sid
         self.cfg = model.cfg
         self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)

@@ -104,3 +104,20 @@ class FrozenOneRec:
         """Unnormalised item-head logits of the leaves at `where` of `rows` (B, W, K) for users h (B, D)."""
         assert self.items is not None
         return (self.items[rows[where] + 1] * h[where[0]]).sum(-1)
+
+
+class ModuleNet:
+    """The same interface straight over the modules: the reference `FrozenOneRec` is checked and timed
+    against (``OneRec.net = ModuleNet(model)`` decodes through the modules)."""
+
+    def __init__(self, model: OneRecModel) -> None:
+        self.model = model
+
+    def encode_last(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(rows, last_only=True)[:, -1]
+
+    def level_logits(self, h: torch.Tensor, prev: torch.Tensor, level: int) -> torch.Tensor:
+        return self.model.level_logits(h, prev, level)
+
+    def item_logits(self, h: torch.Tensor, where: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
+        return self.model.item_logits(h, where, rows)

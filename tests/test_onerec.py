@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.onerec import DeadlineExceeded, OneRec, OneRecConfig, build_model
+from model.onerec_infer import ModuleNet
 from model.onerec_train import lr_lambda, train_epoch
 from model.semantic_ids import SemanticIDConfig, SemanticIDs, disambiguate
 
@@ -140,6 +141,15 @@ def test_frozen_serving_copy_matches_the_modules() -> None:
         where = torch.ones_like(leaves, dtype=torch.bool).nonzero(as_tuple=True)
         assert torch.allclose(onerec.net.item_logits(want, where, leaves), model.item_logits(want, where, leaves),
                               atol=1e-5)
+    hists = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [3]]
+    prefixes = [[(int(c[0]), int(c[1]), -1.0) for c in sid.codes[:6].tolist()]] * 3
+    fast = (onerec.decode_full(hists, 5, 10), onerec.complete(hists, prefixes, 5, 10, own_prefixes=4))
+    frozen, onerec.net = onerec.net, ModuleNet(model)
+    slow = (onerec.decode_full(hists, 5, 10), onerec.complete(hists, prefixes, 5, 10, own_prefixes=4))
+    onerec.net = frozen
+    for f, m in zip(fast, slow, strict=True):
+        assert [[i for i, _ in r] for r in f] == [[i for i, _ in r] for r in m]
+        assert np.allclose([s for r in f for _, s in r], [s for r in m for _, s in r], atol=1e-4)
     # a snapshot: training the model further does not change the copy
     before = onerec.net.encode_last(rows)
     with torch.no_grad():
