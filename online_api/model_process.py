@@ -12,7 +12,8 @@ multiprocessing spawn (that re-imports the parent's ``__main__``, which breaks s
 - Deadlines cross the pipe as `time.perf_counter()` values; on Linux and macOS that clock is system-wide
   (CLOCK_MONOTONIC / mach_absolute_time), so the child checks the caller's deadline between decode steps.
 - The child's exceptions come back and are raised in the caller (`DeadlineExceeded` stays itself).
-- A child that dies (OOM kill, segfault) fails the batch in flight with `ModelUnavailable`; calls fail
+- A child that dies (OOM kill, segfault) or hangs (no answer `hang_s` after the call's deadline) is
+  killed and fails the batch in flight with `ModelUnavailable`; calls fail
   at once with the same error while a new child starts in the background (load + warm-up, seconds), and
   `healthy` is False until it is ready. The caller answers by fallback meanwhile.
 - The child exits when the API process closes the pipe or dies (its `recv` sees end-of-file).
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +78,8 @@ def _sendable(exc: BaseException) -> BaseException:
 
 
 def _serve(conn: Connection, folder: str, settings: Settings) -> None:
-    """Child process: load and warm up the checkpoint, say ready, then answer calls until the pipe closes."""
+    """Child process: load and warm up the checkpoint, say ready, then answer calls until the pipe closes
+    (or breaks: the API process died mid-call)."""
     import torch
 
     from model.onerec import OneRec
@@ -86,34 +89,37 @@ def _serve(conn: Connection, folder: str, settings: Settings) -> None:
         onerec = OneRec.load(folder)
         warm_up(onerec, settings)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which reports it on /readyz
-        conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+        with suppress(OSError):
+            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
         return
-    conn.send(("ready", os.getpid()))
-    with torch.inference_mode():
-        while True:
-            try:
+    try:
+        conn.send(("ready", os.getpid()))
+        with torch.inference_mode():
+            while True:
                 msg = conn.recv()
-            except (EOFError, OSError):  # the API process closed the pipe or died
-                return
-            if msg is None:
-                return
-            name, args, kwargs = msg
-            try:
-                if name not in _METHODS:
-                    raise ValueError(f"unknown model method {name!r}")
-                conn.send(("ok", getattr(onerec, name)(*args, **kwargs)))
-            except Exception as e:  # noqa: BLE001 - every error goes back to the caller
-                conn.send(("error", _sendable(e)))
+                if msg is None:
+                    return
+                name, args, kwargs = msg
+                try:
+                    if name not in _METHODS:
+                        raise ValueError(f"unknown model method {name!r}")
+                    reply: tuple[str, Any] = ("ok", getattr(onerec, name)(*args, **kwargs))
+                except Exception as e:  # noqa: BLE001 - every error goes back to the caller
+                    reply = ("error", _sendable(e))
+                conn.send(reply)
+    except (EOFError, OSError):  # the API process closed the pipe or died
+        return
 
 
 class ProcessModel:
     """`OnlineModel` whose calls run in a child process; one caller at a time (the batcher's thread)."""
 
     def __init__(self, folder: Path | str, settings: Settings, start_timeout_s: float = 120.0,
-                 restart_backoff_s: float = 1.0) -> None:
+                 restart_backoff_s: float = 1.0, hang_s: float = 2.0) -> None:
         self.folder = str(folder)
         self.settings = settings
         self.start_timeout_s = start_timeout_s
+        self.hang_s = hang_s  # no answer this long after the call's deadline: the child hangs, replace it
         self.restart_backoff_s = restart_backoff_s
         self.restarts = 0  # children started after the first one
         self._lock = threading.Lock()  # one call on the pipe at a time
@@ -213,29 +219,33 @@ class ProcessModel:
         self._restarting = False
 
     # ---------------------------------------------------------------- OnlineModel
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> list[Scored]:
+    def _call(self, name: str, deadline: float | None, *args: Any) -> list[Scored]:
         with self._lock:
             if self._conn is None:
                 raise ModelUnavailable("model process is starting")
+            # the child checks the deadline between decode steps, so a live child answers soon after it
+            wait = max(0.0, deadline - time.perf_counter() if deadline is not None else 0.0) + self.hang_s
             try:
-                self._conn.send((name, args, kwargs))
+                self._conn.send((name, args, {}))
+                if not self._conn.poll(wait):
+                    raise TimeoutError(f"no answer {wait:.1f} s after the call")
                 status, payload = self._conn.recv()
-            except (EOFError, OSError) as e:
+            except (EOFError, OSError) as e:  # TimeoutError is an OSError
                 self._died(e)
-                raise ModelUnavailable(f"model process died: {type(e).__name__}") from None
+                raise ModelUnavailable(f"model process died or hangs: {type(e).__name__}") from None
         if status != "ok":
             raise payload if isinstance(payload, BaseException) else RuntimeError(str(payload))
         return payload  # type: ignore[no-any-return]
 
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]:
-        return self._call("decode_full", histories, k, beam, exclude, deadline)
+        return self._call("decode_full", deadline, histories, k, beam, exclude, deadline)
 
     def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
                  k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
                  prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0) -> list[Scored]:
-        return self._call("complete", histories, prefixes, k, beam, exclude, deadline, prefix_weight, own_prefixes,
-                          own_floor)
+        return self._call("complete", deadline, histories, prefixes, k, beam, exclude, deadline, prefix_weight,
+                          own_prefixes, own_floor)
 
 
 def main(argv: list[str] | None = None) -> None:

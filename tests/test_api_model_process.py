@@ -84,6 +84,26 @@ def test_killed_child_is_replaced(world: TinyWorld, redis_server: RedisServer, n
         pm.close()
 
 
+def test_hung_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
+    """A stopped (hung) child does not block the batcher: past the deadline + hang_s it is killed and replaced."""
+    settings = make_settings(world, redis_server.url, ns, model_process=True)
+    hists, _, _ = _inputs(world)
+    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1, hang_s=0.3)
+    pm.start()
+    try:
+        first = pm.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        with pytest.raises(ModelUnavailable, match="hangs"):
+            pm.decode_full(hists, 5, 10, deadline=t0 + 0.2)
+        assert time.perf_counter() - t0 < 2.0  # deadline 0.2 s + hang_s 0.3 s, not forever
+        _wait(lambda: pm.healthy, 60)
+        assert pm.pid != first and len(pm.decode_full(hists, 5, 10)) == 3
+    finally:
+        pm.close()
+
+
 def test_missing_checkpoint_fails_start(world: TinyWorld, redis_server: RedisServer, ns: str, tmp_path) -> None:
     settings = make_settings(world, redis_server.url, ns, model_process=True)
     pm = ProcessModel(tmp_path / "nothing", settings)
