@@ -6,10 +6,12 @@ One run (about 5 minutes on 2 shared cores) does, against the trained artifacts 
    (`benchmarks.online_load.seed_redis`); the API runs as a uvicorn subprocess and gets open-loop load
    (`benchmarks.fault_load`: ``--rate`` recommend/s plus events). Redis is SIGKILLed and restarted
    ``--kills`` times (down ``--down-s`` each), frozen once with SIGSTOP for ``--freeze-s``, then corrupt,
-   oversized and foreign values are written under some users' keys while the load goes on. Counted: 5xx,
+   oversized and foreign values are written under some users' keys while the load goes on; the API's model
+   process (`online_api.model_process`) is SIGKILLed ``--model-kills`` times. Counted: 5xx,
    answers that never came, degraded answers, and per restart ``recovery_s``: from the restarted Redis
    answering PING until answers are think-ahead and not degraded again (and the share of such answers
-   until the next fault); events acknowledged vs stored at the end (lost, duplicated).
+   until the next fault), per model kill ``model_recovery_s`` (from the kill until such answers again:
+   the API replaces the child meanwhile); events acknowledged vs stored at the end (lost, duplicated).
 2. **Refresh killed.** ``python -m offline_worker refresh`` (HF engine, the real think model, the first
    ``--refresh-users`` users) is SIGKILLed ``--refresh-kills`` times mid-way and then re-run to completion
    (it resumes and publishes). A reader thread polls the live version all along: every version it sees
@@ -136,8 +138,23 @@ def api_counters(base: str) -> dict[str, float]:
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(wanted)}
 
 
+def model_child(api_pid: int) -> int | None:
+    """Pid of the API process's model child (``python -m online_api.model_process``), if it has one."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == api_pid and b"online_api.model_process" in cmd:
+            return int(entry.name)
+    return None
+
+
 def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: list[int],
-                  initial: dict[int, list[int]], items: list[int]) -> dict[str, Any]:  # fmt: skip
+                  initial: dict[int, list[int]], items: list[int], api_pid: int) -> dict[str, Any]:  # fmt: skip
     load = LoadProcess(Path(args.log_dir), base, users, args.rate, sorted(initial), items, args.event_rate, KEY,
                        args.budget_ms)  # fmt: skip
     faults: list[tuple[str, float, float]] = []  # (kind, start, end: Redis answers again)
@@ -161,6 +178,15 @@ def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: lis
         rp.signal(signal.SIGCONT)
         faults.append(("freeze", t, time.monotonic()))
         print(f"[faults] redis SIGSTOP for {args.freeze_s}s", flush=True)
+        time.sleep(args.gap_s)
+    for n in range(args.model_kills):
+        child = model_child(api_pid)
+        if child is None:
+            raise SystemExit("the API has no model process to kill (ONEREC_MODEL_PROCESS=false?)")
+        t = time.monotonic()
+        os.kill(child, signal.SIGKILL)
+        faults.append(("model_kill", t, t))
+        print(f"[faults] model process {child} SIGKILL {n + 1}/{args.model_kills}", flush=True)
         time.sleep(args.gap_s)
     client = redis.Redis.from_url(rp.url, socket_timeout=10)
     t_corrupt = time.monotonic()
@@ -218,6 +244,9 @@ def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_c
         "restarts_not_recovered": sum(r is None for r in kills),
         "good_share_after_recovery": after,
         "freeze_recovery_s": [round(r, 3) if r is not None else None for r in recovery.get("freeze", [])],
+        "model_kills": len(recovery.get("model_kill", [])),
+        "model_recovery_s_each": [round(r, 3) if r is not None else None for r in recovery.get("model_kill", [])],
+        "model_kills_not_recovered": sum(r is None for r in recovery.get("model_kill", [])),
         "answers_during_redis_down": len(during),
         "degraded_during_redis_down": sum(o.degraded for o in during),
         "p99_ms_during_redis_down": round(pct([o.done - o.sched for o in during], 99) * 1000, 1) if during else None,
@@ -376,7 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base = f"http://127.0.0.1:{port}"
             with process(uvicorn_cmd("online_api.app:create_app", port), env, logdir / "api.log") as api:
                 wait_http(f"{base}/readyz", 180, api)
-                out |= phase_serving(args, rp, base, users, initial, items)
+                out |= phase_serving(args, rp, base, users, initial, items, api.pid)
                 print(f"[faults] serving: {json.dumps(out)}", flush=True)
                 out |= phase_refresh(args, rp.url, logdir)
                 print(f"[faults] refresh done: partial reads {out['partial_version_reads']}", flush=True)
@@ -399,9 +428,11 @@ def metrics_of(out: dict[str, Any]) -> dict[str, Any]:
         version_reads fuzz_check_failures degraded_during_redis_down answers_during_redis_down
         p99_ms_during_redis_down degraded_outside_faults answers_outside_faults p50_ms_outside_faults
         p99_ms_outside_faults corrupt_user_answers corrupt_user_5xx corrupt_entries_served
-        think_ahead_share_other_users_during_corruption wall_s load_avg_1m_start""".split()
+        think_ahead_share_other_users_during_corruption model_kills model_recovery_s_each model_kills_not_recovered
+        wall_s load_avg_1m_start""".split()
     out = dict(out)
-    out["faults_injected"] = out["redis_kills"] + out["redis_freezes"] + out["refresh_kills"] + out["corrupt_values"]
+    out["faults_injected"] = (out["redis_kills"] + out["redis_freezes"] + out["refresh_kills"] + out["corrupt_values"]
+                              + out["model_kills"])
     out["lost_writes"] = out["lost_events"] + out["refresh_lost_entries"] + out["refresh_lost_histories"]
     out["events_replayed"] = int(out["api_counters"].get("onerec_events_replayed", 0))
     return {k: out[k] for k in keys}
@@ -422,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--down-s", type=float, default=2.0, help="seconds Redis stays dead each time")
     p.add_argument("--gap-s", type=float, default=8.0, help="seconds between faults")
     p.add_argument("--freeze-s", type=float, default=1.5, help="SIGSTOP Redis this long (0: skip)")
+    p.add_argument("--model-kills", type=int, default=2, help="SIGKILLs of the API's model process")
     p.add_argument("--corrupt-users", type=int, default=40, help="users whose Redis values are corrupted")
     p.add_argument("--corrupt-s", type=float, default=15.0, help="load after the corruption")
     p.add_argument("--refresh-users", type=int, default=64, help="users of the killed refresh")
@@ -435,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.users, args.kills, args.gap_s, args.corrupt_s, args.corrupt_users = 100, 1, 4.0, 5.0, 16
+        args.model_kills = 1
         args.refresh_users, args.refresh_kills, args.fuzz_per_op = 24, 1, 10
     out = run(args)
     Path(args.log_dir, "faults_full.json").write_text(json.dumps(out, indent=2))
@@ -446,7 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         note = (f"API: uvicorn 1 worker, real OneRec checkpoint, {args.rate:g} recommend/s + {args.event_rate:g} "
                 f"events/s open loop, budget {args.budget_ms:g} ms; Redis AOF appendfsync always; refresh: HF engine, "
                 f"real think model, {args.refresh_users} users; recovery_s: restarted Redis answers PING -> first "
-                f"think-ahead, non-degraded answer; details: {args.log_dir}/faults_full.json")  # fmt: skip
+                f"think-ahead, non-degraded answer; model_recovery_s: model process SIGKILLed -> the same; "
+                f"details: {args.log_dir}/faults_full.json")  # fmt: skip
         write_result("faults", metrics, note=note)
 
 

@@ -82,12 +82,11 @@ def load_onerec(settings: Settings) -> LoadedModel:
     folder = settings.resolved("onerec")
     name = Path(folder).resolve().name
     if settings.model_process:
-        if not (Path(folder) / "model.safetensors").is_file():
-            raise FileNotFoundError(f"no OneRec checkpoint at {folder} (run: python -m model.onerec train)")
-        sid = SemanticIDs.load(Path(folder) / "sid")
-        proc = ProcessModel(folder, settings)
+        onerec = OneRec.load(folder)  # the standby, run here only while the child restarts
+        warm_up(onerec, settings)
+        proc = ProcessModel(folder, settings, standby=onerec)
         proc.start()
-        return LoadedModel(proc, sid, CodeTrie(sid.codes, sid.item_ids, sid.codebook_size), name, proc)
+        return LoadedModel(proc, onerec.sid, onerec.trie, name, proc)
     onerec = OneRec.load(folder)
     warm_up(onerec, settings)
     return LoadedModel(onerec, onerec.sid, onerec.trie, name)

@@ -62,6 +62,10 @@ class Metrics:
             "onerec_model_process_restarts", "model child processes started after the first (each: one died)",
             registry=r,
         )  # fmt: skip
+        self.model_standby = Gauge(
+            "onerec_model_standby_calls", "model calls run in the API process while its model process restarted",
+            registry=r,
+        )  # fmt: skip
         self.ready = Gauge("onerec_ready", "1 when model and Redis are ready", registry=r)
 
     def render(self) -> bytes:

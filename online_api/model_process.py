@@ -13,9 +13,10 @@ multiprocessing spawn (that re-imports the parent's ``__main__``, which breaks s
   (CLOCK_MONOTONIC / mach_absolute_time), so the child checks the caller's deadline between decode steps.
 - The child's exceptions come back and are raised in the caller (`DeadlineExceeded` stays itself).
 - A child that dies (OOM kill, segfault) or hangs (no answer `hang_s` after the call's deadline) is
-  killed and fails the batch in flight with `ModelUnavailable`; calls fail
-  at once with the same error while a new child starts in the background (load + warm-up, seconds), and
-  `healthy` is False until it is ready. The caller answers by fallback meanwhile.
+  killed, and a new child starts in the background (load + warm-up, seconds); `healthy` is False until
+  it is ready. Meanwhile calls run on the `standby` model in this process if one is given (the API
+  gives one: answers stay personalised), else they fail at once with `ModelUnavailable` and the caller
+  answers by fallback.
 - The child exits when the API process closes the pipe or dies (its `recv` sees end-of-file).
 
 Not here: batching and admission (`batching.py`), what a request does with the answer (`complete.py`).
@@ -115,9 +116,13 @@ class ProcessModel:
     """`OnlineModel` whose calls run in a child process; one caller at a time (the batcher's thread)."""
 
     def __init__(self, folder: Path | str, settings: Settings, start_timeout_s: float = 120.0,
-                 restart_backoff_s: float = 1.0, hang_s: float = 2.0) -> None:
+                 restart_backoff_s: float = 1.0, hang_s: float = 2.0, standby: Any = None) -> None:
         self.folder = str(folder)
         self.settings = settings
+        # the same model loaded in this process (a `model.onerec.OneRec`), run on the caller's thread while
+        # no child is up: answers stay personalised during a restart, at the old GIL-sharing speed
+        self.standby = standby
+        self.standby_calls = 0
         self.start_timeout_s = start_timeout_s
         self.hang_s = hang_s  # no answer this long after the call's deadline: the child hangs, replace it
         self.restart_backoff_s = restart_backoff_s
@@ -222,7 +227,7 @@ class ProcessModel:
     def _call(self, name: str, deadline: float | None, *args: Any) -> list[Scored]:
         with self._lock:
             if self._conn is None:
-                raise ModelUnavailable("model process is starting")
+                return self._on_standby(name, args, "model process is starting")
             # the child checks the deadline between decode steps, so a live child answers soon after it
             wait = max(0.0, deadline - time.perf_counter() if deadline is not None else 0.0) + self.hang_s
             try:
@@ -232,10 +237,20 @@ class ProcessModel:
                 status, payload = self._conn.recv()
             except (EOFError, OSError) as e:  # TimeoutError is an OSError
                 self._died(e)
-                raise ModelUnavailable(f"model process died or hangs: {type(e).__name__}") from None
+                return self._on_standby(name, args, f"model process died or hangs: {type(e).__name__}")
         if status != "ok":
             raise payload if isinstance(payload, BaseException) else RuntimeError(str(payload))
         return payload  # type: ignore[no-any-return]
+
+    def _on_standby(self, name: str, args: tuple[Any, ...], why: str) -> list[Scored]:
+        """No child to ask: run the call on the standby model here, or fail with `ModelUnavailable`."""
+        if self.standby is None:
+            raise ModelUnavailable(why)
+        import torch
+
+        self.standby_calls += 1
+        with torch.inference_mode():
+            return getattr(self.standby, name)(*args)  # type: ignore[no-any-return]
 
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]:

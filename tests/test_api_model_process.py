@@ -66,6 +66,25 @@ def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server:
     assert not pm.healthy
 
 
+def test_standby_answers_while_the_child_restarts(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
+    settings = make_settings(world, redis_server.url, ns, model_process=True)
+    hists, prefixes, excl = _inputs(world)
+    standby = OneRec.load(world.checkpoint)
+    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1, standby=standby)
+    pm.start()
+    try:
+        want = standby.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
+        assert pm.pid is not None
+        os.kill(pm.pid, signal.SIGKILL)
+        assert pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0) == want  # the call that finds it dead
+        assert pm.standby_calls >= 1
+        _wait(lambda: pm.healthy, 60)
+        calls = pm.standby_calls
+        assert pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0) == want and pm.standby_calls == calls
+    finally:
+        pm.close()
+
+
 def test_killed_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
     settings = make_settings(world, redis_server.url, ns, model_process=True)
     hists, _, _ = _inputs(world)
@@ -125,9 +144,10 @@ def test_app_serves_through_the_child_and_survives_its_death(world: TinyWorld, r
         proc = c.app.state.svc.loaded.process  # type: ignore[attr-defined]
         assert proc is not None and proc.pid != os.getpid()
         os.kill(proc.pid, signal.SIGKILL)
+        # the standby copy in the API process answers until the new child is up: still personalised
         body = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
-        assert body["source"] == "fallback" and body["degraded"] is True and len(body["items"]) == 5
-        assert 'onerec_fallback_total{reason="model_down"} 1.0' in c.get("/metrics").text
+        assert body["source"] == "think-ahead" and body["degraded"] is False and len(body["items"]) == 5
+        assert "onerec_model_standby_calls 0.0" not in c.get("/metrics").text
         wait_ready(c, 60)  # /readyz is 503 until the new child has loaded and warmed up
         assert c.post("/v1/recommend", json={"user_id": user}).json()["source"] == "think-ahead"
         assert "onerec_model_process_restarts 1.0" in c.get("/metrics").text

@@ -50,6 +50,7 @@ async def metrics(state: AppState = Depends(get_state)) -> Response:
     state.metrics.events_replayed.set(state.reader.replayed)
     if state.loaded is not None and state.loaded.process is not None:
         state.metrics.model_restarts.set(state.loaded.process.restarts)
+        state.metrics.model_standby.set(state.loaded.process.standby_calls)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
