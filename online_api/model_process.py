@@ -24,6 +24,7 @@ Not here: batching and admission (`batching.py`), what a request does with the a
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -89,6 +90,8 @@ def _serve(conn: Connection, folder: str, settings: Settings) -> None:
         torch.set_num_threads(settings.torch_threads)
         onerec = OneRec.load(folder)
         warm_up(onerec, settings)
+        gc.collect()
+        gc.freeze()  # no full-collection pauses over the model and its tables (see `online_api.app.freeze_heap`)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which reports it on /readyz
         with suppress(OSError):
             conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))

@@ -3,6 +3,7 @@ a killed child is replaced while the API answers by fallback, and the app serves
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -141,6 +142,7 @@ def test_app_serves_through_the_child_and_survives_its_death(world: TinyWorld, r
     store.write_histories({user: world.sequences[user]}, 50)
     with running_app(make_settings(world, redis_server.url, ns, model_process=True)) as c:
         assert c.post("/v1/recommend", json={"user_id": user}).json()["source"] == "think-ahead"
+        assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's sight
         proc = c.app.state.svc.loaded.process  # type: ignore[attr-defined]
         assert proc is not None and proc.pid != os.getpid()
         os.kill(proc.pid, signal.SIGKILL)
