@@ -1,5 +1,8 @@
 """Micro-batcher: runs the online model on one dedicated thread, batching concurrent requests.
 
+The model behind it is either the `OneRec` itself (torch on this thread) or a
+`online_api.model_process.ProcessModel` (this thread then only waits on the model's child process).
+
 The event loop never runs torch: `MicroBatcher.submit` puts a job on a bounded queue and awaits a
 future with the job's deadline. The model thread takes the first job and everything else already
 queued; when the previous batch held several jobs it also waits at most ``wait_ms`` for more (up to
