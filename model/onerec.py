@@ -197,10 +197,23 @@ class OneRec:
         # decoding indexes these copies: one extra all -1 row at the end, so that a dead beam (node -1)
         # looks up "no children" directly instead of through clamp + mask ops on every step
         self._child_pad = [torch.cat([t, t.new_full((1, t.shape[1]), -1)]) for t in self.child]
+        # the same children as short lists (codes ascending): a node has 1-2 children on average below
+        # level b, so a beam step scores (B, W, C) valid slots instead of (B, W, K) mostly-masked ones
+        self._kids = [self._compact(t) for t in self._child_pad]
         self._no_root = self.child[0][0] < 0  # (K,) level-a codes absent from the trie
         self.K = sid.codebook_size
         self.row_of = {int(i): r for r, i in enumerate(sid.item_ids)}
         self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
+
+    @staticmethod
+    def _compact(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense child table (nodes, K), -1 = none -> (codes, children), both (nodes, C) with C the most
+        children of any node: valid codes first in ascending order, then code 0 with child -1."""
+        valid = table >= 0
+        width = max(1, int(valid.sum(1).max()))
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]  # valid codes, ascending
+        kids = table.gather(1, order)
+        return order.masked_fill(kids < 0, 0), kids
 
     # ---------------------------------------------------------------- persistence
     def save(self, folder: Path) -> None:
@@ -257,11 +270,12 @@ class OneRec:
         """Expand beams one level. h (B, D); codes (B, W, level); nodes/scores (B, W) -> new (B, W').
 
         Serving calls this per request, so it is written for few tensor ops (each costs microseconds
-        here, whatever its size): a dead beam (node -1) reads the all -1 row of `_child_pad`.
+        here, whatever its size) on small tensors: only each node's C valid child slots are scored (the
+        head's K logits are computed, then gathered), and a dead beam (node -1) reads the last, empty row.
         """
         B, W = nodes.shape
-        logits = self.net.level_logits(h[:, None].expand(B, W, -1), codes, level)  # (B, W, K)
-        nxt = self._child_pad[level][nodes]  # (B, W, K) child rows (or leaf item rows), -1: none
+        kc, nxt = self._kids[level][0][nodes], self._kids[level][1][nodes]  # (B, W, C) child codes, children
+        logits = self.net.level_logits(h[:, None].expand(B, W, -1), codes, level).gather(2, kc)  # (B, W, C)
         invalid = nxt < 0
         if excl is not None and level == self.cfg.num_levels - 1:
             # excl (B, N + 1): column -1 (the last one) is the never-excluded "no leaf" index
@@ -273,11 +287,11 @@ class OneRec:
             # log-softmax normaliser is one constant per user, so leaving it out keeps every ranking
             logp = logp.index_put_(where := (~invalid).nonzero(as_tuple=True),
                                    logp[where] + self.cfg.item_score_weight * self.net.item_logits(h, where, nxt))
-        total = (scores[..., None] + logp).view(B, -1)  # (B, W*K)
-        width = min(beam, total.shape[1])
-        top, idx = total.topk(width, dim=1)
-        src, code = idx // self.K, idx % self.K
-        new_codes = torch.cat([torch.gather(codes, 1, src[..., None].expand(-1, -1, level)), code[..., None]], -1)
+        total = (scores[..., None] + logp).view(B, -1)  # (B, W*C)
+        top, idx = total.topk(min(beam, total.shape[1]), dim=1)
+        src = idx // kc.shape[2]
+        new_codes = torch.cat([torch.gather(codes, 1, src[..., None].expand(-1, -1, level)),
+                               torch.gather(kc.view(B, -1), 1, idx)[..., None]], -1)
         new_nodes = torch.gather(nxt.view(B, -1), 1, idx).masked_fill_(top == -math.inf, -1)
         return new_codes, new_nodes, top
 

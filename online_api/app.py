@@ -3,8 +3,8 @@
 `create_app(settings)` builds the FastAPI app; its lifespan loads the catalogue (needed for titles and
 the popularity fallback, fast), opens the async Redis pool with tight timeouts and no retries (a dead
 Redis costs milliseconds), then loads the OneRec checkpoint and starts the model (in a child process by
-default, `online_api.model_process`) and its batching thread in the background: `/healthz` answers at once, `/readyz` says 503 until model and Redis are ready, and
-recommend answers by fallback meanwhile. Serve with
+default, `online_api.model_process`) and its batching thread in the background: `/healthz` answers at
+once, `/readyz` says 503 until model and Redis are ready, and recommend answers by fallback meanwhile. Serve with
 ``uvicorn online_api.app:create_app --factory --loop uvloop --http httptools`` or ``python -m online_api``.
 This module does not decide answers (`complete.py`) or define bodies (`schemas.py`).
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -107,6 +108,51 @@ def test_every_returned_item_is_valid(trained, histories, k, data) -> None:
         assert len(row) == min(k, avail)
 
 
+def _exact_scores(onerec: OneRec, history: list[int], exclude: set[int]) -> dict[int, float]:
+    """Every item's decode score by brute force: per level, log-softmax over the codes that lead to some
+    item under the prefix (no beam, no child tables), summed, plus the item head at the last level."""
+    sid, K = onerec.sid, onerec.K
+    codes = [tuple(c) for c in sid.codes.tolist()]
+    h = onerec._last_hidden([history])[0]
+    out: dict[int, float] = {}
+    with torch.no_grad():
+        for row, c in enumerate(codes):
+            item = int(sid.item_ids[row])
+            if item in exclude:
+                continue
+            total = 0.0
+            for level in range(len(c)):
+                valid = {d[level] for r, d in enumerate(codes) if d[:level] == c[:level]
+                         and (level < len(c) - 1 or int(sid.item_ids[r]) not in exclude)}
+                logits = onerec.net.level_logits(h, torch.tensor(c[:level], dtype=torch.long), level)
+                mask = torch.full((K,), -math.inf)
+                mask[sorted(valid)] = 0.0
+                total += float(torch.log_softmax(logits + mask, -1)[c[level]])
+            if onerec.cfg.item_score_weight > 0:
+                total += onerec.cfg.item_score_weight * float(onerec.model.item_emb.weight[row + 1] @ h)
+            out[item] = total
+    return out
+
+
+def test_exhaustive_beam_finds_the_exact_top_items(trained: tuple[OneRec, Path]) -> None:
+    """With a beam wider than the catalogue nothing is pruned, so decode_full must return exactly the
+    brute-force top-k (and complete the top-k under its prefixes): checks the sparse child slots, the
+    renormalisation over valid codes, the exclusion and the item head against a slow direct computation."""
+    onerec, _ = trained
+    for history, exclude in (([5, 6, 7], {8, 9}), ([20, 21], set()), ([], {1})):
+        exact = _exact_scores(onerec, history, exclude)
+        want = sorted(exact.items(), key=lambda kv: -kv[1])[:6]
+        got = onerec.decode_full([history], k=6, beam=N_ITEMS * 4, exclude=[exclude])[0]
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
+        prefixes = sorted({tuple(onerec.sid.codes_of(i)[:2]) for i, _ in want[3:]})
+        allowed = [(a, b, 0.0) for a, b in prefixes]
+        under = sorted(((i, s) for i, s in exact.items() if tuple(onerec.sid.codes_of(i)[:2]) in set(prefixes)),
+                       key=lambda kv: -kv[1])[:3]
+        got = onerec.complete([history], [allowed], k=3, beam=N_ITEMS * 4, exclude=[exclude])[0]
+        assert [i for i, _ in got] == [i for i, _ in under]
+
+
 def test_last_only_matches_full_encode(trained: tuple[OneRec, Path]) -> None:
     onerec, _ = trained
     rows = onerec._rows([[5, 6, 7, 8], [1, 2]])
@@ -150,6 +196,10 @@ def test_frozen_serving_copy_matches_the_modules() -> None:
     for f, m in zip(fast, slow, strict=True):
         assert [[i for i, _ in r] for r in f] == [[i for i, _ in r] for r in m]
         assert np.allclose([s for r in f for _, s in r], [s for r in m for _, s in r], atol=1e-4)
+    # the item head's path too: an exhaustive beam equals the brute-force ranking
+    exact = _exact_scores(onerec, [5, 6, 7], {9})
+    got = onerec.decode_full([[5, 6, 7]], k=5, beam=N_ITEMS * 4, exclude=[{9}])[0]
+    assert [i for i, _ in got] == [i for i, _ in sorted(exact.items(), key=lambda kv: -kv[1])[:5]]
     # a snapshot: training the model further does not change the copy
     before = onerec.net.encode_last(rows)
     with torch.no_grad():
