@@ -193,7 +193,16 @@ class ProcessModel:
 
     @property
     def healthy(self) -> bool:
-        """True while a child is up and answering (False while one restarts, and after `close`)."""
+        """True while a child is up and answering (False while one restarts, and after `close`). A child
+        found dead here is replaced at once: an idle API (say, one a load balancer took out of rotation
+        because /readyz said 503) gets no call that would notice it otherwise."""
+        proc = self._proc
+        if proc is not None and proc.poll() is not None and self._lock.acquire(blocking=False):
+            try:
+                if self._proc is proc:  # not replaced meanwhile
+                    self._died(RuntimeError(f"exited with status {proc.returncode}"))
+            finally:
+                self._lock.release()
         return self._conn is not None and self._proc is not None and self._proc.poll() is None
 
     @property

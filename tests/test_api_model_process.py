@@ -104,6 +104,21 @@ def test_killed_child_is_replaced(world: TinyWorld, redis_server: RedisServer, n
         pm.close()
 
 
+def test_child_dead_while_idle_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
+    """No call needed: asking `healthy` (what /readyz does) notices the dead child and starts a new one."""
+    settings = make_settings(world, redis_server.url, ns, model_process=True)
+    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1)
+    pm.start()
+    try:
+        first = pm.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: pm.healthy and pm.pid != first, 60)  # `healthy` first: it is what notices
+        assert pm.restarts == 1
+    finally:
+        pm.close()
+
+
 def test_hung_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
     """A stopped (hung) child does not block the batcher: past the deadline + hang_s it is killed and replaced."""
     settings = make_settings(world, redis_server.url, ns, model_process=True)
