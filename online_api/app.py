@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +55,31 @@ _FLUSH_EVERY_S = 0.2
 
 @dataclass
 class LoadedModel:
-    """What the lifespan loads in the background; `process` is set when the model runs in a child process."""
+    """What the lifespan loads in the background; `processes` is set when the model runs in child
+    processes (`model` is then the first of them)."""
 
     model: OnlineModel
     sid: SemanticIDs
     trie: CodeTrie
     model_id: str
-    process: ProcessModel | None = None
+    processes: list[ProcessModel] = field(default_factory=list)
+
+    @property
+    def process(self) -> ProcessModel | None:
+        return self.processes[0] if self.processes else None
+
+    @property
+    def extra_models(self) -> list[ProcessModel]:
+        """Model processes after the first: one more batcher thread each."""
+        return self.processes[1:]
 
     @property
     def healthy(self) -> bool:
-        return self.process is None or self.process.healthy
+        return all(p.healthy for p in self.processes)
 
     def close(self) -> None:
-        if self.process is not None:
-            self.process.close()
+        for p in self.processes:
+            p.close()
 
 
 ModelLoader = Callable[[Settings], LoadedModel]
@@ -77,20 +87,27 @@ ModelLoader = Callable[[Settings], LoadedModel]
 
 def load_onerec(settings: Settings) -> LoadedModel:
     """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with, warmed up:
-    in a child process (`settings.model_process`, see `online_api.model_process`) or in this one."""
+    in `settings.model_processes` child processes (`settings.model_process`, see `online_api.model_process`)
+    or in this one."""
     from model.onerec import OneRec
 
     folder = settings.resolved("onerec")
     name = Path(folder).resolve().name
-    if settings.model_process:
-        onerec = OneRec.load(folder)  # the standby, run here only while the child restarts
-        warm_up(onerec, settings)
-        proc = ProcessModel(folder, settings, standby=onerec)
-        proc.start()
-        return LoadedModel(proc, onerec.sid, onerec.trie, name, proc)
     onerec = OneRec.load(folder)
     warm_up(onerec, settings)
-    return LoadedModel(onerec, onerec.sid, onerec.trie, name)
+    if not settings.model_process:
+        return LoadedModel(onerec, onerec.sid, onerec.trie, name)
+    # `onerec` stays here as the standby, run only while a child restarts
+    procs: list[ProcessModel] = []
+    try:
+        for _ in range(settings.model_processes):
+            procs.append(ProcessModel(folder, settings, standby=onerec))
+            procs[-1].start()
+    except Exception:
+        for p in procs:
+            p.close()
+        raise
+    return LoadedModel(procs[0], onerec.sid, onerec.trie, name, procs)
 
 
 def freeze_heap() -> None:
@@ -139,7 +156,7 @@ class AppState:
             loaded.model, beam=s.beam, batch_max=s.batch_max, wait_ms=s.batch_wait_ms, torch_threads=s.torch_threads,
             queue_max=s.batch_queue_max, prefix_weight=s.prefix_weight, own_prefixes=s.own_prefixes,
             own_floor=s.own_prefix_floor, admit_by_expected=s.batch_admit_expected,
-            on_batch=self._on_batch, on_wait=m.queue_wait.observe,
+            on_batch=self._on_batch, on_wait=m.queue_wait.observe, extra_models=loaded.extra_models,
         )  # fmt: skip
         batcher.start()
         # every answer lists each item's codes: one dict lookup instead of a numpy row per item and request

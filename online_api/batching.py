@@ -87,16 +87,20 @@ def _settle(fut: asyncio.Future[Scored], result: Scored | None, exc: BaseExcepti
 
 
 class MicroBatcher:
-    """One model thread serving every request of the process."""
+    """One model thread serving every request of the process; with `extra_models` (model processes: each
+    its own child, so they can run at once) one more thread per extra model, all taking jobs from the
+    same queue."""
 
     def __init__(self, model: OnlineModel, beam: int, batch_max: int = 16, wait_ms: float = 1.0,
                  torch_threads: int = 1, queue_max: int = 256, prefix_weight: float = 1.0,
                  own_prefixes: int = 0, own_floor: float = 0.0, admit_by_expected: bool = True,
-                 on_batch: BatchHook | None = None, on_wait: WaitHook | None = None) -> None:
+                 on_batch: BatchHook | None = None, on_wait: WaitHook | None = None,
+                 extra_models: Sequence[OnlineModel] = ()) -> None:
         if batch_max < 1 or beam < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
             raise ValueError(f"bad batcher settings: batch_max={batch_max} beam={beam} queue_max={queue_max} "
                              f"torch_threads={torch_threads} wait_ms={wait_ms}")
         self.model = model
+        self.models = [model, *extra_models]
         self.beam = beam
         self.batch_max = batch_max
         self.wait_s = wait_ms / 1000.0
@@ -109,7 +113,7 @@ class MicroBatcher:
         self.expected_s: dict[Kind, float] = {}  # running average model seconds per batch, by kind
         self.skipped = 0  # jobs failed before the model because their budget was below the expected time
         self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_max)
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = False
         self._last_size = 1
 
@@ -120,20 +124,24 @@ class MicroBatcher:
         # process-wide; the API process runs torch only on this thread
         torch.set_num_threads(self.torch_threads)
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="onerec-model", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(m,), name="onerec-model" + (f"-{i}" if i else ""),
+                                          daemon=True) for i, m in enumerate(self.models)]
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop after the batch in progress; queued jobs are failed with `Overloaded`."""
+        """Stop after the batches in progress; queued jobs are failed with `Overloaded`."""
         self._stopping = True
-        if self._thread is None:
+        if not self._threads:
             return
-        try:
-            self._q.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        self._thread.join(timeout)
-        self._thread = None
+        for _ in self._threads:  # one stop mark per thread
+            try:
+                self._q.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
         while True:
             try:
                 job = self._q.get_nowait()
@@ -144,7 +152,7 @@ class MicroBatcher:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return any(t.is_alive() for t in self._threads) and not self._stopping
 
     def qsize(self) -> int:
         return self._q.qsize()
@@ -211,7 +219,7 @@ class MicroBatcher:
             batch.append(job)
         return batch, stop
 
-    def _run(self) -> None:
+    def _run(self, model: OnlineModel) -> None:
         while True:
             first = self._q.get()
             if first is None:
@@ -234,7 +242,7 @@ class MicroBatcher:
             for kind in ("complete", "full"):
                 group = [j for j in live if j.kind == kind]
                 if group:
-                    self._run_group(kind, group)  # type: ignore[arg-type]
+                    self._run_group(model, kind, group)  # type: ignore[arg-type]
             if stop or self._stopping:
                 return
 
@@ -258,7 +266,7 @@ class MicroBatcher:
             keep += ok
         return keep
 
-    def _run_group(self, kind: Kind, jobs: list[_Job]) -> None:
+    def _run_group(self, model: OnlineModel, kind: Kind, jobs: list[_Job]) -> None:
         k = max(j.k for j in jobs)
         beam = max(self.beam, k)
         deadline = max(j.deadline for j in jobs)  # each caller enforces its own; one late job must not fail all
@@ -269,10 +277,10 @@ class MicroBatcher:
             with self._inference():
                 if kind == "complete":
                     prefixes = [j.prefixes or [] for j in jobs]
-                    out = self.model.complete(histories, prefixes, k, beam, exclude, deadline, self.prefix_weight,
+                    out = model.complete(histories, prefixes, k, beam, exclude, deadline, self.prefix_weight,
                                               self.own_prefixes, self.own_floor)
                 else:
-                    out = self.model.decode_full(histories, k, beam, exclude, deadline)
+                    out = model.decode_full(histories, k, beam, exclude, deadline)
         except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back
             if isinstance(e, ModelUnavailable):
                 log.warning("model %s unavailable for a batch of %d: %s", kind, len(jobs), e)

@@ -169,3 +169,26 @@ def test_app_serves_through_the_child_and_survives_its_death(world: TinyWorld, r
         assert c.post("/v1/recommend", json={"user_id": user}).json()["source"] == "think-ahead"
         assert "onerec_model_process_restarts 1.0" in c.get("/metrics").text
     assert not proc.healthy  # the app's shutdown stopped the child
+
+
+def test_two_model_processes_share_the_queue(world: TinyWorld, redis_server: RedisServer,
+                                             redis_client: redis.Redis, ns: str) -> None:
+    """ONEREC_MODEL_PROCESSES=2: two children, one batcher thread each on the same queue; both answer."""
+    store = ThinkStore(redis_client, ns)
+    store.begin_version("v1", {"model": "think-test"})
+    store.write_entries("v1", {u: entry_for(world, u) for u in range(1, 9)}, 3600)
+    store.publish("v1", 8)
+    store.write_histories({u: world.sequences[u] for u in range(1, 9)}, 50)
+    with running_app(make_settings(world, redis_server.url, ns, model_process=True, model_processes=2)) as c:
+        loaded = c.app.state.svc.loaded  # type: ignore[attr-defined]
+        pids = {p.pid for p in loaded.processes}
+        assert len(pids) == 2 and os.getpid() not in pids
+        batcher = c.app.state.svc.batcher  # type: ignore[attr-defined]
+        assert len(batcher.models) == 2 and batcher.running
+        bodies = [c.post("/v1/recommend", json={"user_id": u}).json() for u in range(1, 9)]
+        assert all(b["source"] == "think-ahead" for b in bodies)
+        os.kill(loaded.processes[1].pid, signal.SIGKILL)  # the other child and the standby carry on
+        bodies = [c.post("/v1/recommend", json={"user_id": u}).json() for u in range(1, 9)]
+        assert all(b["source"] == "think-ahead" and not b["degraded"] for b in bodies)
+        wait_ready(c, 60)
+    assert not any(p.healthy for p in loaded.processes)

@@ -48,9 +48,9 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics(state: AppState = Depends(get_state)) -> Response:
     state.metrics.pending_events.set(len(state.pending))
     state.metrics.events_replayed.set(state.reader.replayed)
-    if state.loaded is not None and state.loaded.process is not None:
-        state.metrics.model_restarts.set(state.loaded.process.restarts)
-        state.metrics.model_standby.set(state.loaded.process.standby_calls)
+    if state.loaded is not None and state.loaded.processes:
+        state.metrics.model_restarts.set(sum(p.restarts for p in state.loaded.processes))
+        state.metrics.model_standby.set(sum(p.standby_calls for p in state.loaded.processes))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
