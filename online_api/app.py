@@ -114,7 +114,8 @@ def freeze_heap() -> None:
     """Move every object alive now (catalogue, histories, model) out of the garbage collector's sight.
 
     The API process holds ~350k long-lived objects after start; one full collection over them took
-    ~100-220 ms here, a pause every in-flight request would wait out. Frozen, a full collection only
+    ~220 ms here (measured while another job shared the cores), a pause every in-flight request would
+    wait out. Frozen, a full collection only
     walks what was allocated since (`gc.freeze`, the usual fix for long-running servers).
     """
     gc.collect()
