@@ -114,9 +114,8 @@ def freeze_heap() -> None:
     """Move every object alive now (catalogue, histories, model) out of the garbage collector's sight.
 
     The API process holds ~350k long-lived objects after start; one full collection over them took
-    ~220 ms here (measured while another job shared the cores), a pause every in-flight request would
-    wait out. Frozen, a full collection only
-    walks what was allocated since (`gc.freeze`, the usual fix for long-running servers).
+    230-255 ms here (with the OneRec standby loaded), a pause every in-flight request would wait out.
+    Frozen, a full collection only walks what was allocated since (`gc.freeze`, the usual fix for long-running servers).
     """
     gc.collect()
     gc.freeze()
