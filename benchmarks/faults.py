@@ -46,7 +46,7 @@ from typing import Any
 import redis
 
 from benchmarks.fault_load import LoadProcess, Outcome, dump, event_ledger, good_share, recovery_after
-from benchmarks.online_load import PY, ROOT, free_port, pct, process, seed_redis, uvicorn_cmd, wait_http
+from benchmarks.online_load import PY, ROOT, child_pids, free_port, pct, process, seed_redis, uvicorn_cmd, wait_http
 from services.store import SCHEMA_VERSION, ThinkEntry, ThinkKeys, ThinkStore
 
 NS, VERSION, KEY = "faults", "faults", "faults-key"
@@ -140,16 +140,12 @@ def api_counters(base: str) -> dict[str, float]:
 
 def model_child(api_pid: int) -> int | None:
     """Pid of the API process's model child (``python -m online_api.model_process``), if it has one."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in child_pids(api_pid):
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
+            if b"online_api.model_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
             continue
-        if ppid == api_pid and b"online_api.model_process" in cmd:
-            return int(entry.name)
     return None
 
 

@@ -261,26 +261,37 @@ def fallback_counts(metrics_url: str) -> dict[str, float]:
     return out
 
 
+def _proc_stat(pid: int | str) -> tuple[int, float]:
+    """(parent pid, user + system CPU seconds) of a process, from /proc/<pid>/stat (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live direct children of process `pid` (Linux /proc; [] elsewhere)."""
+    out = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit() and entry.name != str(pid):
+            try:
+                if _proc_stat(entry.name)[0] == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):  # exited meanwhile, or not a process
+                continue
+    return out
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of process `pid` and its live children, e.g. the API's model process
     (Linux /proc; None elsewhere)."""
-
-    def own(stat: str) -> tuple[int, float]:  # (parent pid, cpu seconds) of one /proc/<pid>/stat text
-        fields = stat.rsplit(")", 1)[1].split()
-        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     try:
-        total = own(Path(f"/proc/{pid}/stat").read_text())[1]
+        total = _proc_stat(pid)[1]
     except OSError:
         return None
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(pid):
-            try:
-                ppid, cpu = own((entry / "stat").read_text())
-            except (OSError, IndexError, ValueError):  # exited meanwhile, or not a process
-                continue
-            if ppid == pid:
-                total += cpu
+    for child in child_pids(pid):
+        try:
+            total += _proc_stat(child)[1]
+        except (OSError, IndexError, ValueError):
+            continue
     return total
 
 

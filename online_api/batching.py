@@ -99,7 +99,6 @@ class MicroBatcher:
         if batch_max < 1 or beam < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
             raise ValueError(f"bad batcher settings: batch_max={batch_max} beam={beam} queue_max={queue_max} "
                              f"torch_threads={torch_threads} wait_ms={wait_ms}")
-        self.model = model
         self.models = [model, *extra_models]
         self.beam = beam
         self.batch_max = batch_max

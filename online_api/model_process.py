@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from online_api.batching import ModelUnavailable
+from online_api.batching import ModelUnavailable, OnlineModel
 from services.config import Settings
 
 if TYPE_CHECKING:
@@ -119,7 +119,8 @@ class ProcessModel:
     """`OnlineModel` whose calls run in a child process; one caller at a time (the batcher's thread)."""
 
     def __init__(self, folder: Path | str, settings: Settings, start_timeout_s: float = 120.0,
-                 restart_backoff_s: float = 1.0, hang_s: float = 2.0, standby: Any = None) -> None:
+                 restart_backoff_s: float = 1.0, hang_s: float = 2.0,
+                 standby: OnlineModel | None = None) -> None:
         self.folder = str(folder)
         self.settings = settings
         # the same model loaded in this process (a `model.onerec.OneRec`), run on the caller's thread while
@@ -262,7 +263,7 @@ class ProcessModel:
 
         self.standby_calls += 1
         with torch.inference_mode():
-            return getattr(self.standby, name)(*args)  # type: ignore[no-any-return]
+            return getattr(self.standby, name)(*args)  # type: ignore[no-any-return]  # complete / decode_full
 
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]:

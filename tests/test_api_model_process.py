@@ -8,6 +8,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis
@@ -34,6 +37,25 @@ def _inputs(world: TinyWorld) -> tuple[list[list[int]], list[list[tuple[int, int
     return hists, prefixes, [set(h) for h in hists]
 
 
+@contextmanager
+def started(world: TinyWorld, redis_url: str, ns: str, **kw: Any) -> Iterator[ProcessModel]:
+    """A started `ProcessModel` on the tiny checkpoint (fast restarts), closed afterwards."""
+    pm = ProcessModel(world.checkpoint, make_settings(world, redis_url, ns, model_process=True),
+                      **{"restart_backoff_s": 0.1, **kw})
+    pm.start()
+    try:
+        yield pm
+    finally:
+        pm.close()
+
+
+def _signal_child(pm: ProcessModel, sig: int) -> int:
+    pid = pm.pid
+    assert pid is not None and pid != os.getpid()
+    os.kill(pid, sig)
+    return pid
+
+
 def _wait(cond: object, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():  # type: ignore[operator]
@@ -42,12 +64,9 @@ def _wait(cond: object, timeout_s: float) -> None:
 
 
 def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
-    settings = make_settings(world, redis_server.url, ns, model_process=True)
     local = OneRec.load(world.checkpoint)
     hists, prefixes, excl = _inputs(world)
-    pm = ProcessModel(world.checkpoint, settings)
-    pm.start()
-    try:
+    with started(world, redis_server.url, ns) as pm:
         assert pm.healthy and pm.pid not in (None, os.getpid())
         got = pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
         want = local.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
@@ -62,81 +81,52 @@ def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server:
         with pytest.raises(ValueError, match="beam"):
             pm.decode_full(hists, 5, 2)
         assert pm.decode_full(hists, 5, 10) != []  # still serving after errors
-    finally:
-        pm.close()
     assert not pm.healthy
 
 
 def test_standby_answers_while_the_child_restarts(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
-    settings = make_settings(world, redis_server.url, ns, model_process=True)
     hists, prefixes, excl = _inputs(world)
     standby = OneRec.load(world.checkpoint)
-    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1, standby=standby)
-    pm.start()
-    try:
-        want = standby.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
-        assert pm.pid is not None
-        os.kill(pm.pid, signal.SIGKILL)
+    want = standby.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
+    with started(world, redis_server.url, ns, standby=standby) as pm:
+        _signal_child(pm, signal.SIGKILL)
         assert pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0) == want  # the call that finds it dead
         assert pm.standby_calls >= 1
         _wait(lambda: pm.healthy, 60)
         calls = pm.standby_calls
         assert pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0) == want and pm.standby_calls == calls
-    finally:
-        pm.close()
 
 
 def test_killed_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
-    settings = make_settings(world, redis_server.url, ns, model_process=True)
     hists, _, _ = _inputs(world)
-    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1)
-    pm.start()
-    try:
-        first = pm.pid
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
+    with started(world, redis_server.url, ns) as pm:
+        first = _signal_child(pm, signal.SIGKILL)
         with pytest.raises(ModelUnavailable):
-            pm.decode_full(hists, 5, 10)  # the call that finds it dead
+            pm.decode_full(hists, 5, 10)  # the call that finds it dead (no standby here)
         _wait(lambda: pm.healthy, 60)
         assert pm.pid != first and pm.restarts == 1
         assert len(pm.decode_full(hists, 5, 10)) == 3
-    finally:
-        pm.close()
 
 
 def test_child_dead_while_idle_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
     """No call needed: asking `healthy` (what /readyz does) notices the dead child and starts a new one."""
-    settings = make_settings(world, redis_server.url, ns, model_process=True)
-    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1)
-    pm.start()
-    try:
-        first = pm.pid
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
+    with started(world, redis_server.url, ns) as pm:
+        first = _signal_child(pm, signal.SIGKILL)
         _wait(lambda: pm.healthy and pm.pid != first, 60)  # `healthy` first: it is what notices
         assert pm.restarts == 1
-    finally:
-        pm.close()
 
 
 def test_hung_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
     """A stopped (hung) child does not block the batcher: past the deadline + hang_s it is killed and replaced."""
-    settings = make_settings(world, redis_server.url, ns, model_process=True)
     hists, _, _ = _inputs(world)
-    pm = ProcessModel(world.checkpoint, settings, restart_backoff_s=0.1, hang_s=0.3)
-    pm.start()
-    try:
-        first = pm.pid
-        assert first is not None
-        os.kill(first, signal.SIGSTOP)
+    with started(world, redis_server.url, ns, hang_s=0.3) as pm:
+        first = _signal_child(pm, signal.SIGSTOP)
         t0 = time.perf_counter()
         with pytest.raises(ModelUnavailable, match="hangs"):
             pm.decode_full(hists, 5, 10, deadline=t0 + 0.2)
         assert time.perf_counter() - t0 < 2.0  # deadline 0.2 s + hang_s 0.3 s, not forever
         _wait(lambda: pm.healthy, 60)
         assert pm.pid != first and len(pm.decode_full(hists, 5, 10)) == 3
-    finally:
-        pm.close()
 
 
 def test_missing_checkpoint_fails_start(world: TinyWorld, redis_server: RedisServer, ns: str, tmp_path) -> None:
@@ -164,7 +154,8 @@ def test_app_serves_through_the_child_and_survives_its_death(world: TinyWorld, r
         # the standby copy in the API process answers until the new child is up: still personalised
         body = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
         assert body["source"] == "think-ahead" and body["degraded"] is False and len(body["items"]) == 5
-        assert "onerec_model_standby_calls 0.0" not in c.get("/metrics").text
+        standby = [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("onerec_model_standby_calls ")]
+        assert len(standby) == 1 and float(standby[0].split()[1]) >= 1
         wait_ready(c, 60)  # /readyz is 503 until the new child has loaded and warmed up
         assert c.post("/v1/recommend", json={"user_id": user}).json()["source"] == "think-ahead"
         assert "onerec_model_process_restarts 1.0" in c.get("/metrics").text
