@@ -6,8 +6,8 @@ One run (about 5 minutes with the defaults) measures on this machine:
    100 requests/s for 60 s, then a short sweep of higher rates for the largest one with p99 <= 100 ms;
 2. the floor: a trivial FastAPI endpoint doing one Redis GET of the same entry, same server settings;
 3. the full OneRec-Think model answering one request at a time the way a user would otherwise serve it:
-   reasoning then trie-constrained codes (vLLM engine of the offline worker; ``--full-engine hf`` for the
-   transformers reference, ``none`` to skip).
+   reasoning then trie-constrained codes (vLLM engine of the offline worker, compiled: its fastest setting on
+   CPU; ``--full-eager`` for eager mode, ``--full-engine hf`` for the transformers reference, ``none`` to skip).
 
 The load generator is a separate process (aiohttp, not httpx-bound) that sends request i at
 ``t0 + i / rate`` whatever happened before (open loop) and times each answer from that *scheduled* send
@@ -396,9 +396,12 @@ def redis_server() -> Iterator[str]:
 
 
 def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histories: list[list[int]],
-                       max_reasoning_tokens: int) -> dict:
+                       max_reasoning_tokens: int, eager: bool = False) -> dict:
     """Per-request latency of OneRec-Think answering alone: reasoning, then the codes (beam over a, b by the
-    engine's prefix beam, then the best c and d under the best prefix), one request at a time."""
+    engine's prefix beam, then the best c and d under the best prefix), one request at a time.
+
+    vLLM runs as fast as it can here (compiled, the offline throughput benchmark's setting: about a minute
+    more start-up, not timed), unless `eager`: the baseline is how a user would best serve the full model."""
     import torch
 
     from model.semantic_ids import SemanticIDs
@@ -407,12 +410,10 @@ def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histori
     from services.config import get_settings
 
     s = get_settings()
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        cpu_defaults()
-    # the offline worker's vLLM settings; on CPU eager mode (cpu_defaults disables torch.compile)
-    options = VLLMOptions(dtype=s.vllm_dtype, enforce_eager=s.vllm_enforce_eager or cpu,
-                          max_model_len=s.vllm_max_model_len, extra=dict(s.vllm_args))
+    if not torch.cuda.is_available():
+        cpu_defaults(eager=eager)
+    options = VLLMOptions(dtype=s.vllm_dtype, enforce_eager=eager, max_model_len=s.vllm_max_model_len,
+                          extra=dict(s.vllm_args))
     cfg = EngineConfig(samples=1, prefixes_per_sample=10, max_reasoning_tokens=max_reasoning_tokens, greedy=True)
     t0 = time.perf_counter()
     engine = make_engine(engine_kind, think_dir, sid_dir, cfg, vllm_options=options)
@@ -436,7 +437,8 @@ def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histori
                 lat.append(time.perf_counter() - t)
     finally:
         engine.close()
-    return {"engine": engine_kind, "requests": len(lat), "load_s": round(load_s, 1),
+    return {"engine": engine_kind, "compiled": engine_kind == "vllm" and not eager, "requests": len(lat),
+            "load_s": round(load_s, 1),
             "p50_ms": round(pct(lat, 50) * 1000, 1), "p90_ms": round(pct(lat, 90) * 1000, 1),
             "mean_ms": round(statistics.fmean(lat) * 1000, 1)}
 
@@ -488,7 +490,8 @@ def run(args: argparse.Namespace) -> dict:
         ds = load_dataset(settings.data_dir)
         by_user = {e.user_id: e.history for e in ds.splits.test}
         hists = [by_user[u] for u in users[: args.full_requests]]
-        out["full_model"] = full_model_latency(think_dir, sid_dir, args.full_engine, hists, args.max_reasoning_tokens)
+        out["full_model"] = full_model_latency(think_dir, sid_dir, args.full_engine, hists, args.max_reasoning_tokens,
+                                               eager=args.full_eager)
         print(f"[full] {json.dumps(out['full_model'])}", flush=True)
     return out
 
@@ -538,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-duration", type=float, default=15.0, help="seconds per sweep step")
     p.add_argument("--full-engine", choices=["vllm", "hf", "none"], default="vllm", help="full-model baseline engine")
     p.add_argument("--full-requests", type=int, default=20, help="requests answered by the full model")
+    p.add_argument("--full-eager", action="store_true",
+                   help="full-model baseline in vLLM eager mode (default: compiled, its fastest on CPU)")
     p.add_argument("--max-reasoning-tokens", type=int, default=48, help="reasoning budget of the full model")
     p.add_argument("--log-dir", default="/tmp/online_load", help="server logs")
     p.add_argument("--quick", action="store_true", help="smoke run: short steps, no full model, nothing written")

@@ -147,10 +147,11 @@ class OneRecModel(nn.Module):
             z = z + self.dec_emb(prev[..., :level] + self.level_offset[:level]).sum(-2)
         return self.heads[level](z)
 
-    def item_logits(self, h: torch.Tensor, where: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
-        """Unnormalised item-head logits of the leaves at `where` of `rows` (B, W, K) for users h (B, D)."""
+    def item_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Unnormalised item-head logits (B, W, C) of the catalogue rows `rows` (B, W, C) for users h (B, D);
+        a row of -1 (no item) reads the padding embedding: callers mask those slots."""
         assert self.item_emb is not None
-        return (self.item_emb.weight[rows[where] + 1] * h[where[0]]).sum(-1)
+        return (self.item_emb.weight[rows + 1] * h[:, None, None]).sum(-1)
 
     def item_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> log-softmax over catalogue rows (..., N) of the tied item head."""
@@ -283,10 +284,10 @@ class OneRec:
         logp = torch.log_softmax(logits.masked_fill_(invalid, -math.inf), -1)
         logp = logp.nan_to_num_(nan=-math.inf, neginf=-math.inf)  # rows without any valid child
         if level == self.cfg.num_levels - 1 and self.cfg.item_score_weight > 0:  # leaves: add the item head
-            # only the valid leaves' logits (a few dozen rows, not the whole catalogue); the item
-            # log-softmax normaliser is one constant per user, so leaving it out keeps every ranking
-            logp = logp.index_put_(where := (~invalid).nonzero(as_tuple=True),
-                                   logp[where] + self.cfg.item_score_weight * self.net.item_logits(h, where, nxt))
+            # only the beams' leaf slots (a few hundred rows, not the whole catalogue; invalid slots stay
+            # -inf); the item log-softmax normaliser is one constant per user, so leaving it out keeps
+            # every ranking
+            logp = logp.add_(self.net.item_logits(h, nxt), alpha=self.cfg.item_score_weight)
         total = (scores[..., None] + logp).view(B, -1)  # (B, W*C)
         top, idx = total.topk(min(beam, total.shape[1]), dim=1)
         src = idx // kc.shape[2]

@@ -75,15 +75,24 @@ class FrozenOneRec:
         B, T = rows.shape
         D, H = self.d, self.heads_n
         x = F.embedding(rows, self.inputs) + self.pos[self.max_len - T :]
-        causal, eye = self._causal(T)
-        mask = ((causal & (rows != 0)[:, None, :]) | eye)[:, None]  # (B, 1, T, T), True = may attend
+        # no padded row (one user's rows never are): plain causal attention, and the last block's single
+        # query (the last position) may see every key, so it needs no mask at all
+        mask: torch.Tensor | None = None
+        if bool((rows[:, 0] == 0).any()):
+            causal, eye = self._causal(T)
+            mask = ((causal & (rows != 0)[:, None, :]) | eye)[:, None]  # (B, 1, T, T), True = may attend
         last = len(self.blocks) - 1
         for i, (ln1, qkv, proj, ln2, ff1, ff2) in enumerate(self.blocks):
             y = F.layer_norm(x, (D,), *ln1).view(B * T, D)
             q, k, v = torch.addmm(qkv[1], y, qkv[0]).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
             if i == last:  # only the last position's output is needed from the final block
-                q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tq, D/H)
+                q, x = q[:, :, -1:], x[:, -1:]
+                mask = None if mask is None else mask[:, :, -1:]
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, D/H)
+            elif mask is None:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D/H)
             Tq = a.shape[2]
             x = x + torch.addmm(proj[1], a.transpose(1, 2).reshape(B * Tq, D), proj[0]).view(B, Tq, D)
             y = F.layer_norm(x, (D,), *ln2).view(B * Tq, D)
@@ -100,10 +109,12 @@ class FrozenOneRec:
         z = F.layer_norm(z.reshape(-1, self.d), (self.d,), nw, nb)
         return torch.addmm(b2, F.gelu(torch.addmm(b1, z, w1)), w2).view(*lead, -1)
 
-    def item_logits(self, h: torch.Tensor, where: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
-        """Unnormalised item-head logits of the leaves at `where` of `rows` (B, W, K) for users h (B, D)."""
+    def item_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Unnormalised item-head logits (B, W, C) of catalogue rows `rows` (B, W, C) (-1: the padding row)
+        for users h (B, D): one batched matrix-vector product per user."""
         assert self.items is not None
-        return (self.items[rows[where] + 1] * h[where[0]]).sum(-1)
+        B = rows.shape[0]
+        return torch.bmm(self.items[rows.view(B, -1) + 1], h[:, :, None]).view(rows.shape)
 
 
 class ModuleNet:
@@ -119,5 +130,5 @@ class ModuleNet:
     def level_logits(self, h: torch.Tensor, prev: torch.Tensor, level: int) -> torch.Tensor:
         return self.model.level_logits(h, prev, level)
 
-    def item_logits(self, h: torch.Tensor, where: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
-        return self.model.item_logits(h, where, rows)
+    def item_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.item_logits(h, rows)

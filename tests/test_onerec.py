@@ -183,10 +183,11 @@ def test_frozen_serving_copy_matches_the_modules() -> None:
         for level in range(sid.num_levels):
             assert torch.allclose(onerec.net.level_logits(h, prev, level), model.level_logits(h, prev, level),
                                   atol=1e-5)
-        leaves = torch.randint(0, len(sid), (3, 5, 4))
-        where = torch.ones_like(leaves, dtype=torch.bool).nonzero(as_tuple=True)
-        assert torch.allclose(onerec.net.item_logits(want, where, leaves), model.item_logits(want, where, leaves),
-                              atol=1e-5)
+        leaves = torch.randint(-1, len(sid), (3, 5, 4))  # -1: no leaf (the padding row)
+        assert torch.allclose(onerec.net.item_logits(want, leaves), model.item_logits(want, leaves), atol=1e-5)
+        # rows without padding take the mask-free causal path: one user, and a batch of equal lengths
+        for same in (rows[:1], onerec._rows([[5, 6, 7], [8, 9, 10]])):
+            assert torch.allclose(onerec.net.encode_last(same), model.encode(same, last_only=True)[:, -1], atol=1e-5)
     hists = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [3]]
     prefixes = [[(int(c[0]), int(c[1]), -1.0) for c in sid.codes[:6].tolist()]] * 3
     fast = (onerec.decode_full(hists, 5, 10), onerec.complete(hists, prefixes, 5, 10, own_prefixes=4))
