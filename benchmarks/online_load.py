@@ -337,20 +337,25 @@ def sweep(url: str, rates: Sequence[float], duration_s: float, users: list[int],
 # --------------------------------------------------------------------------- data set-up
 
 
+def bench_examples(n_users: int) -> list[Any]:
+    """The benchmark's users: the first `n_users` test examples in a fixed shuffled order."""
+    from services.catalog import load_dataset
+    from services.config import get_settings
+
+    examples = load_dataset(get_settings().data_dir).splits.test
+    random.Random(0).shuffle(examples)
+    return examples[:n_users]
+
+
 def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes: int, version: str) -> list[int]:
     """Fresh histories (test split) and entries from one-interaction-staler histories; returns the users."""
     import redis
 
     from model.onerec import OneRec
     from model.think_ahead import OneRecPrefixSource
-    from services.catalog import load_dataset
-    from services.config import get_settings
     from services.store import ThinkStore
 
-    ds = load_dataset(get_settings().data_dir)
-    examples = ds.splits.test
-    random.Random(0).shuffle(examples)
-    examples = examples[:n_users]
+    examples = bench_examples(n_users)
     onerec = OneRec.load(checkpoint)
     source = OneRecPrefixSource(onerec, prefixes=prefixes, beam=max(64, prefixes * 2))
     entries = {}
@@ -483,17 +488,21 @@ def run(args: argparse.Namespace) -> dict:
             out["floor_max_rps"], out["floor_sweep"] = best, steps
     out["load_avg_1m_end"], out["cpu_probe_ms_end"] = round(os.getloadavg()[0], 2), cpu_probe_ms()
     if args.full_engine != "none":
-        think_dir = (args.think_dir or settings.resolved("think")).resolve()
-        sid_dir = think_dir / "sid" if (think_dir / "sid" / "codes.tsv").is_file() else checkpoint / "sid"
-        from services.catalog import load_dataset
-
-        ds = load_dataset(settings.data_dir)
-        by_user = {e.user_id: e.history for e in ds.splits.test}
-        hists = [by_user[u] for u in users[: args.full_requests]]
-        out["full_model"] = full_model_latency(think_dir, sid_dir, args.full_engine, hists, args.max_reasoning_tokens,
-                                               eager=args.full_eager)
-        print(f"[full] {json.dumps(out['full_model'])}", flush=True)
+        out["full_model"] = full_model_step(args, checkpoint)
     return out
+
+
+def full_model_step(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """The full-model baseline on the benchmark's first `--full-requests` users (their test histories)."""
+    from services.config import get_settings
+
+    think_dir = (args.think_dir or get_settings().resolved("think")).resolve()
+    sid_dir = think_dir / "sid" if (think_dir / "sid" / "codes.tsv").is_file() else checkpoint / "sid"
+    hists = [e.history for e in bench_examples(args.full_requests)]
+    res = full_model_latency(think_dir, sid_dir, args.full_engine, hists, args.max_reasoning_tokens,
+                             eager=args.full_eager)  # fmt: skip
+    print(f"[full] {json.dumps(res)}", flush=True)
+    return res
 
 
 def metrics_of(out: dict) -> dict[str, Any]:
@@ -546,12 +555,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-reasoning-tokens", type=int, default=48, help="reasoning budget of the full model")
     p.add_argument("--log-dir", default="/tmp/online_load", help="server logs")
     p.add_argument("--quick", action="store_true", help="smoke run: short steps, no full model, nothing written")
+    p.add_argument("--full-only", action="store_true",
+                   help="only the full-model baseline (e.g. compiled vs --full-eager); prints it, writes nothing")
     p.add_argument("--results", action="store_true", help="write docs/results/online_load.json")
     args = p.parse_args(argv)
     if args.cmd == "client":
         users = json.loads(Path(args.users_file).read_text())
         res = asyncio.run(_load(args.url, args.rate, args.duration, users, args.k, args.timeout))
         print(json.dumps(res))
+        return
+    if args.full_only:
+        from services.config import get_settings
+
+        full_model_step(args, (args.checkpoint or get_settings().resolved("onerec")).resolve())
         return
     if args.quick:
         args.duration, args.sweep, args.floor_sweep, args.sweep_duration = 5.0, [200.0], [300.0], 3.0
@@ -564,8 +580,10 @@ def main(argv: list[str] | None = None) -> None:
         from services.results import write_result
 
         note = (f"API: uvicorn 1 worker; entries: {args.prefixes} prefixes from the OneRec beam over the staler "
-                f"history; full model: {args.full_engine} engine, {args.max_reasoning_tokens} reasoning tokens, one "
-                f"request at a time; details: {args.log_dir}/online_load_full.json")
+                f"history; full model: {args.full_engine} engine"
+                f"{' (eager)' if args.full_eager else ' (compiled)' if args.full_engine == 'vllm' else ''}, "
+                f"{args.max_reasoning_tokens} reasoning tokens, one request at a time; details: "
+                f"{args.log_dir}/online_load_full.json")
         write_result("online_load", metrics, note=note)
 
 
