@@ -57,9 +57,41 @@ def score(ranked: Sequence[Sequence[int]], targets: Sequence[int], ks: Sequence[
     return {k: round(v, 6) for k, v in sorted(out.items())}
 
 
-def evaluate(rec: Recommender, examples: Sequence[Example], k: int = max(KS), batch_size: int = 256,
-             progress: bool = True, desc: str = "eval") -> dict[str, float]:
-    """Run `rec` over `examples` in batches and score the top-k lists."""
+def paired_comparison(ranked_a: Sequence[Sequence[int]], ranked_b: Sequence[Sequence[int]], targets: Sequence[int],
+                      k: int = 10, n_boot: int = 2000, seed: int = 0) -> dict[str, object]:
+    """Is A better than B on the same users? Mean per-user difference of Recall@k and NDCG@k (A - B) with
+    a 95% paired bootstrap interval (users resampled `n_boot` times), the users only A / only B ranks in
+    its top k, and McNemar's exact two-sided p-value on those discordant users (Recall@k is a hit or not).
+    An interval that contains 0 means the data cannot tell the two apart."""
+    import numpy as np
+    from scipy.stats import binomtest
+
+    if not len(ranked_a) == len(ranked_b) == len(targets) or not targets:
+        raise ValueError(f"paired comparison needs equal, non-empty lists: {len(ranked_a)}, {len(ranked_b)}, "
+                         f"{len(targets)}")  # fmt: skip
+    rec = np.array([[recall_at_k(r, t, k) for r, t in zip(rk, targets, strict=True)] for rk in (ranked_a, ranked_b)])
+    ndcg = np.array([[ndcg_at_k(r, t, k) for r, t in zip(rk, targets, strict=True)] for rk in (ranked_a, ranked_b)])
+    n = len(targets)
+    diffs = np.stack([rec[0] - rec[1], ndcg[0] - ndcg[1]])  # (2, n)
+    rng = np.random.default_rng(seed)
+    boot = np.concatenate([diffs[:, rng.integers(0, n, (n, min(200, n_boot - s)))].mean(1)
+                           for s in range(0, n_boot, 200)], axis=1)  # (2, n_boot), 200 resamples at a time
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=1)
+    only_a, only_b = int(((rec[0] == 1) & (rec[1] == 0)).sum()), int(((rec[0] == 0) & (rec[1] == 1)).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {
+        f"recall@{k}_diff": round(float(diffs[0].mean()), 6),
+        f"recall@{k}_diff_ci95": [round(float(lo[0]), 6), round(float(hi[0]), 6)],
+        f"ndcg@{k}_diff": round(float(diffs[1].mean()), 6),
+        f"ndcg@{k}_diff_ci95": [round(float(lo[1]), 6), round(float(hi[1]), 6)],
+        f"hits@{k}_only_a": only_a, f"hits@{k}_only_b": only_b, f"mcnemar_p@{k}": round(float(p), 4),
+        "users": n, "bootstrap": n_boot,
+    }  # fmt: skip
+
+
+def rank(rec: Recommender, examples: Sequence[Example], k: int = max(KS), batch_size: int = 256,
+         progress: bool = True, desc: str = "eval") -> list[list[int]]:
+    """Run `rec` over `examples` in batches: each user's top-k list."""
     ranked: list[list[int]] = []
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, unit="user")
     for s in range(0, len(examples), batch_size):
@@ -70,7 +102,13 @@ def evaluate(rec: Recommender, examples: Sequence[Example], k: int = max(KS), ba
         ranked.extend(out)
         bar.update(len(batch))
     bar.close()
-    return score(ranked, [e.target for e in examples])
+    return ranked
+
+
+def evaluate(rec: Recommender, examples: Sequence[Example], k: int = max(KS), batch_size: int = 256,
+             progress: bool = True, desc: str = "eval") -> dict[str, float]:
+    """Run `rec` over `examples` in batches and score the top-k lists."""
+    return score(rank(rec, examples, k, batch_size, progress, desc), [e.target for e in examples])
 
 
 class MostPopular:

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import redis
 
-    from model.evaluate import evaluate, split_examples
+    from model.evaluate import evaluate, paired_comparison, rank, score, split_examples
     from services.catalog import load_dataset
     from services.config import get_settings
     from services.results import write_result
@@ -191,16 +191,23 @@ def main(argv: list[str] | None = None) -> None:
         source = OneRecPrefixSource(onerec)
     from model.onerec import OneRecRecommender
 
-    metrics: dict[str, object] = {"onerec": evaluate(OneRecRecommender(onerec, args.beam), examples, desc="onerec")}
+    targets = [e.target for e in examples]
+    ranked_onerec = rank(OneRecRecommender(onerec, args.beam), examples, desc="onerec")
+    metrics: dict[str, object] = {"onerec": score(ranked_onerec, targets)}
     rec = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight, args.own_prefixes, args.own_floor)
-    metrics["think_ahead"] = evaluate(rec, examples, desc="think-ahead")
+    ranked_ta = rank(rec, examples, desc="think-ahead")
+    metrics["think_ahead"] = score(ranked_ta, targets)
+    # the bar is think-ahead >= onerec: is a difference there at all? (a = think-ahead, b = onerec)
+    metrics["think_ahead_vs_onerec"] = paired_comparison(ranked_ta, ranked_onerec, targets)
     if args.own_prefixes > 0:
         strict = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight)
         metrics["think_ahead_strict"] = evaluate(strict, examples, desc="think-ahead (cached prefixes only)")
-        # ablation: what the cached prefixes add over the online model's own ones
+        # ablation: what the cached prefixes add over the online model's own ones (a = think-ahead, b = own only)
         own = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight, args.own_prefixes, args.own_floor,
                                     use_cached=False)  # fmt: skip
-        metrics["own_prefixes_only"] = evaluate(own, examples, desc="own prefixes only (ablation)")
+        ranked_own = rank(own, examples, desc="own prefixes only (ablation)")
+        metrics["own_prefixes_only"] = score(ranked_own, targets)
+        metrics["think_ahead_vs_own_prefixes_only"] = paired_comparison(ranked_ta, ranked_own, targets)
     for wide in args.wide_beams:  # the lightweight model alone with a wider beam (a reference, not a mode)
         metrics[f"onerec_beam{wide}"] = evaluate(OneRecRecommender(onerec, wide), examples, desc=f"onerec beam {wide}")
     metrics["think_ahead_coverage"] = round(rec.with_entry / max(1, rec.with_entry + rec.without_entry), 4)
