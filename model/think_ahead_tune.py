@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m model.think_ahead_tune``: grid over the completion knobs on validation users."""
     import redis
 
-    from model.evaluate import evaluate, split_examples
+    from model.evaluate import paired_comparison, rank, score, split_examples
     from services.catalog import load_dataset
     from services.config import get_settings
     from services.store import ThinkStore
@@ -100,15 +100,24 @@ def main(argv: list[str] | None = None) -> None:
     onerec = OneRec.load(checkpoint)
     source = CachedSource(entries)
     rows: list[dict[str, object]] = []
-    base = evaluate(OneRecRecommender(onerec, args.beam), examples, desc="onerec")
+    targets = [e.target for e in examples]
+    ranked_base = rank(OneRecRecommender(onerec, args.beam), examples, desc="onerec")
+    base = score(ranked_base, targets)
+    ranked: list[list[list[int]]] = []
     for n, w, f in grid(args.own, args.weights, args.floors):
         t0 = time.perf_counter()
-        m = evaluate(ThinkAheadRecommender(onerec, source, args.beam, w, n, f), examples,
-                     desc=f"own={n} w={w} floor={f}")  # fmt: skip
-        rows.append({"own_prefixes": n, "prefix_weight": w, "own_floor": f, "metrics": m,
+        ranked.append(rank(ThinkAheadRecommender(onerec, source, args.beam, w, n, f), examples,
+                           desc=f"own={n} w={w} floor={f}"))  # fmt: skip
+        rows.append({"own_prefixes": n, "prefix_weight": w, "own_floor": f, "metrics": score(ranked[-1], targets),
+                     "vs_onerec": paired_comparison(ranked[-1], ranked_base, targets),
                      "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    best = max(rows, key=lambda r: (r["metrics"]["recall@10"], r["metrics"]["ndcg@10"]))  # type: ignore[index]
+    i_best = max(range(len(rows)), key=lambda i: (rows[i]["metrics"]["recall@10"], rows[i]["metrics"]["ndcg@10"]))  # type: ignore[index]
+    best = rows[i_best]
+    # how sure is the choice? every other setting against the best on the same users (a = best)
+    for i, r in enumerate(rows):
+        if i != i_best:
+            r["best_vs_this"] = paired_comparison(ranked[i_best], ranked[i], targets)
     cmd = " ".join(["python -m model.think_ahead_tune", *(argv if argv is not None else sys.argv[1:])])
     out = {"split": "valid", "users": len(examples), "version": version, "coverage": round(coverage, 4),
            "beam": args.beam, "onerec": base, "rows": rows, "best": best,
