@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model.onerec import OneRec
-from model.onerec_infer import ModuleNet
+from model.onerec.serving import ModuleNet
 from services.catalog import load_dataset
 from services.config import get_settings
 from services.results import write_result

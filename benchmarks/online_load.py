@@ -351,8 +351,8 @@ def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes
     """Fresh histories (test split) and entries from one-interaction-staler histories; returns the users."""
     import redis
 
+    from evaluation.think_ahead import OneRecPrefixSource
     from model.onerec import OneRec
-    from model.think_ahead import OneRecPrefixSource
     from services.store import ThinkStore
 
     examples = bench_examples(n_users)

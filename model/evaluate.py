@@ -1,28 +1,22 @@
 """Evaluation harness shared by every quality number: Recall@K / NDCG@K under leave-one-out.
 
-Protocol (DESIGN.md section 4): last item = test target, second to last = validation target, history
-capped at the last 50, ranking over the whole catalogue. A recommender is anything with
-``recommend(examples, k) -> list[list[int]]`` (batched). Modes: ``mostpop`` (baseline), ``onerec``,
-``think``, ``think-ahead``; the model modes are resolved lazily so this module stays light.
-
-CLI: ``python -m model.evaluate mostpop --split test --results``; ``onerec`` takes ``--checkpoint``;
-``think`` and ``think-ahead`` hand their remaining arguments to ``python -m model.think.evaluate run``
-and ``python -m model.think_ahead`` (``python -m model.evaluate think-ahead --help``).
+Protocol: last item = test target, second to last = validation target, history
+capped at the last `services.catalog.HISTORY_CAP`, ranking over the whole catalogue. A recommender is anything with
+``recommend(examples, k) -> list[list[int]]`` (batched). This module holds the metrics, the paired
+comparison, the batched ranking loop and the MostPopular baseline; it imports no model. The command line
+of every mode (``python -m evaluation mostpop|onerec|think|think-ahead``) sits above, in `evaluation`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 from tqdm import tqdm
 
-from services.catalog import Dataset, Example, load_dataset
+from services.catalog import Dataset, Example
 
 KS = (5, 10)
 
@@ -129,49 +123,3 @@ def split_examples(ds: Dataset, split: str, limit: int | None = None) -> list[Ex
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     ex = ds.splits.test if split == "test" else ds.splits.valid
     return ex[:limit] if limit else ex
-
-
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["think"]:  # the LLM modes have their own options; one entry point for every mode
-        from model.think.evaluate import main as think_main
-
-        return think_main(["run", *argv[1:]])
-    if argv[:1] == ["think-ahead"]:
-        from model.think_ahead import main as think_ahead_main
-
-        return think_ahead_main(argv[1:])
-    from services.config import get_settings
-    from services.results import write_result
-
-    settings = get_settings()
-    p = argparse.ArgumentParser(prog="python -m model.evaluate", description="Leave-one-out evaluation.")
-    p.add_argument("mode", choices=["mostpop", "onerec", "think", "think-ahead"],
-                   help="what to evaluate (think / think-ahead: see `python -m model.evaluate think-ahead --help`)")
-    p.add_argument("--data-dir", type=Path, default=settings.data_dir, help="dataset folder")
-    p.add_argument("--split", choices=["valid", "test"], default="test", help="which held-out item")
-    p.add_argument("--checkpoint", type=Path, default=None, help="model folder (model modes)")
-    p.add_argument("--beam", type=int, default=20, help="beam width (model modes, >= 10)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N users")
-    p.add_argument("--results", action="store_true", help="write docs/results/<mode>.json")
-    args = p.parse_args(argv)
-    ds = load_dataset(args.data_dir)
-    examples = split_examples(ds, args.split, args.limit)
-    t0 = time.perf_counter()
-    rec: Recommender
-    if args.mode == "mostpop":
-        rec = MostPopular(ds.sequences, holdout=1 if args.split == "test" else 2)
-    else:
-        from model.onerec import OneRecRecommender
-
-        rec = OneRecRecommender.load(args.checkpoint or settings.resolved("onerec"), beam=args.beam)
-    metrics = evaluate(rec, examples, desc=args.mode)
-    print(f"{args.mode} on {args.split} ({len(examples)} users, {time.perf_counter() - t0:.1f}s): {metrics}")
-    if args.results and args.limit is None:
-        write_result("mostpop" if args.mode == "mostpop" else f"{args.mode}_eval", metrics, note=f"split={args.split}")
-
-
-if __name__ == "__main__":
-    main()

@@ -18,10 +18,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,79 +33,17 @@ from redis.backoff import NoBackoff
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.semantic_ids import SemanticIDs
-from model.trie import CodeTrie
-from online_api.batching import MicroBatcher, OnlineModel
-from online_api.complete import Completer, Popularity, RedisBreaker
-from online_api.events import PendingEvents
+from model.policy import Popularity
 from online_api.metrics import Metrics
-from online_api.model_process import ProcessModel, warm_up
+from online_api.routes import ops, recommend, users
 from online_api.schemas import MAX_BODY_BYTES, apply_server_limits
-from services.catalog import Catalog, load_dataset
+from online_api.state import AppState, ModelLoader, load_onerec
+from services.catalog import load_dataset
 from services.config import Settings, get_settings
-from services.store import AsyncThinkReader
 
 log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
-_FLUSH_EVERY_S = 0.2
-
-
-@dataclass
-class LoadedModel:
-    """What the lifespan loads in the background; `processes` is set when the model runs in child
-    processes (`model` is then the first of them)."""
-
-    model: OnlineModel
-    sid: SemanticIDs
-    trie: CodeTrie
-    model_id: str
-    processes: list[ProcessModel] = field(default_factory=list)
-
-    @property
-    def process(self) -> ProcessModel | None:
-        return self.processes[0] if self.processes else None
-
-    @property
-    def extra_models(self) -> list[ProcessModel]:
-        """Model processes after the first: one more batcher thread each."""
-        return self.processes[1:]
-
-    @property
-    def healthy(self) -> bool:
-        return all(p.healthy for p in self.processes)
-
-    def close(self) -> None:
-        for p in self.processes:
-            p.close()
-
-
-ModelLoader = Callable[[Settings], LoadedModel]
-
-
-def load_onerec(settings: Settings) -> LoadedModel:
-    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with, warmed up:
-    in `settings.model_processes` child processes (`settings.model_process`, see `online_api.model_process`)
-    or in this one."""
-    from model.onerec import OneRec
-
-    folder = settings.resolved("onerec")
-    name = Path(folder).resolve().name
-    onerec = OneRec.load(folder)
-    warm_up(onerec, settings)
-    if not settings.model_process:
-        return LoadedModel(onerec, onerec.sid, onerec.trie, name)
-    # `onerec` stays here as the standby, run only while a child restarts
-    procs: list[ProcessModel] = []
-    try:
-        for _ in range(settings.model_processes):
-            procs.append(ProcessModel(folder, settings, standby=onerec))
-            procs[-1].start()
-    except Exception:
-        for p in procs:
-            p.close()
-        raise
-    return LoadedModel(procs[0], onerec.sid, onerec.trie, name, procs)
 
 
 def freeze_heap() -> None:
@@ -119,74 +55,6 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-class AppState:
-    """Everything a request needs; lives on ``app.state.svc``."""
-
-    def __init__(self, settings: Settings, catalog: Catalog, users: list[int], popularity: Popularity,
-                 redis: aioredis.Redis, metrics: Metrics) -> None:
-        self.settings = settings
-        self.catalog = catalog
-        self.users = users
-        self.redis = redis
-        self.metrics = metrics
-        self.reader = AsyncThinkReader(redis, settings.namespace, current_ttl_s=settings.current_ttl_s)
-        self.pending = PendingEvents(settings.pending_events_max)
-        self.breaker = RedisBreaker(settings.redis_backoff_ms / 1000.0, settings.redis_breaker_failures)
-        self.loaded: LoadedModel | None = None
-        self.load_error: str | None = None
-        self.batcher: MicroBatcher | None = None
-        self._codes: dict[int, list[int]] = {}
-        self.completer = Completer(settings, self.reader, set(catalog.item_ids), None, None, popularity, metrics,
-                                   self.pending, self.breaker)
-
-    @property
-    def model_id(self) -> str:
-        return self.loaded.model_id if self.loaded is not None else "none"
-
-    def codes_of(self, item_id: int) -> list[int]:
-        """Semantic-ID codes of an item ([] before the model is loaded or for an item without codes)."""
-        return self._codes.get(item_id, [])
-
-    def attach(self, loaded: LoadedModel) -> None:
-        """Model is loaded: start its thread and let the completer use it."""
-        s, m = self.settings, self.metrics
-        batcher = MicroBatcher(
-            loaded.model, beam=s.beam, batch_max=s.batch_max, wait_ms=s.batch_wait_ms, torch_threads=s.torch_threads,
-            queue_max=s.batch_queue_max, prefix_weight=s.prefix_weight, own_prefixes=s.own_prefixes,
-            own_floor=s.own_prefix_floor, admit_by_expected=s.batch_admit_expected,
-            on_batch=self._on_batch, on_wait=m.queue_wait.observe, extra_models=loaded.extra_models,
-        )  # fmt: skip
-        batcher.start()
-        # every answer lists each item's codes: one dict lookup instead of a numpy row per item and request
-        self._codes = {int(i): c for i, c in zip(loaded.sid.item_ids.tolist(), loaded.sid.codes.tolist(), strict=True)}
-        self.batcher, self.loaded = batcher, loaded
-        self.completer.known = {int(i) for i in loaded.sid.item_ids}
-        self.completer.trie = loaded.trie
-        self.completer.batcher = batcher
-
-    def _on_batch(self, kind: str, size: int, seconds: float) -> None:
-        self.metrics.batch_size.labels(kind).observe(size)
-        self.metrics.model_latency.labels(kind).observe(seconds)
-
-    async def redis_ok(self) -> bool:
-        """PING within max(redis timeout, 250 ms): readiness means reachable; slowness is the breaker's job."""
-        try:
-            async with asyncio.timeout(max(self.settings.redis_timeout_ms / 1000.0, 0.25)):
-                await self.redis.ping()
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return False
-        return True
-
-    async def flush_loop(self) -> None:
-        """Write events queued during a Redis outage once it answers again."""
-        timeout = self.settings.redis_timeout_ms / 1000.0
-        while True:
-            await asyncio.sleep(_FLUSH_EVERY_S)
-            if len(self.pending) and self.breaker.allow():
-                await self.pending.flush(self.reader, self.settings.history_max, timeout)
-            self.metrics.pending_events.set(len(self.pending))
 
 
 def open_redis(settings: Settings) -> aioredis.Redis:
@@ -355,8 +223,6 @@ def create_app(settings: Settings | None = None, *, loader: ModelLoader | None =
                 await asyncio.to_thread(state.loaded.close)
             gc.unfreeze()  # collectable again (matters where apps come and go in one process: tests)
             await state.redis.aclose()
-
-    from online_api.routes import ops, recommend, users
 
     app = FastAPI(
         title="OneRec-Think online API",

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from model.onerec import DeadlineExceeded
+from model.policy import PolicyConfig
+from services.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +93,17 @@ class MicroBatcher:
     its own child, so they can run at once) one more thread per extra model, all taking jobs from the
     same queue."""
 
-    def __init__(self, model: OnlineModel, beam: int, batch_max: int = 16, wait_ms: float = 1.0,
-                 torch_threads: int = 1, queue_max: int = 256, prefix_weight: float = 1.0,
-                 own_prefixes: int = 0, own_floor: float = 0.0, admit_by_expected: bool = True,
-                 on_batch: BatchHook | None = None, on_wait: WaitHook | None = None,
-                 extra_models: Sequence[OnlineModel] = ()) -> None:
-        if batch_max < 1 or beam < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
-            raise ValueError(f"bad batcher settings: batch_max={batch_max} beam={beam} queue_max={queue_max} "
+    def __init__(self, model: OnlineModel, policy: PolicyConfig, batch_max: int, wait_ms: float, torch_threads: int,
+                 queue_max: int, admit_by_expected: bool, on_batch: BatchHook | None = None,
+                 on_wait: WaitHook | None = None, extra_models: Sequence[OnlineModel] = ()) -> None:
+        if batch_max < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
+            raise ValueError(f"bad batcher settings: batch_max={batch_max} queue_max={queue_max} "
                              f"torch_threads={torch_threads} wait_ms={wait_ms}")
         self.models = [model, *extra_models]
-        self.beam = beam
+        self.policy = policy  # beam and completion weights (`model.policy`)
         self.batch_max = batch_max
         self.wait_s = wait_ms / 1000.0
         self.torch_threads = torch_threads
-        self.prefix_weight = prefix_weight
-        self.own_prefixes, self.own_floor = own_prefixes, own_floor  # see `OneRec.complete`
         self.on_batch = on_batch
         self.on_wait = on_wait
         self.admit_by_expected = admit_by_expected
@@ -115,6 +113,15 @@ class MicroBatcher:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._last_size = 1
+
+    @classmethod
+    def from_settings(cls, model: OnlineModel, settings: Settings, on_batch: BatchHook | None = None,
+                      on_wait: WaitHook | None = None, extra_models: Sequence[OnlineModel] = ()) -> MicroBatcher:
+        """The batcher the API runs: every option from the one `Settings`."""
+        s = settings
+        return cls(model, PolicyConfig.from_settings(s), batch_max=s.batch_max, wait_ms=s.batch_wait_ms,
+                   torch_threads=s.torch_threads, queue_max=s.batch_queue_max, admit_by_expected=s.batch_admit_expected,
+                   on_batch=on_batch, on_wait=on_wait, extra_models=extra_models)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -267,7 +274,7 @@ class MicroBatcher:
 
     def _run_group(self, model: OnlineModel, kind: Kind, jobs: list[_Job]) -> None:
         k = max(j.k for j in jobs)
-        beam = max(self.beam, k)
+        beam = max(self.policy.beam, k)
         deadline = max(j.deadline for j in jobs)  # each caller enforces its own; one late job must not fail all
         histories = [j.history for j in jobs]
         exclude = [j.exclude for j in jobs]
@@ -276,8 +283,9 @@ class MicroBatcher:
             with self._inference():
                 if kind == "complete":
                     prefixes = [j.prefixes or [] for j in jobs]
-                    out = model.complete(histories, prefixes, k, beam, exclude, deadline, self.prefix_weight,
-                                              self.own_prefixes, self.own_floor)
+                    pol = self.policy
+                    out = model.complete(histories, prefixes, k, beam, exclude, deadline, pol.prefix_weight,
+                                         pol.own_prefixes, pol.own_floor)
                 else:
                     out = model.decode_full(histories, k, beam, exclude, deadline)
         except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back

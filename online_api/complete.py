@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
 from model.onerec import DeadlineExceeded
+from model.policy import FALLBACK, THINK, PolicyConfig, Popularity, Prefix, Ranked, Scored, rank_batch
 from model.trie import CodeTrie, EmptyAllowedSetError
 from online_api.batching import BelowExpected, Kind, MicroBatcher, ModelUnavailable, Overloaded
 from online_api.events import PendingEvents
@@ -35,7 +34,6 @@ from services.store import AsyncThinkReader, FetchResult, ThinkEntry
 
 log = logging.getLogger(__name__)
 
-THINK, ONLINE, FALLBACK = "think-ahead", "online-only", "fallback"
 _MIN_MODEL_S = 0.001  # do not start the model with less budget than this
 # after these, a second model call would not help (no time, no capacity, no model)
 _NO_RETRY = {"deadline", "below_expected", "overloaded", "model_not_ready", "model_down", "model_error"}
@@ -68,29 +66,6 @@ def entry_lag(entry: ThinkEntry, history: Sequence[int]) -> int | None:
         if list(history[end - len(tail) : end]) == tail:
             return len(history) - end
     return None
-
-
-class Popularity:
-    """Most-popular items (the fallback): log-share scores, consumed items skipped."""
-
-    def __init__(self, sequences: Iterable[Sequence[int]], valid: set[int] | None = None, keep: int = 2000):
-        counts: Counter[int] = Counter()
-        for seq in sequences:
-            counts.update(seq)
-        total = sum(counts.values()) or 1
-        ranked = [(i, c) for i, c in counts.most_common() if valid is None or i in valid]
-        self.top = [(i, math.log(c / total)) for i, c in ranked[:keep]]
-
-    def recommend(self, k: int, exclude: set[int] | frozenset[int] = frozenset(),
-                  skip: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, float]]:
-        out: list[tuple[int, float]] = []
-        for i, s in self.top:
-            if i in exclude or i in skip:
-                continue
-            out.append((i, s))
-            if len(out) == k:
-                break
-        return out
 
 
 class RedisBreaker:
@@ -151,6 +126,7 @@ class Completer:
         self.m = metrics
         self.pending = pending
         self.breaker = breaker
+        self.policy = PolicyConfig.from_settings(settings)
         self._prefixes_of: CodeTrie | None = None  # the trie `_prefix_set` was built from
         self._prefix_set: frozenset[tuple[int, ...]] = frozenset()
 
@@ -194,36 +170,24 @@ class Completer:
         history = known[-self.s.history_max :]
         if unknown:
             self.m.unknown_items.inc(unknown)
-        consumed = set(history) if self.s.exclude_consumed else set()
-
         entry = fetched.entry if fetched is not None else None
         prefixes = self._usable_prefixes(entry) if entry is not None else []
         if fetched is not None:
             lookup = "hit" if prefixes else "unusable" if entry else "corrupt" if fetched.corrupt else "miss"
             self.m.think_lookups.labels(lookup).inc()
 
-        items: list[tuple[int, float, str]] = []
-        source, reasoning = FALLBACK, None
-        # with Redis down and nothing sent, nothing is known about the user: popular items at once
-        if fetched is not None or history:
-            if prefixes:
-                scored = await self._model("complete", history, k, deadline, consumed, prefixes, reasons)
-                if scored:
-                    items, source = [(i, s, THINK) for i, s in scored], THINK
-                    reasoning = entry.reasoning if entry is not None else None
-            if not items and not (set(reasons) & _NO_RETRY):
-                scored = await self._model("full", history, k, deadline, consumed, None, reasons)
-                if scored:
-                    items, source = [(i, s, ONLINE) for i, s in scored], ONLINE
-        if len(items) < k:  # short lists (few items under the prefixes) are padded with popular ones
-            have = {i for i, _, _ in items}
-            items += [(i, s, FALLBACK) for i, s in self.popularity.recommend(k - len(items), consumed, have)]
+        # the one policy (`model.policy`); with Redis down and nothing sent, nothing is known about the user:
+        # popular items at once, without the model
+        model = _BatcherModel(self, deadline, reasons) if fetched is not None or history else None
+        ranked: Ranked = (await rank_batch(self.policy, model, self.popularity, [history], [prefixes or None], k))[0]
         for r in reasons:
             self.m.fallbacks.labels(r).inc()
+        source = ranked.source
+        reasoning = entry.reasoning if entry is not None and source == THINK else None
         degraded = fetched is None or source == FALLBACK
         version = fetched.version if fetched is not None else None
         cached = frozenset((a, b) for a, b, _ in prefixes) if source == THINK else frozenset()
-        return Answer(items, source, degraded, reasoning, version, unknown, reasons, cached)
+        return Answer(ranked.items, source, degraded, reasoning, version, unknown, reasons, cached)
 
     def _usable_prefixes(self, entry: ThinkEntry) -> list[tuple[int, int, float]]:
         """The entry's prefixes that exist in the trie (a foreign or outdated entry may hold others)."""
@@ -240,8 +204,8 @@ class Completer:
             self._prefixes_of = trie
         return self._prefix_set
 
-    async def _model(self, kind: Kind, history: list[int], k: int, deadline: float, consumed: set[int],
-                     prefixes: list[tuple[int, int, float]] | None, reasons: list[str]) -> list[tuple[int, float]]:
+    async def _model(self, kind: Kind, history: Sequence[int], k: int, deadline: float, consumed: set[int],
+                     prefixes: Sequence[Prefix] | None, reasons: list[str]) -> Scored:
         """One model call through the batcher; [] (and a reason appended) on any failure."""
         if self.batcher is None:
             reasons.append("model_not_ready")
@@ -250,7 +214,8 @@ class Completer:
             reasons.append("deadline")
             return []
         try:
-            return await self.batcher.submit(kind, history, k, deadline, prefixes=prefixes, exclude=consumed)
+            given = list(prefixes) if prefixes is not None else None
+            return await self.batcher.submit(kind, list(history), k, deadline, prefixes=given, exclude=consumed)
         except BelowExpected:  # failed before the model: its recent batches took longer than the budget left
             reasons.append("below_expected")
         except DeadlineExceeded:
@@ -265,3 +230,27 @@ class Completer:
             log.exception("model %s failed", kind)
             reasons.append("model_error")
         return []
+
+
+class _BatcherModel:
+    """`model.policy.PolicyModel` for one request: each call goes through the micro-batcher with the request's
+    deadline; failures append their reason, and a user whose reasons rule out a second call gets None."""
+
+    def __init__(self, completer: Completer, deadline: float, reasons: list[str]) -> None:
+        self.c, self.deadline, self.reasons = completer, deadline, reasons
+
+    def _final(self) -> bool:
+        return bool(set(self.reasons) & _NO_RETRY)
+
+    async def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
+                       exclude: Sequence[set[int]]) -> list[Scored | None]:
+        (history,), (given,), (consumed,) = histories, prefixes, exclude
+        scored = await self.c._model("complete", history, k, self.deadline, consumed, given, self.reasons)
+        return [scored if scored or not self._final() else None]
+
+    async def full(self, histories: Sequence[Sequence[int]], k: int,
+                   exclude: Sequence[set[int]]) -> list[Scored | None]:
+        if self._final():  # e.g. the Redis read already used up the budget
+            return [None]
+        (history,), (consumed,) = histories, exclude
+        return [await self.c._model("full", history, k, self.deadline, consumed, None, self.reasons)]

@@ -11,7 +11,7 @@ import secrets
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
-from online_api.app import AppState
+from online_api.state import AppState
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the server sets "
                                "ONEREC_API_KEY")

@@ -40,6 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model.policy import PolicyConfig
 from online_api.batching import ModelUnavailable, OnlineModel
 from services.config import Settings
 
@@ -62,11 +63,12 @@ def warm_up(onerec: OneRec, settings: Settings, calls: int = 3) -> None:
     torch.set_num_threads(settings.torch_threads)  # what the model thread will use
     items = [int(i) for i in onerec.sid.item_ids[:20].tolist()]
     prefixes = [(int(a), int(b), -1.0) for a, b in onerec.trie.codes[:8, :2].tolist()]
-    beam = max(settings.beam, settings.default_k)
+    pol = PolicyConfig.from_settings(settings)
+    beam = max(pol.beam, settings.default_k)
     with torch.inference_mode():
         for _ in range(calls):
             onerec.complete([items], [prefixes], settings.default_k, beam, [set(items[:5])], None,
-                            settings.prefix_weight, settings.own_prefixes, settings.own_prefix_floor)
+                            pol.prefix_weight, pol.own_prefixes, pol.own_floor)
             onerec.decode_full([items], settings.default_k, beam, [set(items[:5])])
 
 

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")
     batch_admit_expected: bool = Field(True, description="fail a model job at once when its budget left is below "
                                                          "the model time expected from recent batches")
-    # chosen on Beauty validation (`python -m model.think_ahead_tune`, docs/think/think_ahead_tuning.json)
+    # chosen on Beauty validation (`python -m evaluation.tune`, docs/think/think_ahead_tuning.json)
     prefix_weight: float = Field(0.25, ge=0, description="weight of the offline (a, b) log-prob in think-ahead")
     own_prefixes: int = Field(32, ge=0, le=256,
                               description="think-ahead: also complete under the online model's own top-N (a, b); "

@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 
 from model.onerec import OneRecConfig, build_model, save_checkpoint
 from model.semantic_ids import SemanticIDConfig, SemanticIDs
-from online_api.app import ModelLoader, create_app
+from online_api.app import create_app
+from online_api.state import ModelLoader
 from services.config import Settings
 from services.store import ThinkEntry
 

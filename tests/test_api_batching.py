@@ -11,14 +11,19 @@ from collections.abc import Sequence
 import pytest
 from api_support import TinyWorld, build_tiny_world
 
+from evaluation.think_ahead import OneRecPrefixSource, ThinkAheadRecommender, staler
 from model.onerec import DeadlineExceeded, OneRec
-from model.think_ahead import OneRecPrefixSource, ThinkAheadRecommender, staler
+from model.policy import PolicyConfig, Popularity
 from online_api.batching import BelowExpected, MicroBatcher, Overloaded
-from online_api.complete import Popularity, RedisBreaker, entry_lag, merge_history
+from online_api.complete import RedisBreaker, entry_lag, merge_history
 from services.catalog import Example
+from services.config import Settings
 from services.store import ThinkEntry
 
 pytestmark = pytest.mark.timeout(60)
+def policy(**over: object) -> PolicyConfig:
+    """The served policy (Settings defaults) with `over` on top."""
+    return PolicyConfig.from_settings(Settings(), **over)
 
 
 class FakeModel:
@@ -56,7 +61,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 def test_concurrent_requests_are_batched_off_the_loop() -> None:
     model = FakeModel(delay_s=0.02)
-    b = MicroBatcher(model, beam=4, batch_max=8, wait_ms=2.0)
+    b = MicroBatcher.from_settings(model, Settings(beam=4, batch_max=8, batch_wait_ms=2.0))
     b.start()
     try:
         async def go() -> list:
@@ -76,7 +81,7 @@ def test_concurrent_requests_are_batched_off_the_loop() -> None:
 def test_deadline_overload_errors_and_stop() -> None:
     gate = threading.Event()
     model = FakeModel(gate=gate)
-    b = MicroBatcher(model, beam=4, batch_max=1, wait_ms=0.0, queue_max=2)
+    b = MicroBatcher.from_settings(model, Settings(beam=4, batch_max=1, batch_wait_ms=0.0, batch_queue_max=2))
     b.start()
     try:
         async def go() -> None:
@@ -107,7 +112,7 @@ def test_deadline_overload_errors_and_stop() -> None:
 
 def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> None:
     model = FakeModel(delay_s=0.2)
-    b = MicroBatcher(model, beam=4, batch_max=8, wait_ms=0.0)
+    b = MicroBatcher.from_settings(model, Settings(beam=4, batch_max=8, batch_wait_ms=0.0))
     b.start()
     try:
         async def go() -> None:
@@ -137,7 +142,8 @@ def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> 
     # switched off: two queued jobs below the expected time both run (on, one of them would be skipped)
     gate = threading.Event()
     gated = FakeModel(gate=gate)
-    off = MicroBatcher(gated, beam=4, batch_max=8, wait_ms=0.0, admit_by_expected=False)
+    off = MicroBatcher.from_settings(gated, Settings(beam=4, batch_max=8, batch_wait_ms=0.0,
+                                                     batch_admit_expected=False))
     off.expected_s["full"] = 10.0
     off.start()
     try:
@@ -161,7 +167,7 @@ def test_model_exception_reaches_the_caller() -> None:
         def decode_full(self, *a, **kw):  # type: ignore[no-untyped-def]
             raise ValueError("bad batch")
 
-    b = MicroBatcher(Boom(), beam=2)
+    b = MicroBatcher.from_settings(Boom(), Settings(beam=2))
     b.start()
     try:
         with pytest.raises(ValueError, match="bad batch"):
@@ -220,7 +226,8 @@ def test_think_ahead_eval_mode(world: TinyWorld) -> None:
     source = OneRecPrefixSource(onerec, prefixes=4, beam=16)
     entries = source(examples)
     assert all(e is not None and 1 <= len(e.prefixes) <= 4 for e in entries)
-    rec = ThinkAheadRecommender(onerec, lambda ex: [*entries[:-1], None], beam=10)
+    pop = Popularity(world.sequences.values())
+    rec = ThinkAheadRecommender(onerec, lambda ex: [*entries[:-1], None], policy(beam=10, own_prefixes=0), pop)
     ranked = rec.recommend(examples, 10)
     assert rec.with_entry == 7 and rec.without_entry == 1
     assert rec.items > 0 and rec.cached_share == 1.0  # strict: every completed item is under a cached prefix
@@ -239,12 +246,14 @@ def test_own_prefixes_only_ablation_ignores_the_cached_prefixes(world: TinyWorld
     # a source whose cached prefixes all differ from the real ones: with use_cached=False nothing changes
     moved = [ThinkEntry(e.reasoning, [((a + 1) % 4, b, lp) for a, b, lp in e.prefixes], e.history_len, e.history_tail,
                         e.model_id, e.created_at) if e is not None else None for e in entries]  # fmt: skip
-    own = [ThinkAheadRecommender(onerec, src, beam=10, own_prefixes=4, use_cached=False).recommend(examples, 5)
+    pop = Popularity(world.sequences.values())
+    ablation = policy(beam=10, own_prefixes=4, use_cached=False)
+    own = [ThinkAheadRecommender(onerec, src, ablation, pop).recommend(examples, 5)
            for src in (lambda ex: entries, lambda ex: moved)]  # fmt: skip
     assert own[0] == own[1]
-    mixed = ThinkAheadRecommender(onerec, lambda ex: moved, beam=10, own_prefixes=4)
+    mixed = ThinkAheadRecommender(onerec, lambda ex: moved, policy(beam=10, own_prefixes=4), pop)
     with_cached = mixed.recommend(examples, 5)
     assert with_cached != own[0]  # the cached prefixes do change the answer when they are used
     assert 0.0 < mixed.cached_share < 1.0  # some items under the cached prefixes, some under the model's own
     with pytest.raises(ValueError, match="own_prefixes"):
-        ThinkAheadRecommender(onerec, lambda ex: entries, use_cached=False)
+        policy(own_prefixes=0, use_cached=False)

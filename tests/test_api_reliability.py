@@ -10,7 +10,7 @@ import redis
 from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, running_app, wait_ready
 from conftest import RedisServer
 
-from online_api.app import LoadedModel, load_onerec
+from online_api.state import LoadedModel, load_onerec
 from services.config import Settings
 from services.store import ThinkStore
 

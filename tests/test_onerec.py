@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.onerec import DeadlineExceeded, OneRec, OneRecConfig, build_model
-from model.onerec_infer import ModuleNet
-from model.onerec_train import lr_lambda, train_epoch
+from model.onerec.serving import ModuleNet
+from model.onerec.train import lr_lambda, train_epoch
 from model.semantic_ids import SemanticIDConfig, SemanticIDs, disambiguate
 
 N_ITEMS = 40
@@ -163,7 +163,7 @@ def test_last_only_matches_full_encode(trained: tuple[OneRec, Path]) -> None:
 
 
 def test_frozen_serving_copy_matches_the_modules() -> None:
-    """The plain-tensor serving path (`model.onerec_infer`) computes what the modules compute: random
+    """The plain-tensor serving path (`model.onerec.serving`) computes what the modules compute: random
     weights everywhere (biases and norms too), two layers, left-padded users of different lengths."""
     torch.manual_seed(3)
     sid = tiny_sid()

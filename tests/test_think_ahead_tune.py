@@ -1,10 +1,10 @@
-"""The validation grid of `model.think_ahead_tune` (the end-to-end run needs a refresh; see RESULTS.md)."""
+"""The validation grid of `evaluation.tune` (the end-to-end run needs a refresh; see RESULTS.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from model.think_ahead_tune import CachedSource, grid
+from evaluation.tune import CachedSource, grid
 from services.catalog import Example
 from services.store import ThinkEntry
 
@@ -22,7 +22,7 @@ def test_cached_source_answers_by_user() -> None:
 
 
 def test_entries_must_come_from_the_staler_history() -> None:
-    from model.think_ahead import require_staler
+    from evaluation.think_ahead import require_staler
 
     seqs = {1: [10, 11, 12, 13, 14]}
     ok = ThinkEntry("", [(1, 2, 0.0)], 2, [11], "m", 0.0)  # valid split: history without the last 3 items

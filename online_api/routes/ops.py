@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from online_api.app import AppState
 from online_api.deps import get_state
 from online_api.schemas import Health, Readiness
+from online_api.state import AppState
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 

@@ -9,10 +9,11 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.exceptions import RequestValidationError
 
-from online_api.app import AppState
-from online_api.complete import FALLBACK, THINK, Answer
+from model.policy import FALLBACK, THINK
+from online_api.complete import Answer
 from online_api.deps import get_state, require_api_key
 from online_api.schemas import UNAUTHORIZED, Item, RecommendRequest, RecommendResponse
+from online_api.state import AppState
 
 log = logging.getLogger(__name__)
 

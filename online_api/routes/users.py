@@ -9,7 +9,6 @@ import uuid
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from redis.exceptions import RedisError
 
-from online_api.app import AppState
 from online_api.complete import entry_lag
 from online_api.deps import get_state, require_api_key
 from online_api.schemas import (
@@ -24,6 +23,7 @@ from online_api.schemas import (
     ThinkResponse,
     UsersResponse,
 )
+from online_api.state import AppState
 
 log = logging.getLogger(__name__)
 

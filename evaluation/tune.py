@@ -1,19 +1,20 @@
 """Choose the think-ahead completion settings on the validation split (never on test).
 
-The online completion has three knobs (`OneRec.complete`): how many of the lightweight model's own
-top (a, b) prefixes join the cached ones (``own_prefixes``), the weight of the offline prefix log-prob
-(``prefix_weight``) and the offline score given to own prefixes (``own_floor``). This module scores a
+The served policy's completion has three knobs (`model.policy.PolicyConfig`, `OneRec.complete`): how
+many of the lightweight model's own top (a, b) prefixes join the cached ones (``own_prefixes``), the
+weight of the offline prefix log-prob (``prefix_weight``) and the offline score given to own prefixes
+(``own_floor``). This module scores a
 grid of them on validation users whose entries an offline refresh wrote from the history one
 interaction staler than the validation history (``refresh --holdout 3``), next to the lightweight
 model alone, and writes every row plus the best setting to a JSON file. Test numbers then come from
-`model.think_ahead` with the chosen setting and the ``--holdout 2`` entries.
+`python -m evaluation think-ahead` with the chosen setting and the ``--holdout 2`` entries.
 
 The OneRec checkpoint must not have seen the validation targets: use the selection run (trained on
 the train part), not the ``--refit`` one (train + valid), whose validation numbers are inflated; the
 module refuses a checkpoint whose ``train_args.json`` says ``refit``.
 
     python -m offline_worker refresh --holdout 3 --namespace val3
-    python -m model.think_ahead_tune --checkpoint artifacts/onerec/text_cf-item-cos20 --namespace val3
+    python -m evaluation.tune --checkpoint artifacts/onerec/text_cf-item-cos20 --namespace val3
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from evaluation.think_ahead import ThinkAheadRecommender, require_staler, train_popularity
 from model.onerec import OneRec, OneRecRecommender
-from model.think_ahead import ThinkAheadRecommender, require_staler
+from model.policy import PolicyConfig
 from services.catalog import Example
 from services.store import ThinkEntry
 
@@ -61,7 +63,7 @@ def grid(own: Sequence[int], weights: Sequence[float], floors: Sequence[float]) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m model.think_ahead_tune``: grid over the completion knobs on validation users."""
+    """``python -m evaluation.tune``: grid over the completion knobs on validation users."""
     import redis
 
     from model.evaluate import paired_comparison, rank, score, split_examples
@@ -70,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     from services.store import ThinkStore
 
     s = get_settings()
-    p = argparse.ArgumentParser(prog="python -m model.think_ahead_tune", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m evaluation.tune", description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, default=None, help="OneRec folder (default: artifacts/onerec/current)")
     p.add_argument("--redis-url", default=s.redis_url, help="Redis holding the --holdout 3 entries")
     p.add_argument("--namespace", default=s.namespace, help="key namespace of those entries")
     p.add_argument("--version", default=None, help="think version (default: the live one)")
     p.add_argument("--limit", type=int, default=None, help="first N validation users only")
-    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--beam", type=int, default=s.beam, help="beam width (default: the served ONEREC_BEAM)")
     p.add_argument("--own", type=_ints, default=[0, 16, 20, 32], help="own-prefix counts, comma separated")
     p.add_argument("--weights", type=_floats, default=[0.0, 0.1, 0.25, 0.5, 1.0], help="prefix weights")
     p.add_argument("--floors", type=_floats, default=[0.0], help="own-prefix floors")
@@ -104,9 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     ranked_base = rank(OneRecRecommender(onerec, args.beam), examples, desc="onerec")
     base = score(ranked_base, targets)
     ranked: list[list[list[int]]] = []
+    popularity = train_popularity(ds.sequences, "valid", {int(i) for i in onerec.sid.item_ids})
     for n, w, f in grid(args.own, args.weights, args.floors):
         t0 = time.perf_counter()
-        ranked.append(rank(ThinkAheadRecommender(onerec, source, args.beam, w, n, f), examples,
+        # the served policy (consumed-item rule and fill included) with this grid point's completion knobs
+        policy = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=w, own_prefixes=n, own_floor=f)
+        ranked.append(rank(ThinkAheadRecommender(onerec, source, policy, popularity), examples,
                            desc=f"own={n} w={w} floor={f}"))  # fmt: skip
         rows.append({"own_prefixes": n, "prefix_weight": w, "own_floor": f, "metrics": score(ranked[-1], targets),
                      "vs_onerec": paired_comparison(ranked[-1], ranked_base, targets),
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, r in enumerate(rows):
         if i != i_best:
             r["best_vs_this"] = paired_comparison(ranked[i_best], ranked[i], targets)
-    cmd = " ".join(["python -m model.think_ahead_tune", *(argv if argv is not None else sys.argv[1:])])
+    cmd = " ".join(["python -m evaluation.tune", *(argv if argv is not None else sys.argv[1:])])
     out = {"split": "valid", "users": len(examples), "version": version, "coverage": round(coverage, 4),
            "beam": args.beam, "onerec": base, "rows": rows, "best": best,
            "command": cmd}  # fmt: skip

@@ -24,15 +24,9 @@ import torch
 from tqdm import tqdm
 
 from model.evaluate import evaluate
-from model.onerec import (
-    OneRec,
-    OneRecConfig,
-    OneRecModel,
-    OneRecRecommender,
-    build_model,
-    count_params,
-    save_checkpoint,
-)
+from model.onerec.config import OneRecConfig
+from model.onerec.decoding import OneRec, OneRecRecommender
+from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
 from model.semantic_ids import SemanticIDs, point_current
 from services.catalog import Example, load_dataset
 

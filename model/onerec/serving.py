@@ -7,19 +7,18 @@ weights (take a new one after further training) and implements `encode(last_only
 `level_logits` with `F.layer_norm` / `addmm` / `F.gelu` / `scaled_dot_product_attention` directly:
 about half the time of the module path, with results equal to float rounding (tests compare them).
 The input embedding of every item (its code embeddings summed + its item-id embedding) is one
-precomputed table row. Training and the module path stay in `model.onerec`.
+precomputed table row. Training and the module path stay in `model.onerec.modeling`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from model.onerec import OneRecModel
+from model.onerec.modeling import Block, OneRecModel
 
 Linear = tuple[torch.Tensor, torch.Tensor]  # (weight transposed (in, out), bias)
 Norm = tuple[torch.Tensor, torch.Tensor]  # (weight, bias)
@@ -36,11 +35,9 @@ def _norm(m: nn.Module) -> Norm:
 
 
 class FrozenOneRec:
-    """Inference-only weights of a `model.onerec.OneRecModel`, copied when built (never trained)."""
+    """Inference-only weights of a `model.onerec.modeling.OneRecModel`, copied when built (never trained)."""
 
     def __init__(self, model: OneRecModel) -> None:
-        from model.onerec import Block
-
         cfg = model.cfg
         self.d, self.heads_n, self.max_len = cfg.d_model, cfg.n_heads, cfg.max_len
         with torch.no_grad():

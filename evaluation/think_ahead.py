@@ -1,18 +1,22 @@
 """Evaluation mode ``think-ahead``: offline prefixes from a staler history, online completion with the fresh one.
 
-The deployment situation (DESIGN.md section 4): the offline tier computed a user's `ThinkEntry` before the
-user's latest interaction; the online tier completes levels c, d under the entry's (a, b) prefixes with the
-history that includes it. `ThinkAheadRecommender` implements the harness's `Recommender` protocol given an
-*entry source*: any callable mapping examples to entries computed from ``history[:-1]`` (see `staler`).
+The deployment situation: the offline tier computed a user's `ThinkEntry` before the user's latest
+interaction; the online tier completes levels c, d under the entry's (a, b) prefixes with the history that
+includes it. `ThinkAheadRecommender` implements the harness's `Recommender` protocol given an *entry
+source* (any callable mapping examples to entries computed from ``history[:-1]``, see `staler`) by calling
+the one served policy, `model.policy.rank_batch`, with the served `PolicyConfig`: the same candidates,
+consumed-item rule and fill rule as ``POST /v1/recommend``. Numbers "as served" use the served settings;
+the protocol's plain numbers (consumed items allowed) are reported beside them where they differ.
 
 Sources provided here: `StoreSource` (entries an offline refresh wrote to Redis for the staler histories)
 and `OneRecPrefixSource` (prefixes from the lightweight model's own beam on the staler history: a cheap
 stand-in used by tests and as a sanity baseline). The OneRec-Think source belongs to the offline worker.
-This module never imports vLLM or the API.
+This module never imports vLLM or the API; it reads Redis only through `services.store`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.onerec import OneRec
+from model.policy import THINK, PolicyConfig, Popularity, Prefix, Scored, rank_batch
 from services.catalog import Example
 from services.store import ThinkEntry, ThinkStore
 
@@ -85,64 +90,85 @@ class OneRecPrefixSource:
         return out
 
 
+def train_popularity(sequences: dict[int, list[int]], split: str, valid: set[int] | None = None) -> Popularity:
+    """The fill rule's popular items, counted without the evaluated targets (test: all but the last item
+    of each sequence; valid: all but the last two). Serving counts every known interaction."""
+    holdout = 1 if split == "test" else 2
+    return Popularity((s[:-holdout] for s in sequences.values()), valid)
+
+
+class InProcessModel:
+    """`model.policy.PolicyModel` over an in-process `OneRec` (no deadline: evaluation waits for every call)."""
+
+    def __init__(self, onerec: OneRec, policy: PolicyConfig) -> None:
+        self.onerec, self.policy = onerec, policy
+
+    async def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
+                       exclude: Sequence[set[int]]) -> list[Scored | None]:
+        p = self.policy
+        return list(self.onerec.complete(histories, prefixes, k, max(p.beam, k), exclude=list(exclude),
+                                         prefix_weight=p.prefix_weight, own_prefixes=p.own_prefixes,
+                                         own_floor=p.own_floor))
+
+    async def full(self, histories: Sequence[Sequence[int]], k: int,
+                   exclude: Sequence[set[int]]) -> list[Scored | None]:
+        return list(self.onerec.decode_full(histories, k, max(self.policy.beam, k), exclude=list(exclude)))
+
+
 class ThinkAheadRecommender:
-    """`Recommender`: complete under stale-entry prefixes with the fresh history; full decode without entry.
+    """`Recommender` that ranks through the served policy (`model.policy.rank_batch`): complete under the
+    stale entry's usable prefixes with the fresh history, decode all levels without an entry, pad with
+    popular items; `policy` says beam, weights and the consumed-item rule."""
 
-    Lists shorter than k (few items under the prefixes) are filled from the full decode, so every user is
-    ranked over the whole catalogue as the protocol requires.
-    """
-
-    def __init__(self, onerec: OneRec, source: EntrySource, beam: int = 20, prefix_weight: float = 1.0,
-                 own_prefixes: int = 0, own_floor: float = 0.0, use_cached: bool = True):
-        if not use_cached and own_prefixes <= 0:
-            raise ValueError("use_cached=False needs own_prefixes > 0 (there would be nothing to complete)")
+    def __init__(self, onerec: OneRec, source: EntrySource, policy: PolicyConfig, popularity: Popularity):
         self.onerec = onerec
         self.source = source
-        self.beam = beam
-        self.prefix_weight = prefix_weight
-        self.own_prefixes, self.own_floor = own_prefixes, own_floor
-        self.use_cached = use_cached  # False: ablation, the same users completed under own prefixes only
+        self.policy = policy
+        self.popularity = popularity
+        self.model = InProcessModel(onerec, policy)
+        # the (a, b) that exist in the trie: serving drops an entry's other prefixes the same way
+        self.valid = frozenset(map(tuple, onerec.trie.codes[:, :2].tolist()))
         self.with_entry = 0
         self.without_entry = 0
-        self.items = 0  # completed items (users with an entry)
+        self.items = 0  # items the completion listed (source think-ahead)
         self.items_cached = 0  # ... of them under one of the entry's cached (a, b) prefixes
+        self.sources: dict[str, int] = {}  # answers by source (think-ahead, online-only, fallback)
 
     @property
     def cached_share(self) -> float:
         """Share of the completed items that sit under a cached prefix (what the offline reasoning chose)."""
         return self.items_cached / self.items if self.items else 0.0
 
+    def usable(self, entry: ThinkEntry | None) -> list[Prefix] | None:
+        if entry is None:
+            return None
+        return [(a, b, lp) for a, b, lp in entry.prefixes if (a, b) in self.valid] or None
+
     def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
-        beam = max(self.beam, k)
         entries = self.source(examples)
         if len(entries) != len(examples):
             raise RuntimeError(f"entry source returned {len(entries)} entries for {len(examples)} users")
-        idx = [i for i, en in enumerate(entries) if en is not None and en.prefixes]
-        self.with_entry += len(idx)
-        self.without_entry += len(examples) - len(idx)
-        out: list[list[int]] = [[] for _ in examples]
-        if idx:
-            done = self.onerec.complete(
-                [examples[i].history for i in idx],
-                [entries[i].prefixes if self.use_cached else [] for i in idx],  # type: ignore[union-attr]
-                k, beam, prefix_weight=self.prefix_weight, own_prefixes=self.own_prefixes, own_floor=self.own_floor,
-            )  # fmt: skip
-            for i, scored in zip(idx, done, strict=True):
-                out[i] = [item for item, _ in scored]
-                cached = {(a, b) for a, b, _ in entries[i].prefixes}  # type: ignore[union-attr]
-                self.items += len(out[i])
-                self.items_cached += sum(tuple(self.onerec.sid.codes_of(it)[:2]) in cached for it in out[i])
-        short = [i for i, r in enumerate(out) if len(r) < k]
-        if short:
-            full = self.onerec.decode_full([examples[i].history for i in short], k, beam)
-            for i, scored in zip(short, full, strict=True):
-                have = set(out[i])
-                out[i] += [item for item, _ in scored if item not in have][: k - len(out[i])]
+        prefixes = [self.usable(en) for en in entries]
+        histories = [e.history for e in examples]
+        ranked = asyncio.run(rank_batch(self.policy, self.model, self.popularity, histories, prefixes, k))
+        out: list[list[int]] = []
+        for r, pre in zip(ranked, prefixes, strict=True):
+            out.append([it for it, _, _ in r.items])
+            self.sources[r.source] = self.sources.get(r.source, 0) + 1
+            if pre is None:
+                self.without_entry += 1
+                continue
+            self.with_entry += 1
+            cached = {(a, b) for a, b, _ in pre}
+            completed = [it for it, _, src in r.items if src == THINK]
+            self.items += len(completed)
+            self.items_cached += sum(tuple(self.onerec.sid.codes_of(it)[:2]) in cached for it in completed)
         return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m model.think_ahead``: Recall/NDCG of ``onerec`` and ``think-ahead`` (+ ``think`` from a JSON)."""
+    """``python -m evaluation think-ahead``: Recall/NDCG of ``onerec`` and served ``think-ahead`` (+ ``think`` from
+    a JSON), as served and under the protocol's plain rule where they differ."""
     import argparse
     import json
     from pathlib import Path
@@ -150,12 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     import redis
 
     from model.evaluate import evaluate, paired_comparison, rank, score, split_examples
+    from model.onerec import OneRecRecommender
     from services.catalog import load_dataset
     from services.config import get_settings
     from services.results import write_result
 
     s = get_settings()
-    p = argparse.ArgumentParser(prog="python -m model.think_ahead", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m evaluation think-ahead", description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, default=None, help="OneRec folder (default: artifacts/onerec/current)")
     p.add_argument("--source", choices=["redis", "onerec-beam"], default="redis",
                    help="redis: entries an offline refresh wrote for the staler histories (--version); "
@@ -167,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="output of `python -m model.think.evaluate run --out-json` on the same users (think row)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--limit", type=int, default=None, help="first N users only")
-    p.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
+    p.add_argument("--beam", type=int, default=s.beam, help="beam width (>= 10; default: the served ONEREC_BEAM)")
     p.add_argument("--prefix-weight", type=float, default=s.prefix_weight, help="weight of the offline prefix log-prob")
     p.add_argument("--own-prefixes", type=int, default=s.own_prefixes,
                    help="also complete under the lightweight model's own top-N prefixes (0: cached prefixes only; "
@@ -189,23 +216,46 @@ def main(argv: list[str] | None = None) -> None:
         require_staler(ds.sequences, examples, source(examples), args.split)
     else:
         source = OneRecPrefixSource(onerec)
-    from model.onerec import OneRecRecommender
+    # the served policy (Settings), with the flags' overrides; "protocol": the same with consumed items allowed
+    served = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
+                                        own_prefixes=args.own_prefixes, own_floor=args.own_floor)
+    plain = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
+                                       own_prefixes=args.own_prefixes, own_floor=args.own_floor,
+                                       exclude_consumed=False)
+    popularity = train_popularity(ds.sequences, args.split, {int(i) for i in onerec.sid.item_ids})
+
+    def run(policy: PolicyConfig, src: EntrySource, desc: str) -> tuple[ThinkAheadRecommender, list[list[int]]]:
+        rec = ThinkAheadRecommender(onerec, src, policy, popularity)
+        return rec, rank(rec, examples, desc=desc)
+
+    def no_entries(ex: Sequence[Example]) -> list[ThinkEntry | None]:
+        return [None for _ in ex]
 
     targets = [e.target for e in examples]
-    ranked_onerec = rank(OneRecRecommender(onerec, args.beam), examples, desc="onerec")
+    ranked_onerec = rank(OneRecRecommender(onerec, args.beam), examples, desc="onerec (protocol)")
     metrics: dict[str, object] = {"onerec": score(ranked_onerec, targets)}
-    rec = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight, args.own_prefixes, args.own_floor)
-    ranked_ta = rank(rec, examples, desc="think-ahead")
+    rec, ranked_ta = run(served, source, "think-ahead (as served)")
     metrics["think_ahead"] = score(ranked_ta, targets)
-    # the bar is think-ahead >= onerec: is a difference there at all? (a = think-ahead, b = onerec)
-    metrics["think_ahead_vs_onerec"] = paired_comparison(ranked_ta, ranked_onerec, targets)
+    metrics["exclude_consumed"] = served.exclude_consumed
+    if served.exclude_consumed:
+        # as served, lists never hold an item of the history: compare with onerec served the same way
+        _, ranked_onerec_served = run(served, no_entries, "onerec (as served)")
+        metrics["onerec_as_served"] = score(ranked_onerec_served, targets)
+        metrics["think_ahead_vs_onerec_as_served"] = paired_comparison(ranked_ta, ranked_onerec_served, targets)
+        _, ranked_plain = run(plain, source, "think-ahead (protocol: consumed items allowed)")
+        metrics["think_ahead_protocol"] = score(ranked_plain, targets)
+        metrics["think_ahead_protocol_vs_onerec"] = paired_comparison(ranked_plain, ranked_onerec, targets)
+    else:
+        # the bar is think-ahead >= onerec: is a difference there at all? (a = think-ahead, b = onerec)
+        metrics["think_ahead_vs_onerec"] = paired_comparison(ranked_ta, ranked_onerec, targets)
     if args.own_prefixes > 0:
-        strict = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight)
-        metrics["think_ahead_strict"] = evaluate(strict, examples, desc="think-ahead (cached prefixes only)")
+        strict = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight, own_prefixes=0)
+        metrics["think_ahead_strict"] = evaluate(ThinkAheadRecommender(onerec, source, strict, popularity), examples,
+                                                 desc="think-ahead (cached prefixes only)")
         # ablation: what the cached prefixes add over the online model's own ones (a = think-ahead, b = own only)
-        own = ThinkAheadRecommender(onerec, source, args.beam, args.prefix_weight, args.own_prefixes, args.own_floor,
-                                    use_cached=False)  # fmt: skip
-        ranked_own = rank(own, examples, desc="own prefixes only (ablation)")
+        _, ranked_own = run(PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
+                                                       own_prefixes=args.own_prefixes, own_floor=args.own_floor,
+                                                       use_cached=False), source, "own prefixes only (ablation)")
         metrics["own_prefixes_only"] = score(ranked_own, targets)
         metrics["think_ahead_vs_own_prefixes_only"] = paired_comparison(ranked_ta, ranked_own, targets)
     for wide in args.wide_beams:  # the lightweight model alone with a wider beam (a reference, not a mode)
@@ -213,12 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     metrics["think_ahead_coverage"] = round(rec.with_entry / max(1, rec.with_entry + rec.without_entry), 4)
     # how much of the think-ahead answer the offline reasoning chose (1.0 in the strict variant)
     metrics["think_ahead_cached_item_share"] = round(rec.cached_share, 4)
+    metrics["think_ahead_sources"] = dict(rec.sources)
     if args.think_json is not None:
         metrics["think"] = json.loads(args.think_json.read_text())["metrics"]
     print(json.dumps(metrics, indent=2))
     if args.results and args.limit is None:
         note = (f"split={args.split}, beam={args.beam}, source={args.source}, prefix_weight={args.prefix_weight}, "
-                f"own_prefixes={args.own_prefixes}, own_floor={args.own_floor}")
+                f"own_prefixes={args.own_prefixes}, own_floor={args.own_floor}, "
+                f"exclude_consumed={served.exclude_consumed} (think_ahead and onerec_as_served: as served; "
+                "onerec and think_ahead_protocol: the protocol's plain rule)")
         write_result("think_ahead_quality", metrics, note=note)
 
 

@@ -1,0 +1,17 @@
+"""Lightweight OneRec: the online tier's generative recommender (a package: read it in this order).
+
+- `config`: `OneRecConfig` (saved with each checkpoint) and `DeadlineExceeded`;
+- `modeling`: the network `OneRecModel`, `build_model`, `save_checkpoint`;
+- `serving`: the plain-tensor serving copy of trained weights (`FrozenOneRec`) and the module path;
+- `decoding`: `OneRec` (load a checkpoint, `decode_full`, `complete` under cached prefixes) and the
+  evaluation harness's `OneRecRecommender`;
+- `train`: training, refit and evaluation commands; `__main__`: ``python -m model.onerec train|eval``.
+Nothing here reads Redis or HTTP.
+"""
+
+from model.onerec.config import DeadlineExceeded, OneRecConfig
+from model.onerec.decoding import OneRec, OneRecRecommender
+from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
+
+__all__ = ["DeadlineExceeded", "OneRec", "OneRecConfig", "OneRecModel", "OneRecRecommender", "build_model",
+           "count_params", "save_checkpoint"]
