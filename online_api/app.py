@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
-import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -23,17 +21,14 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.policy import Popularity
+from online_api.errors import RequestGuard, http_error, validation_error
 from online_api.metrics import Metrics
 from online_api.routes import ops, recommend, users
 from online_api.schemas import MAX_BODY_BYTES, apply_server_limits
@@ -89,80 +84,6 @@ async def warm_redis(client: aioredis.Redis, n: int, timeout_s: float, wave: int
         for c in held:
             await pool.release(c)
     return len(held)
-
-
-class BodyLimit:
-    """Pure ASGI middleware: 413 for request bodies over `limit` bytes, before anything parses them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._reject(send)
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            # chunked: read at most `limit` bytes, then replay them to the app
-            chunks, size, more = [], 0, True
-            while more:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    break
-                chunks.append(msg.get("body", b""))
-                size += len(chunks[-1])
-                more = msg.get("more_body", False)
-                if size > self.limit:
-                    return await self._reject(send)
-            body = b"".join(chunks)
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            return await self.app(scope, replay, send)
-        return await self.app(scope, receive, send)
-
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-# FastAPI answers 400 with this detail when a JSON body is not even text (UnicodeDecodeError); everything
-# else that is not JSON is a 422 `json_invalid`, so this one is too (documented, names the body)
-_BODY_PARSE_ERROR = "There was an error parsing the body"
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
-        detail = [{"type": "json_invalid", "loc": ["body"], "msg": "request body is not UTF-8 JSON", "input": None}]
-        return JSONResponse({"detail": detail}, status_code=422)
-    return await http_exception_handler(request, exc)
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN or Infinity: such inputs (`1e400`, `NaN`) are echoed back as strings."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    """FastAPI's 422 body, except that a non-finite input no longer makes rendering it fail (a 500)."""
-    assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
 def _document_limits(app: FastAPI, settings: Settings) -> None:
@@ -231,11 +152,11 @@ def create_app(settings: Settings | None = None, *, loader: ModelLoader | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(RequestGuard, limit=MAX_BODY_BYTES, read_timeout_s=settings.body_read_timeout_s)
     app.include_router(recommend.router)
     app.include_router(users.router)
     app.include_router(ops.router)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
     _document_limits(app, settings)
     return app
