@@ -67,6 +67,20 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.ready = Gauge("onerec_ready", "1 when model and Redis are ready", registry=r)
+        # issue 19: write refusals are not read failures; a bad live-version pointer is named, not a crash
+        self.write_refusals = Counter(
+            "onerec_redis_write_refusals_total", "writes Redis refused while answering (oom, readonly, misconf)",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.breaker_open = Gauge("onerec_redis_breaker_open", "1 while the Redis read breaker skips Redis",
+                                  registry=r)  # fmt: skip
+        self.pointer_valid = Gauge(
+            "onerec_version_pointer_valid", "0 when the last read live-version pointer was unusable (else 1)",
+            registry=r,
+        )  # fmt: skip
+        self.pointer_bad_reads = Gauge(
+            "onerec_version_pointer_bad_reads", "reads of the live-version pointer that found it unusable", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

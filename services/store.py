@@ -33,7 +33,13 @@ types, over `MAX_VALUE_BYTES`) raises `CorruptValue` inside this module and reac
 should be, a string where a history should be: ``WRONGTYPE``), which would otherwise look like a
 Redis failure and trip the callers' breaker for every user. Entries are read with ``GETRANGE`` up to
 one byte past `MAX_VALUE_BYTES`, so an oversized value costs a bounded read, not a transfer of all of
-it. Redis connection errors are not caught: callers own fallback.
+it. Values are held to the standard of HTTP input: text must encode as UTF-8 (a lone surrogate in a
+reasoning or model id would only fail when a response is rendered) and ids are non-negative ints below
+2**53, else the entry is corrupt. The live-version pointer is validated on each read from Redis (a
+string that is not a version name, undecodable bytes, another Redis type): the reader then sees no live
+version, says why in `FetchResult.bad_version` and counts it (`AsyncThinkReader.bad_pointer_reads`).
+Redis connection errors are not caught: callers own fallback. `write_refusal` tells a write Redis
+refused (out of memory, read-only replica, failing persistence) from a Redis that is unreachable.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ _BATCH = 500  # commands per pipeline / keys per UNLINK
 _NS_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # no braces (hash tags) and no glob characters
 _VERSION_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # no ':' so `ns:think:{version}:*` matches one version
 _RESERVED = {"current", "previous", "versions"}
+MAX_STORED_ID = 2**53 - 1  # ids read back are held to the HTTP bound (online_api.schemas.MAX_ID)
+# error prefixes of writes Redis refused while it still answers reads
+_REFUSALS = {"OOM": "oom", "READONLY": "readonly", "MISCONF": "misconf", "NOREPLICAS": "noreplicas"}
 
 
 class CorruptValue(ValueError):
@@ -86,6 +95,7 @@ class FetchResult:
     entry: ThinkEntry | None
     history: list[int]
     corrupt: bool = False
+    bad_version: str | None = None  # why the live-version pointer was unusable (version is then None)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -93,6 +103,56 @@ class FetchResult:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _safe_text(x: object) -> bool:
+    """A str that any JSON encoder can write as UTF-8 (no lone surrogates)."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _stored_id(x: object) -> bool:
+    return _is_int(x) and 0 <= cast(int, x) <= MAX_STORED_ID
+
+
+def write_refusal(e: BaseException) -> str | None:
+    """`oom`, `readonly`, `misconf` or `noreplicas` when Redis answered and refused a write; None for
+    anything else (unreachable, timeout, a bug). A refusal says nothing about whether reads work."""
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return "oom"
+    if isinstance(e, redis.exceptions.ReadOnlyError):
+        return "readonly"
+    if not isinstance(e, redis.ResponseError):
+        return None
+    msg = str(e)
+    for prefix, kind in _REFUSALS.items():
+        # a refusal inside a script arrives wrapped ("... script: ...: OOM command not allowed ...")
+        if msg.startswith(prefix) or f" {prefix} " in msg or f": {prefix}" in msg or f"-{prefix}" in msg:
+            return kind
+    return None
+
+
+def check_version_pointer(raw: object) -> tuple[str | None, str | None]:
+    """(version, None) for a valid live-version pointer value or a missing one (None, None); (None, why)
+    for anything else."""
+    if raw is None:
+        return None, None
+    if _wrong_type(raw):
+        return None, "the live-version key holds another Redis type"
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
+    except UnicodeDecodeError:
+        return None, "the live-version pointer is not UTF-8"
+    try:
+        return ThinkKeys.check_version(text), None
+    except ValueError:
+        shown = text[:40].encode("utf-8", "backslashreplace").decode() if isinstance(text, str) else "?"
+        return None, f"the live-version pointer {shown!r} is not a version name"
 
 
 def _check_ints(name: str, values: Iterable[object]) -> list[int]:
@@ -165,14 +225,14 @@ def decode_entry(raw: bytes | str) -> ThinkEntry:
         raise CorruptValue(f"unknown schema version {obj.get('v')!r} (expected {SCHEMA_VERSION})")
     fields: list[Any] = [obj.get(k) for k in ("r", "p", "hl", "ht", "m", "t")]
     r, p, hl, ht, m, t = fields
-    if not isinstance(r, str) or not isinstance(m, str):
-        raise CorruptValue("fields r/m must be strings")
+    if not _safe_text(r) or not _safe_text(m):
+        raise CorruptValue("fields r/m must be strings that encode as UTF-8")
     if not _is_int(hl) or hl < 0:
         raise CorruptValue(f"field hl must be a non-negative int, got {hl!r}")
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         raise CorruptValue(f"field t must be a finite number, got {t!r}")
-    if not isinstance(ht, list) or not all(_is_int(x) for x in ht):
-        raise CorruptValue("field ht must be a list of ints")
+    if not isinstance(ht, list) or not all(_stored_id(x) for x in ht):
+        raise CorruptValue("field ht must be a list of item ids")
     if not isinstance(p, list):
         raise CorruptValue("field p must be a list")
     prefixes: list[tuple[int, int, float]] = []
@@ -180,8 +240,8 @@ def decode_entry(raw: bytes | str) -> ThinkEntry:
         if (
             not isinstance(q, list)
             or len(q) != 3
-            or not _is_int(q[0])
-            or not _is_int(q[1])
+            or not _stored_id(q[0])
+            or not _stored_id(q[1])
             or not isinstance(q[2], int | float)
             or isinstance(q[2], bool)
             or not math.isfinite(q[2])  # 1e400 parses as inf without passing through parse_constant
@@ -229,7 +289,7 @@ class ThinkKeys:
 
     @staticmethod
     def check_version(version: object) -> str:
-        if not isinstance(version, str) or not _VERSION_RE.match(version) or version in _RESERVED:
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version) or version in _RESERVED:
             raise ValueError(
                 f"version: expected 1-64 chars of [A-Za-z0-9_.-] (not {sorted(_RESERVED)}), got {version!r}"
             )
@@ -270,8 +330,13 @@ def _parse_history(raw: list[Any]) -> tuple[list[int], int]:
     items, bad = [], 0
     for x in raw:
         try:
-            items.append(int(x))
+            i = int(x)
         except (TypeError, ValueError):
+            bad += 1
+            continue
+        if 0 <= i <= MAX_STORED_ID:
+            items.append(i)
+        else:
             bad += 1
     return items, bad
 
@@ -550,6 +615,8 @@ class AsyncThinkReader:
         self.corrupt = 0  # values treated as missing; the API exports this as a metric
         self.replayed = 0  # appends whose id had been applied already (a retry after an unanswered write)
         self._append = client.register_script(_APPEND)
+        self.bad_pointer_reads = 0  # reads of the live-version pointer that found it unusable
+        self.pointer_error: str | None = None  # why the last read pointer was unusable (None: fine)
         self._current: str | None = None
         self._current_at = -math.inf
 
@@ -560,7 +627,14 @@ class AsyncThinkReader:
     async def current_version(self) -> str | None:
         now = self.clock()
         if now - self._current_at >= self.current_ttl_s:
-            self._current = _text(await self.r.get(self.keys.current))
+            try:
+                raw: Any = await self.r.get(self.keys.current)
+            except redis.ResponseError as e:
+                if not _wrong_type(e):
+                    raise
+                raw = e
+            self._current, self.pointer_error = check_version_pointer(raw)  # validated once per read
+            self.bad_pointer_reads += self.pointer_error is not None
             self._current_at = now
         return self._current
 
@@ -589,7 +663,7 @@ class AsyncThinkReader:
         entry, corrupt = self._decode(res[0]) if version is not None else (None, False)
         history, bad = ([], 1) if _wrong_type(res[-1]) else _parse_history(res[-1])
         self.corrupt += bad
-        return FetchResult(version, entry, history, corrupt or bad > 0)
+        return FetchResult(version, entry, history, corrupt or bad > 0, self.pointer_error)
 
     async def get_entry(self, user: int) -> ThinkEntry | None:
         """The user's live entry; None if nothing is published, the entry is missing or corrupt."""

@@ -65,7 +65,7 @@ def _deep(n: int) -> str:
 @pytest.mark.parametrize("field", ["user_id", "k", "history", "budget_ms", "unknown"])
 @pytest.mark.parametrize("value", ['"\\ud800"', '"\\udfff x"', '["\\ud800"]', '{"\\ud800": 1}', _deep(520)])
 def test_lone_surrogates_and_depth_in_any_field_are_a_422(api: TestClient, field: str, value: str) -> None:
-    raw = ('{"user_id": 1, "%s": %s}' % (field, value)).encode()
+    raw = ('{"user_id": 1, "' + field + '": ' + value + "}").encode()
     detail = a_422(api.post("/v1/recommend", content=raw, headers=JSON))
     assert any(field in d["loc"] or d["loc"] == ["body"] for d in detail), detail
 
@@ -209,7 +209,7 @@ def test_write_refusals_do_not_open_the_read_breaker(world: TinyWorld, redis_ser
                 sources.append((r.json()["source"], r.json()["degraded"]))
             assert sources == [("think-ahead", False)] * 20, sources
             text = c.get("/metrics").text
-            assert 'onerec_redis_write_refusals_total{reason="%s"} 20.0' % refusal in text, text
+            assert f'onerec_redis_write_refusals_total{{reason="{refusal}"}} 20.0' in text, text
             assert "onerec_redis_breaker_open 0.0" in text
         finally:
             if refusal == "oom":

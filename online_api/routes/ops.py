@@ -48,6 +48,9 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics(state: AppState = Depends(get_state)) -> Response:
     state.metrics.pending_events.set(len(state.pending))
     state.metrics.events_replayed.set(state.reader.replayed)
+    state.metrics.breaker_open.set(0 if state.breaker.allow() else 1)
+    state.metrics.pointer_valid.set(0 if state.reader.pointer_error else 1)
+    state.metrics.pointer_bad_reads.set(state.reader.bad_pointer_reads)
     if state.loaded is not None and state.loaded.processes:
         state.metrics.model_restarts.set(sum(p.restarts for p in state.loaded.processes))
         state.metrics.model_standby.set(sum(p.standby_calls for p in state.loaded.processes))

@@ -24,6 +24,7 @@ from online_api.schemas import (
     UsersResponse,
 )
 from online_api.state import AppState
+from services.store import write_refusal
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,12 @@ async def post_events(req: EventsRequest, response: Response, state: AppState = 
                 n = await state.reader.append_events(req.user_id, items, s.history_max, append_id)
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("events write failed: %r", e)
-            state.breaker.failed()
-            state.metrics.redis_errors.labels("events").inc()
+            refused = write_refusal(e)
+            if refused:  # Redis answered and refused the write: reads still work, the read breaker stays shut
+                state.metrics.write_refusals.labels(refused).inc()
+            else:
+                state.breaker.failed()
+                state.metrics.redis_errors.labels("events").inc()
         else:
             state.breaker.succeeded()
             state.metrics.events.labels("true").inc(len(items))
@@ -79,7 +84,8 @@ async def post_events(req: EventsRequest, response: Response, state: AppState = 
     "/users/{user_id}/think",
     response_model=ThinkResponse,
     summary="The user's cached reasoning, prefixes and history",
-    responses={**UNAUTHORIZED},
+    responses={**UNAUTHORIZED, 404: {"model": ErrorResponse, "description": "the live-version pointer in Redis "
+                                     "is not a usable version (the detail says why)"}},
 )
 async def get_think(user_id: int = Path(..., ge=0, le=MAX_ID), state: AppState = Depends(get_state)) -> ThinkResponse:
     """What the offline tier cached for the user under the live version (entry null if none), plus the
@@ -92,6 +98,8 @@ async def get_think(user_id: int = Path(..., ge=0, le=MAX_ID), state: AppState =
         version, entry, history = res.version, res.entry, res.history
         if res.corrupt:
             state.metrics.corrupt.inc()
+        if res.bad_version:
+            raise HTTPException(404, f"no usable think-ahead version: {res.bad_version}")
     except (RedisError, OSError, TimeoutError):
         state.metrics.redis_errors.labels("think").inc()
         degraded = True
