@@ -19,6 +19,7 @@ from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, r
 from conftest import RedisServer
 from fastapi.testclient import TestClient
 
+from online_api import errors
 from services.store import ThinkStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -220,3 +221,35 @@ def test_write_refusals_do_not_open_the_read_breaker(world: TinyWorld, redis_ser
         while c.get("/metrics").text.count("onerec_pending_events 0.0") == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "onerec_pending_events 0.0" in c.get("/metrics").text
+
+
+# --------------------------------------------------------------------------- the last resort
+
+
+def test_unrenderable_answer_is_a_degraded_fallback_and_one_log_line(
+    world: TinyWorld, redis_server: RedisServer, redis_client: redis.Redis, ns: str, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer that fails after the route returned (here: titles no JSON encoder can write) is popular items,
+    degraded, on recommend; a short JSON 500 elsewhere; one logged traceback, not one per request."""
+    seed(world, redis_client, ns)
+    monkeypatch.setattr(errors, "RATE_LOG", errors.RateLimitedLog(errors.log))  # fresh: nothing logged yet
+    with running_app(make_settings(world, redis_server.url, ns)) as c:
+        state = c.app.state.svc  # type: ignore[attr-defined]
+        title = state.catalog.title
+        state.catalog.title = lambda i: "\ud800" + title(i)
+        try:
+            with caplog.at_level("ERROR", logger="online_api.errors"):
+                for _ in range(5):
+                    r = c.post("/v1/recommend", json={"user_id": 1, "k": 4})
+                    assert r.status_code == 200, r.text
+                    body = r.json()
+                    assert body["source"] == "fallback" and body["degraded"] is True and len(body["items"]) == 4
+                    assert body["items"][0]["title"].startswith("\\ud800")
+                    t = c.get("/v1/users/1/think")
+                    assert t.status_code == 500 and t.json() == {"detail": "internal error (logged)"}
+        finally:
+            state.catalog.title = title
+        tracebacks = [rec for rec in caplog.records if rec.exc_info]
+        assert len(tracebacks) == 2, [rec.getMessage() for rec in caplog.records]  # one per route
+        assert 'onerec_fallback_total{reason="internal_error"} 5.0' in c.get("/metrics").text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -12,10 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from model.policy import FALLBACK, THINK
 from online_api.complete import Answer
 from online_api.deps import get_state, require_api_key
+from online_api.errors import RATE_LOG
 from online_api.schemas import UNAUTHORIZED, Item, RecommendRequest, RecommendResponse
 from online_api.state import AppState
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["recommend"], dependencies=[Depends(require_api_key)])
 
@@ -51,7 +49,7 @@ async def recommend(req: RecommendRequest, state: AppState = Depends(get_state))
     try:
         ans = await state.completer.recommend(req.user_id, req.k, req.history, budget)
     except Exception:  # noqa: BLE001 - last line of defence: a bug answers popular items, not a 500
-        log.exception("recommend failed for user %s", req.user_id)
+        RATE_LOG.exception("recommend", "recommend failed for user %s", req.user_id)  # not one per request
         state.metrics.fallbacks.labels("internal_error").inc()
         popular = state.completer.popularity.recommend(req.k)
         ans = Answer([(i, sc, FALLBACK) for i, sc in popular], FALLBACK, True, reasons=["internal_error"])
