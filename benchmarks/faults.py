@@ -19,9 +19,15 @@ One run (about 5 minutes on 2 shared cores) does, against the trained artifacts 
    against the plan (missing or wrong = lost write).
 3. **Fuzzing.** schemathesis over the API's OpenAPI document (`benchmarks.fuzz`, positive and negative
    cases): 5xx and schema-check failures counted.
+4. **Hostile input** (`benchmarks.hostile`, issue 19): ``--http-fuzz-cases`` byte-level, Unicode, depth, number
+   and content-type cases; ``--redis-fuzz-cases`` hostile values written under the entries, histories and the
+   live-version pointer the API reads while requests run; then Redis refuses writes (``maxmemory`` 1 with
+   ``noeviction``, then a replica of nothing: READONLY) while ``--refusal-requests`` events and recommends run.
+   Counted: 5xx, hangs over the budget + 1 s, non-JSON bodies, and whether the read breaker opened.
 
     python -m benchmarks.faults --results     # full run, writes docs/results/faults.json
     python -m benchmarks.faults --quick       # a short smoke run, nothing written
+    python -m benchmarks.faults --phases hostile   # only phase 4 (no think model needed); --results merges
 
 Not a test (the CI-sized parts are tests/test_api_reliability.py, test_api_fuzz.py, test_api_hostile.py,
 test_offline_refresh.py); never run by CI.
@@ -369,6 +375,55 @@ def phase_refresh(args: argparse.Namespace, redis_url: str, logdir: Path) -> dic
     }  # fmt: skip
 
 
+# --------------------------------------------------------------------------- phase 4: hostile input (issue 19)
+
+
+def phase_hostile(args: argparse.Namespace, redis_url: str, base: str, users: list[int],
+                  items: list[int]) -> dict[str, Any]:  # fmt: skip
+    """Hostile HTTP bytes, hostile Redis values under every key the API reads, and write refusals."""
+    from benchmarks.hostile import http_cases, redis_value_cases, refusal_check, run_http_fuzz, run_redis_fuzz
+
+    budget_s = args.budget_ms / 1000.0
+    t = time.monotonic()
+    http = run_http_fuzz(base, http_cases(args.http_fuzz_cases, users, items, seed=0), KEY, budget_s)
+    print(f"[faults] http fuzz: {http.cases} cases in {time.monotonic() - t:.1f}s, {http.server_errors} 5xx",
+          flush=True)  # fmt: skip
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    # the fuzzed users are not the healthy one; each case's key is put back before the next case
+    cases = redis_value_cases(args.redis_fuzz_cases, users[1:], VERSION, ThinkKeys(NS), seed=0)
+    t = time.monotonic()
+    targeted, background = run_redis_fuzz(base, client, cases, users[0], items[0], KEY, budget_s)
+    print(f"[faults] redis fuzz: {args.redis_fuzz_cases} values in {time.monotonic() - t:.1f}s, "
+          f"{targeted.server_errors + background.server_errors} 5xx", flush=True)  # fmt: skip
+    # users whose entries are intact (phase 1 corrupted some): their recommends must stay think-ahead
+    entries = ThinkStore(client, NS).get_entries(VERSION, users[1:])
+    intact = [u for u, e in entries.items() if e is not None][: args.refusal_users]
+    refusals = refusal_check(base, client, intact, items[0], KEY, args.refusal_requests, budget_s)
+    client.close()
+    rec = {m: refusals[m]["recommends"] for m in ("oom", "readonly")}
+    n_rec = sum(n for r in rec.values() for n in r.values())
+    good = sum(n for r in rec.values() for k, n in r.items() if k == "200 think-ahead degraded=False")
+    return {
+        "hostile": {"http": http.summary() | {"examples": http.examples}, "redis_targeted": targeted.summary()
+                    | {"examples": targeted.examples}, "redis_background": background.summary(),
+                    "refusals": refusals},
+        "http_fuzz_cases": http.cases, "http_fuzz_5xx": http.server_errors,
+        "http_fuzz_transport_errors": http.transport_errors, "http_fuzz_hangs": http.hangs,
+        "http_fuzz_bad_bodies": http.bad_bodies, "http_fuzz_slowest_s": round(http.slowest_s, 3),
+        "redis_fuzz_cases": args.redis_fuzz_cases, "redis_fuzz_requests": targeted.cases + background.cases,
+        "redis_fuzz_5xx": targeted.server_errors + background.server_errors,
+        "redis_fuzz_transport_errors": targeted.transport_errors + background.transport_errors,
+        "redis_fuzz_hangs": targeted.hangs + background.hangs,
+        "redis_fuzz_bad_bodies": targeted.bad_bodies + background.bad_bodies,
+        "redis_fuzz_slowest_s": round(max(targeted.slowest_s, background.slowest_s), 3),
+        "refusal_recommends": n_rec, "refusal_recommends_think_ahead": good,
+        "refusal_breaker_open_samples": sum(refusals[m]["breaker_open_samples"] for m in ("oom", "readonly")),
+        "refusal_breaker_fallbacks": refusals["breaker_fallbacks"],
+        "refusal_writes_refused": sum(refusals[m]["refusals_counted"] for m in ("oom", "readonly")),
+        "refusal_events_pending_after_10s": sum(refusals[m]["pending_after_s"] for m in ("oom", "readonly")),
+    }  # fmt: skip
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -399,16 +454,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "ONEREC_API_KEY": KEY, "ONEREC_HISTORY_MAX": str(args.history_max), "PYTHONPATH": str(ROOT)}
             port = free_port()
             base = f"http://127.0.0.1:{port}"
+            phases = set(args.phases.split(","))
             with process(uvicorn_cmd("online_api.app:create_app", port), env, logdir / "api.log") as api:
                 wait_http(f"{base}/readyz", 180, api)
-                out |= phase_serving(args, rp, base, users, initial, items, api.pid)
-                print(f"[faults] serving: {json.dumps(out)}", flush=True)
-                out |= phase_refresh(args, rp.url, logdir)
-                print(f"[faults] refresh done: partial reads {out['partial_version_reads']}", flush=True)
-                rep = fuzz(base, args.fuzz_per_op, api_key=KEY)
-                out |= {"fuzz_cases": rep.cases, "fuzz_server_errors": rep.server_errors,
-                        "fuzz_transport_errors": rep.transport_errors, "fuzz_check_failures": rep.failures,
-                        "fuzz_failure_kinds": dict(rep.check_failures), "fuzz_examples": rep.examples}  # fmt: skip
+                if "serving" in phases:
+                    out |= phase_serving(args, rp, base, users, initial, items, api.pid)
+                    print(f"[faults] serving: {json.dumps(out)}", flush=True)
+                if "refresh" in phases:
+                    out |= phase_refresh(args, rp.url, logdir)
+                    print(f"[faults] refresh done: partial reads {out['partial_version_reads']}", flush=True)
+                if "fuzz" in phases:
+                    rep = fuzz(base, args.fuzz_per_op, api_key=KEY)
+                    out |= {"fuzz_cases": rep.cases, "fuzz_server_errors": rep.server_errors,
+                            "fuzz_transport_errors": rep.transport_errors, "fuzz_check_failures": rep.failures,
+                            "fuzz_failure_kinds": dict(rep.check_failures), "fuzz_examples": rep.examples}  # fmt: skip
+                if "hostile" in phases:
+                    out |= phase_hostile(args, rp.url, base, users, items)
+                    print(f"[faults] hostile: {json.dumps(out['hostile'])[:2000]}", flush=True)
                 out["api_alive"] = api.poll() is None
         finally:
             rp.stop()
@@ -425,13 +487,19 @@ def metrics_of(out: dict[str, Any]) -> dict[str, Any]:
         p99_ms_during_redis_down degraded_outside_faults answers_outside_faults p50_ms_outside_faults
         p99_ms_outside_faults corrupt_user_answers corrupt_user_5xx corrupt_entries_served
         think_ahead_share_other_users_during_corruption model_kills model_recovery_s_each model_kills_not_recovered
+        http_fuzz_cases http_fuzz_5xx http_fuzz_transport_errors http_fuzz_hangs http_fuzz_bad_bodies
+        http_fuzz_slowest_s redis_fuzz_cases redis_fuzz_requests redis_fuzz_5xx redis_fuzz_transport_errors
+        redis_fuzz_hangs redis_fuzz_bad_bodies redis_fuzz_slowest_s refusal_recommends refusal_recommends_think_ahead
+        refusal_breaker_open_samples refusal_breaker_fallbacks refusal_writes_refused refusal_events_pending_after_10s
         wall_s load_avg_1m_start""".split()
     out = dict(out)
-    out["faults_injected"] = (out["redis_kills"] + out["redis_freezes"] + out["refresh_kills"] + out["corrupt_values"]
-                              + out["model_kills"])
-    out["lost_writes"] = out["lost_events"] + out["refresh_lost_entries"] + out["refresh_lost_histories"]
-    out["events_replayed"] = int(out["api_counters"].get("onerec_events_replayed", 0))
-    return {k: out[k] for k in keys}
+    if "redis_kills" in out and "refresh_kills" in out:
+        out["faults_injected"] = (out["redis_kills"] + out["redis_freezes"] + out["refresh_kills"]
+                                  + out["corrupt_values"] + out["model_kills"])  # fmt: skip
+        out["lost_writes"] = out["lost_events"] + out["refresh_lost_entries"] + out["refresh_lost_histories"]
+    if "api_counters" in out:
+        out["events_replayed"] = int(out["api_counters"].get("onerec_events_replayed", 0))
+    return {k: out[k] for k in keys if k in out}  # only the phases that ran
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -457,6 +525,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refresh-kills", type=int, default=2, help="SIGKILLs of the refresh before it may finish")
     p.add_argument("--refresh-throttle-s", type=float, default=0.3, help="pause per chunk of the runs to be killed")
     p.add_argument("--fuzz-per-op", type=int, default=150, help="fuzz cases per operation and mode")
+    p.add_argument("--http-fuzz-cases", type=int, default=5000, help="hostile HTTP cases (phase 4)")
+    p.add_argument("--redis-fuzz-cases", type=int, default=1000, help="hostile Redis values written (phase 4)")
+    p.add_argument("--refusal-requests", type=int, default=100,
+                   help="events + recommends per write-refusal mode (OOM, READONLY)")
+    p.add_argument("--refusal-users", type=int, default=100, help="users with entries the refusal check requests")
+    p.add_argument("--phases", default="serving,refresh,fuzz,hostile",
+                   help="comma list of the phases to run: serving, refresh, fuzz, hostile")
     p.add_argument("--log-dir", default="/tmp/faults", help="server and refresh logs, faults_full.json")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer faults and cases, nothing written")
     p.add_argument("--results", action="store_true", help="write docs/results/faults.json")
@@ -465,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         args.users, args.kills, args.gap_s, args.corrupt_s, args.corrupt_users = 100, 1, 4.0, 5.0, 16
         args.model_kills = 1
         args.refresh_users, args.refresh_kills, args.fuzz_per_op = 24, 1, 10
+        args.http_fuzz_cases, args.redis_fuzz_cases, args.refusal_requests = 300, 60, 20
     out = run(args)
     Path(args.log_dir, "faults_full.json").write_text(json.dumps(out, indent=2))
     metrics = metrics_of(out)
@@ -477,6 +553,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"real think model, {args.refresh_users} users; recovery_s: restarted Redis answers PING -> first "
                 f"think-ahead, non-degraded answer; model_recovery_s: model process SIGKILLed -> the same; "
                 f"details: {args.log_dir}/faults_full.json")  # fmt: skip
+        phases = args.phases.split(",")
+        if set(phases) != {"serving", "refresh", "fuzz", "hostile"}:
+            # a partial run updates its own keys in faults.json; the others keep the run that measured them
+            old = json.loads((ROOT / "docs" / "results" / "faults.json").read_text())
+            metrics = old["metrics"] | metrics
+            note = (f"this run ({'+'.join(phases)} phases only) updated: {', '.join(metrics_of(out))}; the other "
+                    f"metrics are from `{old['command']}` on {old['date']}: {old.get('note', '')}")
         write_result("faults", metrics, note=note)
 
 
