@@ -395,6 +395,8 @@ def phase_hostile(args: argparse.Namespace, redis_url: str, base: str, users: li
     targeted, background = run_redis_fuzz(base, client, cases, users[0], items[0], KEY, budget_s)
     print(f"[faults] redis fuzz: {args.redis_fuzz_cases} values in {time.monotonic() - t:.1f}s, "
           f"{targeted.server_errors + background.server_errors} 5xx", flush=True)  # fmt: skip
+    # the API caches the live version ONEREC_CURRENT_TTL_S (1 s): the fuzz's last bad pointer must age out first
+    time.sleep(1.5)
     # users whose entries are intact (phase 1 corrupted some): their recommends must stay think-ahead
     entries = ThinkStore(client, NS).get_entries(VERSION, users[1:])
     intact = [u for u, e in entries.items() if e is not None][: args.refusal_users]
