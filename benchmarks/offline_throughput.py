@@ -90,7 +90,8 @@ def _hf_init(model_dir: str, sid_dir: str, cfg: dict[str, Any], batch_size: int,
     whose CPU worker pins the torch thread count process-wide)."""
     import torch
 
-    from offline_worker.engine import EngineConfig, HFEngine
+    from offline_worker.engine import EngineConfig
+    from offline_worker.hf_engine import HFEngine
 
     torch.set_num_threads(threads)
     global _HF
@@ -113,9 +114,10 @@ def timed_rate(engine: Any, requests: list[Any]) -> tuple[float, dict[str, float
 
 def main() -> None:
     from model.semantic_ids import SemanticIDs
-    from offline_worker.engine import EngineConfig, ThinkRequest, VLLMEngine, VLLMOptions
+    from offline_worker.engine import EngineConfig, ThinkRequest
     from offline_worker.prompts import PromptBuilder
     from offline_worker.refresh import RefreshOptions, offline_histories, plan_refresh, run_shard
+    from offline_worker.vllm_engine import VLLMEngine, VLLMOptions
     from services.catalog import load_sequences
     from services.config import get_settings
     from services.results import write_result
@@ -152,10 +154,8 @@ def main() -> None:
         args.sid = model_dir / "sid" if (model_dir / "sid" / "codes.tsv").is_file() else default_sid
     sid = SemanticIDs.load(args.sid)
     sequences = load_sequences(args.data / "sequences.txt")
-    cfg = EngineConfig(samples=args.samples, prefixes_per_sample=args.prefixes, beam_a=args.beam_a,
-                       max_reasoning_tokens=args.max_reasoning_tokens, temperature=settings.reasoning_temperature,
-                       top_k=settings.reasoning_top_k, top_p=settings.reasoning_top_p,
-                       seed=settings.offline_seed)  # fmt: skip
+    cfg = EngineConfig.from_settings(settings, samples=args.samples, prefixes_per_sample=args.prefixes,
+                                     beam_a=args.beam_a, max_reasoning_tokens=args.max_reasoning_tokens)
     partial: dict[str, Any] = {"model": model_note, "config": asdict(cfg)}
 
     def save_partial() -> None:

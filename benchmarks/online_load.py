@@ -410,16 +410,19 @@ def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histori
     import torch
 
     from model.semantic_ids import SemanticIDs
-    from offline_worker.engine import EngineConfig, ThinkRequest, VLLMOptions, cpu_defaults, make_engine
+    from offline_worker.engine import EngineConfig, ThinkRequest
+    from offline_worker.engines import make_engine
     from offline_worker.prompts import PromptBuilder
+    from offline_worker.vllm_engine import VLLMOptions, cpu_defaults
     from services.config import get_settings
 
     s = get_settings()
     if not torch.cuda.is_available():
         cpu_defaults(eager=eager)
-    options = VLLMOptions(dtype=s.vllm_dtype, enforce_eager=eager, max_model_len=s.vllm_max_model_len,
-                          extra=dict(s.vllm_args))
-    cfg = EngineConfig(samples=1, prefixes_per_sample=10, max_reasoning_tokens=max_reasoning_tokens, greedy=True)
+    options = VLLMOptions.from_settings(s, enforce_eager=eager)
+    # the served offline decoding (beam over level a included), one greedy path, the top 10 prefixes
+    cfg = EngineConfig.from_settings(s, samples=1, prefixes_per_sample=10, max_reasoning_tokens=max_reasoning_tokens,
+                                     greedy=True)
     t0 = time.perf_counter()
     engine = make_engine(engine_kind, think_dir, sid_dir, cfg, vllm_options=options)
     load_s = time.perf_counter() - t0

@@ -73,36 +73,17 @@ def resolve_dirs(args: argparse.Namespace, settings: Settings) -> tuple[Path, Pa
 
 
 def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
-    """The engine chosen by ``--engine`` with settings + flags (vLLM arguments passed through)."""
-    from offline_worker.engine import EngineConfig, HFEngine, VLLMEngine, VLLMOptions
+    """The engine chosen by ``--engine``: every option from `Settings`, the flags given on top."""
+    from offline_worker.engines import engine_from_settings
 
-    config = EngineConfig(
-        samples=args.samples or settings.reasoning_samples,
-        prefixes_per_sample=args.prefixes or settings.prefixes_per_sample,
-        beam_a=args.beam_a or settings.prefix_beam_a,
-        max_reasoning_tokens=args.max_reasoning_tokens or settings.max_reasoning_tokens,
-        temperature=settings.reasoning_temperature,
-        top_k=settings.reasoning_top_k,
-        top_p=settings.reasoning_top_p,
-        greedy=args.greedy,
-        seed=settings.offline_seed,
-    )
     model_dir, sid_dir = resolve_dirs(args, settings)
-    if args.engine == "hf":
-        return HFEngine(model_dir, sid_dir, config, batch_size=settings.hf_batch_size)
-    extra = {**settings.vllm_args, **_vllm_args(args.vllm_arg)}
-    options = VLLMOptions(
-        dtype=args.dtype or settings.vllm_dtype,
-        enforce_eager=True if args.enforce_eager else settings.vllm_enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size or settings.vllm_tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size or settings.vllm_pipeline_parallel_size,
-        max_model_len=settings.vllm_max_model_len,
-        block_size=args.block_size or settings.vllm_block_size,
-        single_process=settings.vllm_single_process,
-        cpu_threads=settings.vllm_cpu_threads,
-        extra=extra,
-    )
-    return VLLMEngine(model_dir, sid_dir, config, options)
+    config = dict(samples=args.samples, prefixes_per_sample=args.prefixes, beam_a=args.beam_a,
+                  max_reasoning_tokens=args.max_reasoning_tokens, greedy=args.greedy or None)
+    vllm = dict(dtype=args.dtype, enforce_eager=True if args.enforce_eager else None,
+                tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                block_size=args.block_size,
+                extra={**settings.vllm_args, **_vllm_args(args.vllm_arg)} if args.vllm_arg else None)
+    return engine_from_settings(args.engine, model_dir, sid_dir, settings, config, vllm)
 
 
 def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
@@ -118,17 +99,14 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     from services.catalog import load_sequences
 
     shard, shards = parse_shard(args.shard)
-    opts = RefreshOptions(
+    opts = RefreshOptions.from_settings(
+        settings,
         mode=args.users,
         user_list=_user_list(args.user_list),
-        chunk=args.chunk or settings.refresh_chunk,
-        carry_chunk=settings.carry_chunk,
+        chunk=args.chunk,
         shard=shard,
         shards=shards,
         version=args.version,
-        ttl_s=settings.think_ttl_s,
-        history_max=settings.history_max,
-        history_cap=settings.think_history_cap,
         holdout=args.holdout,
         limit=args.limit,
         write_histories=not args.no_histories,
@@ -227,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--holdout", type=int, default=0, help="drop each user's last N items (stale offline history)")
     r.add_argument("--samples", type=int, help="T reasoning paths per user")
     r.add_argument("--prefixes", type=int, help="m prefixes kept per path")
-    r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: m)")
+    r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
     r.add_argument("--max-reasoning-tokens", type=int, help="reasoning token budget")
     r.add_argument("--greedy", action="store_true", help="every reasoning path greedy")
     r.add_argument("--no-histories", action="store_true", help="do not write the bounded histories")

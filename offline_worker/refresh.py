@@ -31,6 +31,7 @@ from tqdm import tqdm
 from model.semantic_ids import SemanticIDs
 from offline_worker.engine import Engine, ThinkRequest
 from offline_worker.prompts import PromptBuilder
+from services.config import Settings, setting_default
 from services.store import IncompleteVersionError, ThinkEntry, ThinkStore
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,29 @@ class RefreshOptions:
 
     mode: str = "all"
     user_list: list[int] | None = None  # mode "list"
-    chunk: int = 256  # users per engine call
-    carry_chunk: int = 2000  # users per carry-over chunk
+    chunk: int = setting_default("refresh_chunk")  # users per engine call
+    carry_chunk: int = setting_default("carry_chunk")  # users per carry-over chunk
     shard: int = 0
     shards: int = 1
     version: str | None = None  # default: derived from the plan (same command = same version = resume)
-    ttl_s: int = 7 * 24 * 3600
-    history_max: int = 50  # bounded per-user history written for the online tier
-    history_cap: int = 50  # history items in a prompt
+    ttl_s: int = setting_default("think_ttl_s")
+    history_max: int = setting_default("history_max")  # bounded per-user history written for the online tier
+    history_cap: int = setting_default("think_history_cap")  # history items in a prompt
     holdout: int = 0  # drop each user's last N items (evaluation: make the offline history stale)
     limit: int | None = None  # only the first N users (smoke runs, benchmarks)
     write_histories: bool = True
     publish: bool = True  # flip `current` when every shard is complete
     progress: bool = True
     throttle_s: float = 0.0  # pause after each chunk (leave headroom on a shared machine; tests)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RefreshOptions:
+        """The served refresh options (`ONEREC_REFRESH_CHUNK`, ...); flags arrive as `overrides` (None: not given)."""
+        s = settings
+        base: dict[str, Any] = dict(chunk=s.refresh_chunk, carry_chunk=s.carry_chunk, ttl_s=s.think_ttl_s,
+                                    history_max=s.history_max, history_cap=s.think_history_cap)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -255,6 +265,72 @@ def _entries(results: Sequence[Any], histories: dict[int, list[int]], model: str
     }
 
 
+def _begin(store: ThinkStore, plan: RefreshPlan, report: RefreshReport) -> bool:
+    """Step 1, plan: False when there is nothing to do (already live, nothing changed); else the version is
+    begun (or resumed with the same plan)."""
+    if store.current_version() == plan.version:
+        report.skipped = "already live"
+        return False
+    if not plan.recompute and plan.base is not None:
+        report.skipped = f"nothing changed since {plan.base}"
+        return False
+    if plan.version in store.versions():
+        begun = store.meta(plan.version).get("plan_hash")
+        if begun is not None and begun != plan.plan_hash:
+            raise ValueError(
+                f"version {plan.version!r} was begun with a different plan (chunking, shards or inputs); "
+                "resume with the same settings or pass a new --version"
+            )
+    store.begin_version(plan.version, plan.meta)
+    return True
+
+
+def _carry(store: ThinkStore, plan: RefreshPlan, users: list[int], opts: RefreshOptions,
+           report: RefreshReport) -> list[int]:
+    """Step 2, carry: copy unchanged users' entries from the base version; returns those to recompute
+    (entries that expired in the base come back)."""
+    assert plan.base is not None
+    run = store.copy_entries(plan.base, plan.version, users, opts.ttl_s)
+    report.copied += len(users) - len(run)
+    return run
+
+
+def _compute(store: ThinkStore, engine: Engine, builder: PromptBuilder, histories: dict[int, list[int]],
+             version: str, users: list[int], opts: RefreshOptions, report: RefreshReport) -> None:
+    """Step 3, compute: reasoning + prefixes for `users`, written to `version` (and their histories)."""
+    prompts = builder.build((u, histories[u]) for u in users)
+    results = engine.think([ThinkRequest(u, ids) for u, ids in prompts])
+    report.truncated += sum(r.truncated for r in results)
+    store.write_entries(version, _entries(results, histories, engine.model_id), opts.ttl_s)
+    if opts.write_histories:
+        store.write_histories({u: histories[u] for u in users}, opts.history_max)
+    report.computed += len(users)
+
+
+def _publish_if_complete(store: ThinkStore, plan: RefreshPlan, opts: RefreshOptions, report: RefreshReport) -> None:
+    """Step 4, publish: flip `current` once every shard of the version is complete."""
+    progress = shard_progress(store, plan.version)
+    if all(done_ == want for done_, want in progress.values()):
+        report.previous = publish_version(store, plan.version)
+        report.published = True
+    else:
+        log.info("shard %d done; waiting for shards %s", opts.shard,
+                 [s for s, (d, w) in progress.items() if d < w])  # fmt: skip
+
+
+def _finish_report(report: RefreshReport, store: ThinkStore, engine: Engine, builder: PromptBuilder,
+                   seconds: float) -> None:
+    report.seconds = seconds
+    report.users_per_s = report.computed / seconds if seconds > 0 else 0.0
+    report.timings = dict(engine.timings)
+    report.corrupt = store.corrupt
+    if store.corrupt:
+        log.warning("%d corrupt or unknown-schema values were treated as missing", store.corrupt)
+    if builder.skipped_items or builder.empty_users:
+        log.warning("%d history items had no codes; %d users had no known item", builder.skipped_items,
+                    len(builder.empty_users))  # fmt: skip
+
+
 def run_shard(
     store: ThinkStore,
     engine: Engine,
@@ -264,50 +340,28 @@ def run_shard(
     opts: RefreshOptions,
     on_chunk: Callable[[int, str, int], None] | None = None,
 ) -> RefreshReport:
-    """Do shard `opts.shard` of `plan` (resuming done chunks) and publish if every shard is complete."""
+    """Do shard `opts.shard` of `plan` (resuming done chunks) and publish if every shard is complete:
+    plan (`_begin`), then per chunk carry (`_carry`) and compute (`_compute`), then publish."""
     report = RefreshReport(plan.version, opts.shard, plan.shards)
-    if store.current_version() == plan.version:
-        report.skipped = "already live"
+    if not _begin(store, plan, report):
         return report
-    if not plan.recompute and plan.base is not None:
-        report.skipped = f"nothing changed since {plan.base}"
-        return report
-    if plan.version in store.versions():
-        begun = store.meta(plan.version).get("plan_hash")
-        if begun is not None and begun != plan.plan_hash:
-            raise ValueError(
-                f"version {plan.version!r} was begun with a different plan (chunking, shards or inputs); "
-                "resume with the same settings or pass a new --version"
-            )
-    store.begin_version(plan.version, plan.meta)
     chunks = plan.chunks()
     mine = plan.shard_chunks(opts.shard)
     done = store.done_chunks(plan.version, opts.shard)
     report.resumed_chunks = len(done & set(mine))
+    todo = [c for c in mine if c not in done]
     run_total = sum(len(chunks[c][1]) for c in mine if chunks[c][0] == "run")
-    run_done = sum(len(chunks[c][1]) for c in mine if chunks[c][0] == "run" and c in done)
     builder = PromptBuilder(engine.tokenizer, sid, opts.history_cap)
-    bar = tqdm(total=run_total, initial=run_done, unit="user", desc=f"refresh {plan.version} shard {opts.shard}/"
-               f"{plan.shards}", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+    bar = tqdm(total=run_total, initial=run_total - sum(len(chunks[c][1]) for c in todo if chunks[c][0] == "run"),
+               unit="user", desc=f"refresh {plan.version} shard {opts.shard}/{plan.shards}",
+               disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
     t0 = time.perf_counter()
     try:
-        for c in mine:
-            if c in done:
-                continue
+        for c in todo:
             kind, users = chunks[c]
-            run = users
-            if kind == "copy":
-                assert plan.base is not None
-                run = store.copy_entries(plan.base, plan.version, users, opts.ttl_s)  # expired ones come back
-                report.copied += len(users) - len(run)
+            run = _carry(store, plan, users, opts, report) if kind == "copy" else users
             if run:
-                prompts = builder.build((u, histories[u]) for u in run)
-                results = engine.think([ThinkRequest(u, ids) for u, ids in prompts])
-                report.truncated += sum(r.truncated for r in results)
-                store.write_entries(plan.version, _entries(results, histories, engine.model_id), opts.ttl_s)
-                if opts.write_histories:
-                    store.write_histories({u: histories[u] for u in run}, opts.history_max)
-                report.computed += len(run)
+                _compute(store, engine, builder, histories, plan.version, run, opts, report)
             store.mark_chunk_done(plan.version, opts.shard, c)
             if kind == "run":
                 bar.update(len(users))
@@ -317,23 +371,9 @@ def run_shard(
                 time.sleep(opts.throttle_s)
     finally:
         bar.close()
-    report.seconds = time.perf_counter() - t0
-    report.users_per_s = report.computed / report.seconds if report.seconds > 0 else 0.0
-    report.timings = dict(engine.timings)
-    report.corrupt = store.corrupt
-    if store.corrupt:
-        log.warning("%d corrupt or unknown-schema values were treated as missing", store.corrupt)
-    if builder.skipped_items or builder.empty_users:
-        log.warning("%d history items had no codes; %d users had no known item", builder.skipped_items,
-                    len(builder.empty_users))  # fmt: skip
+    _finish_report(report, store, engine, builder, time.perf_counter() - t0)
     if opts.publish:
-        progress = shard_progress(store, plan.version)
-        if all(done_ == want for done_, want in progress.values()):
-            report.previous = publish_version(store, plan.version)
-            report.published = True
-        else:
-            log.info("shard %d done; waiting for shards %s", opts.shard,
-                     [s for s, (d, w) in progress.items() if d < w])  # fmt: skip
+        _publish_if_complete(store, plan, opts, report)
     return report
 
 

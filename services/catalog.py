@@ -1,6 +1,6 @@
 """Dataset loading: `sequences.txt` + `items.tsv`, leave-one-out splits, item text.
 
-Format (DESIGN.md section 3): `sequences.txt` holds one user per line, ``user_id item_id ...`` in time
+Format: `sequences.txt` holds one user per line, ``user_id item_id ...`` in time
 order; `items.tsv` has a header with at least ``item_id`` and ``title`` (other text columns are kept).
 Malformed input raises `DataFormatError` naming the file and line. This module does not embed, split
 into codes or touch Redis.
@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HISTORY_CAP = 50
+HISTORY_CAP = 50  # the one history cap: evaluation, the online model, offline prompts, stored histories
 EMPTY_TITLE = "untitled item"
 
 
@@ -146,7 +146,8 @@ class Splits:
 
 
 def leave_one_out(sequences: dict[int, list[int]], cap: int = HISTORY_CAP) -> Splits:
-    """Split every user's sequence per DESIGN.md section 4 (history capped at the last `cap`)."""
+    """Split every user's sequence leave-one-out: last item = test, second to last = validation, history
+    capped at the last `cap`."""
     train: dict[int, list[int]] = {}
     valid: list[Example] = []
     test: list[Example] = []

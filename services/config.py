@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.catalog import HISTORY_CAP
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +35,7 @@ class Settings(BaseSettings):
     namespace: str = Field("onerec", description="key namespace (prefix of every key)")
     redis_timeout_ms: int = Field(50, ge=1, description="socket/connect timeout of the online Redis pool")
     think_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="TTL of a think-ahead version's values")
-    history_max: int = Field(50, ge=1, le=1000, description="bounded per-user history length")
+    history_max: int = Field(HISTORY_CAP, ge=1, le=1000, description="bounded per-user history length")
 
     # online api
     default_budget_ms: float = Field(50.0, gt=0, description="default per-request latency budget")
@@ -80,7 +83,7 @@ class Settings(BaseSettings):
     reasoning_top_k: int = Field(50, ge=0, description="top-k of sampled reasoning paths (0: off)")
     reasoning_top_p: float = Field(1.0, gt=0, le=1, description="nucleus of sampled reasoning paths (1: off)")
     offline_seed: int = Field(0, description="seed of the sampled reasoning paths")
-    think_history_cap: int = Field(50, ge=1, description="history items in an offline prompt (last N)")
+    think_history_cap: int = Field(HISTORY_CAP, ge=1, description="history items in an offline prompt (last N)")
     carry_chunk: int = Field(2000, ge=1, description="users per carry-over chunk (entries copied, not recomputed)")
     gc_keep: int = Field(2, ge=0, description="newest versions `gc` keeps besides current and previous")
     hf_batch_size: int = Field(32, ge=1, description="batch size of the HF reference engine")
@@ -106,6 +109,12 @@ class Settings(BaseSettings):
         """Path of an artifact folder (`sid`, `onerec`, `think`), honouring explicit overrides."""
         explicit = {"sid": self.sid_dir, "onerec": self.onerec_dir, "think": self.think_dir}[name]
         return explicit if explicit is not None else self.artifacts_dir / name / "current"
+
+
+def setting_default(name: str) -> Any:
+    """The declared default of a `Settings` field: option objects that run without Settings (tests, library
+    use) take their defaults from here, so that no default is written twice."""
+    return Settings.model_fields[name].default
 
 
 @lru_cache(maxsize=1)

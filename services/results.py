@@ -1,4 +1,4 @@
-"""Results files: `docs/results/<name>.json` (DESIGN.md section 5) and their lines in docs/RESULTS.md.
+"""Results files: `docs/results/<name>.json` (the one results format) and their lines in docs/RESULTS.md.
 
 The one owner of the results format. Every writer passes measured metrics; the command, date and
 machine are filled in here. The generated part of RESULTS.md (between the markers) is rebuilt from

@@ -13,13 +13,13 @@ from offline_helpers import TinyWorld, build_world
 
 from offline_worker.engine import (
     EngineConfig,
-    HFEngine,
     Prefix,
     ThinkRequest,
     ThinkResult,
     select_prefixes,
     union_prefixes,
 )
+from offline_worker.hf_engine import HFEngine
 from offline_worker.prompts import PromptBuilder, answer_ids
 
 CFG = EngineConfig(samples=2, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12, greedy=True)
@@ -51,7 +51,7 @@ def hf_results(hf: HFEngine, requests_: list[ThinkRequest]) -> list[ThinkResult]
 @pytest.fixture(scope="session")
 def vllm_engine(world: TinyWorld) -> Iterator[object]:
     pytest.importorskip("vllm")
-    from offline_worker.engine import VLLMEngine, VLLMOptions, cpu_defaults
+    from offline_worker.vllm_engine import VLLMEngine, VLLMOptions, cpu_defaults
 
     cpu_defaults()
     # multiprocess: a single-process CPU engine would lock torch's thread count for the whole test session
@@ -151,7 +151,7 @@ def test_hf_batching_does_not_change_results(world: TinyWorld, hf_results: list[
 @pytest.mark.slow
 def test_vllm_equals_hf_under_greedy(vllm_engine: object, requests_: list[ThinkRequest],
                                      hf_results: list[ThinkResult]) -> None:  # fmt: skip
-    from offline_worker.engine import VLLMEngine
+    from offline_worker.vllm_engine import VLLMEngine
 
     assert isinstance(vllm_engine, VLLMEngine)
     got = vllm_engine.think(requests_)
@@ -169,7 +169,7 @@ def test_vllm_prefix_beam_paths_agree(vllm_engine: object, requests_: list[Think
     """Three ways to score the prefixes give the same post-mask scores: the two-step level-a request
     (level a + level b under the best a in one request) with ``allowed_token_ids`` for the other a's,
     the trie processor for every step (used above the 1024-id cap), and one request per level."""
-    from offline_worker.engine import VLLMEngine
+    from offline_worker.vllm_engine import VLLMEngine
 
     assert isinstance(vllm_engine, VLLMEngine) and vllm_engine.processor_registered
     ctxs = [r.prompt_ids + vllm_engine.answer_ids for r in requests_[:4]]
@@ -203,7 +203,7 @@ def test_vllm_prefix_beam_paths_agree(vllm_engine: object, requests_: list[Think
 @pytest.mark.slow
 def test_vllm_sampled_paths_are_seeded(vllm_engine: object, requests_: list[ThinkRequest]) -> None:
     """Sampled paths (t >= 1) are reproducible per (seed, user, path): a resumed chunk writes the same values."""
-    from offline_worker.engine import VLLMEngine
+    from offline_worker.vllm_engine import VLLMEngine
 
     assert isinstance(vllm_engine, VLLMEngine)
     vllm_engine.config = EngineConfig(samples=3, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12,

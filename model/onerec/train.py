@@ -28,7 +28,7 @@ from model.onerec.config import OneRecConfig
 from model.onerec.decoding import OneRec, OneRecRecommender
 from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
 from model.semantic_ids import SemanticIDs, point_current
-from services.catalog import Example, load_dataset
+from services.catalog import HISTORY_CAP, Example, load_dataset
 
 
 def seed_all(seed: int) -> None:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--layers", type=int, default=2, help="transformer layers")
     t.add_argument("--heads", type=int, default=2, help="attention heads")
     t.add_argument("--dropout", type=float, default=0.3, help="dropout")
-    t.add_argument("--max-len", type=int, default=50, help="history length")
+    t.add_argument("--max-len", type=int, default=HISTORY_CAP, help="history length (the history cap)")
     t.add_argument("--no-item-emb", action="store_true", help="items embedded by their codes only")
     t.add_argument("--item-loss-weight", type=float, default=1.0,
                    help="weight of the auxiliary next-item softmax (tied to the item embeddings)")
