@@ -184,7 +184,7 @@ for port in (want, 0):
 }
 train() {
   # the tiny profile: enough for a think checkpoint that the refresh can serve, not for quality
-  export TRAIN_ONEREC_ARGS=${TRAIN_ONEREC_ARGS:-"--max-minutes 0.5 --val-users 100 --threads 2"}
+  export TRAIN_ONEREC_ARGS=${TRAIN_ONEREC_ARGS:-"--epochs 1 --val-users 100 --threads 2"}
   export TRAIN_THINK_STAGES=${TRAIN_THINK_STAGES:-"base activate"}
   export TRAIN_THINK_ARGS=${TRAIN_THINK_ARGS:-"--steps 10 --limit-users 200 --threads 2"}
   "${COMPOSE[@]}" --profile train run --rm train
