@@ -99,7 +99,7 @@ step onerec 150 env DEV="$DEV" BATCHES="$ONEREC_BATCHES" CPU_BATCHES="$ONEREC_CP
 import json, os, random, time
 import torch
 from model.onerec import OneRec, OneRecConfig, OneRecRecommender, build_model
-from model.onerec_train import batch_tensors, length_batches, make_windows
+from model.onerec.train import batch_tensors, length_batches, make_windows
 from model.semantic_ids import SemanticIDs
 from services.catalog import load_dataset
 
@@ -143,7 +143,7 @@ for name, d, layers, heads, dev, nb in runs:
 open(os.environ["OUTF"], "w").write(json.dumps(res, indent=2) + "\n")
 EOF
 
-# 5. HF offline engine (offline_worker.engine.HFEngine): loads the model with load_think (CPU) and builds its
+# 5. HF offline engine (offline_worker.hf_engine.HFEngine): loads the model with load_think (CPU) and builds its
 # inputs on the CPU; no device option, so not run here.
 log "=== step hf_engine: skipped: HFEngine has no device option (model and inputs on the CPU)"
 

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     think_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="TTL of a think-ahead version's values")
     history_max: int = Field(HISTORY_CAP, ge=1, le=1000, description="bounded per-user history length")
 
-    # online api
+    # online api: serving, and the think-ahead policy (`model.policy.PolicyConfig.from_settings`: beam,
+    # prefix_weight, own_prefixes, own_prefix_floor, exclude_consumed), shared with evaluation
     default_budget_ms: float = Field(50.0, gt=0, description="default per-request latency budget")
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
     default_k: int = Field(10, ge=1)
@@ -70,7 +71,8 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = Field(10.0, gt=0, description="a request body not received within this is a 408")
     pending_events_max: int = Field(100_000, ge=0, description="events buffered while Redis is down")
 
-    # offline worker
+    # offline worker: engine and decoding (`offline_worker.engine.EngineConfig.from_settings`) and the refresh
+    # (`offline_worker.refresh.RefreshOptions.from_settings`)
     engine: str = Field("vllm", pattern="^(vllm|hf)$", description="offline engine")
     reasoning_samples: int = Field(2, ge=1, description="T reasoning paths per user")
     prefixes_per_sample: int = Field(16, ge=1, description="m prefixes kept per reasoning path")
@@ -87,6 +89,8 @@ class Settings(BaseSettings):
     carry_chunk: int = Field(2000, ge=1, description="users per carry-over chunk (entries copied, not recomputed)")
     gc_keep: int = Field(2, ge=0, description="newest versions `gc` keeps besides current and previous")
     hf_batch_size: int = Field(32, ge=1, description="batch size of the HF reference engine")
+
+    # offline worker: vLLM engine arguments (`offline_worker.vllm_engine.VLLMOptions.from_settings`)
     vllm_dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, ...)")
     vllm_enforce_eager: bool | None = Field(
         None, description="vLLM: no CUDA graphs / torch.compile (faster start); None: eager on CPU only"
