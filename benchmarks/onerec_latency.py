@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         return hist, pre
 
     cases = [user() for _ in range(args.calls)]
+    # the served completion weights, with the flags on top
+    weights = {"prefix_weight": args.prefix_weight, "own_prefixes": args.own_prefixes, "own_floor": st.own_prefix_floor}
     for h, pre in cases[:20]:  # warm-up
-        onerec.complete([h], [pre], k=10, beam=args.beam, prefix_weight=args.prefix_weight,
-                        own_prefixes=args.own_prefixes)
+        onerec.complete([h], [pre], k=10, beam=args.beam, **weights)
         onerec.decode_full([h], k=10, beam=args.beam)
 
     def timed(fn) -> list[float]:
@@ -74,14 +75,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.no_grad():
         trunk = timed(lambda h, pre: onerec._last_hidden([h]))
-    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, prefix_weight=args.prefix_weight,
-                                                    own_prefixes=args.own_prefixes))
+    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, **weights))
     full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
     # baseline in the same run: the same calls through the nn.Modules instead of the serving copy
     frozen, onerec.net = onerec.net, ModuleNet(onerec.model)
-    complete_modules = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam,
-                                                            prefix_weight=args.prefix_weight,
-                                                            own_prefixes=args.own_prefixes))
+    complete_modules = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, **weights))
     onerec.net = frozen
     batches = [cases[s : s + 16] for s in range(0, min(len(cases), 640), 16)]
     t0 = time.perf_counter()

@@ -46,7 +46,7 @@ class OnlineModel(Protocol):
 
     def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
                  k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0) -> list[Scored]: ...
+                 *, prefix_weight: float, own_prefixes: int, own_floor: float) -> list[Scored]: ...
 
 
 class BelowExpected(DeadlineExceeded):
@@ -284,8 +284,9 @@ class MicroBatcher:
                 if kind == "complete":
                     prefixes = [j.prefixes or [] for j in jobs]
                     pol = self.policy
-                    out = model.complete(histories, prefixes, k, beam, exclude, deadline, pol.prefix_weight,
-                                         pol.own_prefixes, pol.own_floor)
+                    out = model.complete(histories, prefixes, k, beam, exclude, deadline,
+                                         prefix_weight=pol.prefix_weight, own_prefixes=pol.own_prefixes,
+                                         own_floor=pol.own_floor)
                 else:
                     out = model.decode_full(histories, k, beam, exclude, deadline)
         except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back

@@ -68,7 +68,7 @@ def warm_up(onerec: OneRec, settings: Settings, calls: int = 3) -> None:
     with torch.inference_mode():
         for _ in range(calls):
             onerec.complete([items], [prefixes], settings.default_k, beam, [set(items[:5])], None,
-                            pol.prefix_weight, pol.own_prefixes, pol.own_floor)
+                            prefix_weight=pol.prefix_weight, own_prefixes=pol.own_prefixes, own_floor=pol.own_floor)
             onerec.decode_full([items], settings.default_k, beam, [set(items[:5])])
 
 
@@ -239,25 +239,25 @@ class ProcessModel:
         self._restarting = False
 
     # ---------------------------------------------------------------- OnlineModel
-    def _call(self, name: str, deadline: float | None, *args: Any) -> list[Scored]:
+    def _call(self, name: str, deadline: float | None, *args: Any, **kwargs: Any) -> list[Scored]:
         with self._lock:
             if self._conn is None:
-                return self._on_standby(name, args, "model process is starting")
+                return self._on_standby(name, args, kwargs, "model process is starting")
             # the child checks the deadline between decode steps, so a live child answers soon after it
             wait = max(0.0, deadline - time.perf_counter() if deadline is not None else 0.0) + self.hang_s
             try:
-                self._conn.send((name, args, {}))
+                self._conn.send((name, args, kwargs))
                 if not self._conn.poll(wait):
                     raise TimeoutError(f"no answer {wait:.1f} s after the call")
                 status, payload = self._conn.recv()
             except (EOFError, OSError) as e:  # TimeoutError is an OSError
                 self._died(e)
-                return self._on_standby(name, args, f"model process died or hangs: {type(e).__name__}")
+                return self._on_standby(name, args, kwargs, f"model process died or hangs: {type(e).__name__}")
         if status != "ok":
             raise payload if isinstance(payload, BaseException) else RuntimeError(str(payload))
         return payload  # type: ignore[no-any-return]
 
-    def _on_standby(self, name: str, args: tuple[Any, ...], why: str) -> list[Scored]:
+    def _on_standby(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], why: str) -> list[Scored]:
         """No child to ask: run the call on the standby model here, or fail with `ModelUnavailable`."""
         if self.standby is None:
             raise ModelUnavailable(why)
@@ -265,7 +265,7 @@ class ProcessModel:
 
         self.standby_calls += 1
         with torch.inference_mode():
-            return getattr(self.standby, name)(*args)  # type: ignore[no-any-return]  # complete / decode_full
+            return getattr(self.standby, name)(*args, **kwargs)  # type: ignore[no-any-return]  # complete / decode_full
 
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]:
@@ -273,9 +273,9 @@ class ProcessModel:
 
     def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
                  k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0) -> list[Scored]:
-        return self._call("complete", deadline, histories, prefixes, k, beam, exclude, deadline, prefix_weight,
-                          own_prefixes, own_floor)
+                 *, prefix_weight: float, own_prefixes: int, own_floor: float) -> list[Scored]:
+        return self._call("complete", deadline, histories, prefixes, k, beam, exclude, deadline,
+                          prefix_weight=prefix_weight, own_prefixes=own_prefixes, own_floor=own_floor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from online_api.batching import ModelUnavailable
 from online_api.model_process import ProcessModel
 from services.store import ThinkStore
 
+W = {"prefix_weight": 0.5, "own_prefixes": 4, "own_floor": 0.0}  # completion weights of these tests
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -68,8 +69,8 @@ def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server:
     hists, prefixes, excl = _inputs(world)
     with started(world, redis_server.url, ns) as pm:
         assert pm.healthy and pm.pid not in (None, os.getpid())
-        got = pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
-        want = local.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
+        got = pm.complete(hists, prefixes, 5, 10, excl, None, **W)
+        want = local.complete(hists, prefixes, 5, 10, excl, None, **W)
         assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
         assert all(math.isclose(a, b, abs_tol=1e-5) for g, w in zip(got, want, strict=True)
                    for (_, a), (_, b) in zip(g, w, strict=True))
@@ -87,14 +88,14 @@ def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server:
 def test_standby_answers_while_the_child_restarts(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
     hists, prefixes, excl = _inputs(world)
     standby = OneRec.load(world.checkpoint)
-    want = standby.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0)
+    want = standby.complete(hists, prefixes, 5, 10, excl, None, **W)
     with started(world, redis_server.url, ns, standby=standby) as pm:
         _signal_child(pm, signal.SIGKILL)
-        assert pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0) == want  # the call that finds it dead
+        assert pm.complete(hists, prefixes, 5, 10, excl, None, **W) == want  # the call that finds it dead
         assert pm.standby_calls >= 1
         _wait(lambda: pm.healthy, 60)
         calls = pm.standby_calls
-        assert pm.complete(hists, prefixes, 5, 10, excl, None, 0.5, 4, 0.0) == want and pm.standby_calls == calls
+        assert pm.complete(hists, prefixes, 5, 10, excl, None, **W) == want and pm.standby_calls == calls
 
 
 def test_killed_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:

@@ -195,7 +195,7 @@ class OneRec:
     @torch.no_grad()
     def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
                  k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 prefix_weight: float = 1.0, own_prefixes: int = 0, own_floor: float = 0.0
+                 *, prefix_weight: float, own_prefixes: int, own_floor: float
                  ) -> list[list[tuple[int, float]]]:
         """Complete levels c.. under each user's allowed (a, b) prefixes.
 
