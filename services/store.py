@@ -467,7 +467,8 @@ class ThinkStore:
 
     # ---- staleness (interactions the live entry has not seen)
     def stale_users(self, min_staleness: int = 1, limit: int | None = None) -> list[tuple[int, int]]:
-        """(user, staleness) with staleness >= `min_staleness`, most stale first (ties: lower id first)."""
+        """(user, staleness) with staleness >= `min_staleness`, most stale first (ties within the returned page:
+        lower id first; which tied users make a `limit` is Redis's order)."""
         if not _is_int(min_staleness) or min_staleness < 1:
             raise ValueError(f"min_staleness: expected an int >= 1, got {min_staleness!r}")
         if limit is not None and (not _is_int(limit) or limit < 1):
@@ -486,7 +487,7 @@ class ThinkStore:
                 out.append((int(member), int(score)))
             except ValueError:
                 self.corrupt += 1
-        return out
+        return sorted(out, key=lambda x: (-x[1], x[0]))
 
     def staleness(self, users: Iterable[int]) -> dict[int, int]:
         """Each user's staleness (0 when not in the set)."""
