@@ -187,9 +187,8 @@ def run_ray(
                 num_gpus=ray_opts.gpus_per_actor or None,
                 fn_constructor_kwargs=dict(redis_url=redis_url, ns=store.keys.ns, spec=spec, plan=light, opts=opts,
                                            fault_marker=ray_opts.fault_marker),  # fmt: skip
-                max_restarts=-1,  # a dead actor is replaced ...
-                max_task_retries=-1,  # ... and its chunk retried (idempotent writes)
-            )
+            )  # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1): a dead actor is replaced and
+            # its chunk retried (idempotent writes)
             bar = tqdm(total=len(plan.recompute), unit="user", desc=f"refresh {plan.version} on ray",
                        disable=not opts.progress, dynamic_ncols=True)  # fmt: skip
             try:
