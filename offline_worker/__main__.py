@@ -130,7 +130,7 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     )
     from services.catalog import load_sequences
 
-    if args.stale_first is not None or args.min_staleness is not None:
+    if args.incremental or args.stale_first is not None or args.min_staleness is not None:
         return cmd_incremental(args, settings)
     shard, shards = parse_shard(args.shard)
     if args.ray is not None and shards != 1:
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-histories", action="store_true", help="do not write the bounded histories")
     r.add_argument("--no-publish", action="store_true", help="do not flip current (use `publish` later)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--incremental", action="store_true",
+                   help="recompute only stale users into the live version (implied by the two flags below)")
     r.add_argument("--stale-first", type=int, metavar="N",
                    help="incremental: recompute the N most stale users into the live version (no new version)")
     r.add_argument("--min-staleness", type=int, metavar="S",
