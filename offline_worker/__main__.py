@@ -72,9 +72,11 @@ def resolve_dirs(args: argparse.Namespace, settings: Settings) -> tuple[Path, Pa
     return model_dir, own if (own / "codes.tsv").is_file() else settings.resolved("sid")
 
 
-def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
-    """The engine chosen by ``--engine``: every option from `Settings`, the flags given on top."""
-    from offline_worker.engines import engine_from_settings
+def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
+    """The engine chosen by ``--engine`` as an `EngineSpec`: every option from `Settings`, the flags on top."""
+    from offline_worker.engine import EngineConfig
+    from offline_worker.ray_refresh import EngineSpec
+    from offline_worker.vllm_engine import VLLMOptions
 
     model_dir, sid_dir = resolve_dirs(args, settings)
     config = dict(samples=args.samples, prefixes_per_sample=args.prefixes, beam_a=args.beam_a,
@@ -83,7 +85,37 @@ def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 block_size=args.block_size,
                 extra={**settings.vllm_args, **_vllm_args(args.vllm_arg)} if args.vllm_arg else None)
-    return engine_from_settings(args.engine, model_dir, sid_dir, settings, config, vllm)
+    options = VLLMOptions.from_settings(settings, **vllm) if args.engine == "vllm" else None
+    return EngineSpec(args.engine, str(model_dir), str(sid_dir), EngineConfig.from_settings(settings, **config),
+                      options, settings.hf_batch_size)
+
+
+def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
+    """The engine chosen by ``--engine`` (see `engine_spec`), built in this process."""
+    from offline_worker.engines import make_engine
+
+    spec = engine_spec(args, settings)
+    return make_engine(spec.kind, spec.model_dir, spec.sid_dir, spec.config, spec.vllm, spec.hf_batch_size)
+
+
+def cmd_incremental(args: argparse.Namespace, settings: Settings) -> int:
+    """``refresh --stale-first N`` / ``--min-staleness S``: recompute stale users into the live version."""
+    from model.semantic_ids import SemanticIDs
+    from offline_worker.staleness import IncrementalOptions, report_dict, run_incremental
+
+    if args.ray is not None or args.shard != "0/1" or args.users != "all" or args.holdout or args.limit:
+        raise ValueError("--stale-first/--min-staleness: not with --ray, --shard, --users, --holdout or --limit")
+    opts = IncrementalOptions.from_settings(settings, stale_first=args.stale_first, min_staleness=args.min_staleness,
+                                            chunk=args.chunk, progress=not args.no_progress,
+                                            throttle_s=args.throttle_s)  # fmt: skip
+    store = _store(args, settings)
+    engine = build_engine(args, settings)
+    try:
+        report = run_incremental(store, engine, SemanticIDs.load(resolve_dirs(args, settings)[1]), opts)
+    finally:
+        engine.close()
+    print(json.dumps(report_dict(report), indent=2))
+    return 0
 
 
 def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
@@ -98,7 +130,11 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     )
     from services.catalog import load_sequences
 
+    if args.incremental or args.stale_first is not None or args.min_staleness is not None:
+        return cmd_incremental(args, settings)
     shard, shards = parse_shard(args.shard)
+    if args.ray is not None and shards != 1:
+        raise ValueError(f"--ray: Ray distributes the chunks itself; drop --shard {args.shard}")
     opts = RefreshOptions.from_settings(
         settings,
         mode=args.users,
@@ -119,11 +155,12 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     sid_dir = resolve_dirs(args, settings)[1]
     sid = SemanticIDs.load(sid_dir)
     store = _store(args, settings)
+    if args.ray is not None:
+        return _refresh_on_ray(args, settings, store, histories, opts)
     engine = build_engine(args, settings)
     try:
         # content hashes, not paths: shards on other machines (other mount points) must name the same version
-        codes_hash = hashlib.sha256((sid_dir / "codes.tsv").read_bytes()).hexdigest()[:12]
-        settings_key = {"engine": engine.name, **asdict(engine.config), "codes": codes_hash}
+        settings_key = _settings_key(engine.name, engine.config, sid_dir)
         plan = plan_refresh(store, histories, engine.model_id, settings_key, opts)
         logging.info("plan %s: %d users, %d to compute, %d to carry from %s, %d chunks, shard %d/%d", plan.version,
                      len(plan.users), len(plan.recompute), len(plan.carry), plan.base, len(plan.chunks()), shard,
@@ -132,6 +169,34 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         engine.close()
     print(json.dumps(report_dict(report), indent=2))
+    return 0
+
+
+def _settings_key(engine: str, config: Any, sid_dir: Path) -> dict[str, Any]:
+    """What names a version besides the users: engine, decoding settings, codes. Content hashes, not paths:
+    workers on other machines (other mount points) must name the same version."""
+    codes_hash = hashlib.sha256((sid_dir / "codes.tsv").read_bytes()).hexdigest()[:12]
+    return {"engine": engine, **asdict(config), "codes": codes_hash}
+
+
+def _refresh_on_ray(args: argparse.Namespace, settings: Settings, store: Any, histories: dict[int, list[int]],
+                    opts: Any) -> int:  # fmt: skip
+    """``refresh --ray [ADDRESS]``: the plan here, the chunks on a Ray actor pool, one publish."""
+    from offline_worker.engine import model_id
+    from offline_worker.ray_refresh import RayOptions, run_ray
+    from offline_worker.refresh import plan_refresh, report_dict
+
+    spec = engine_spec(args, settings)
+    ray_opts = RayOptions(address=args.ray or None, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
+                          gpus_per_actor=args.ray_gpus_per_actor)  # fmt: skip
+    # the engine kind is its `Engine.name`: the same plan (version) as a single-process refresh
+    key = _settings_key(spec.kind, spec.config, Path(spec.sid_dir))
+    plan = plan_refresh(store, histories, model_id(spec.model_dir), key, opts)
+    logging.info("plan %s: %d users, %d to compute, %d to carry from %s, %d chunks, on ray (%d actors)",
+                 plan.version, len(plan.users), len(plan.recompute), len(plan.carry), plan.base,
+                 len(plan.chunks()), ray_opts.actors)  # fmt: skip
+    url = args.redis_url or settings.redis_url
+    print(json.dumps(report_dict(run_ray(store, url, spec, histories, plan, opts, ray_opts)), indent=2))
     return 0
 
 
@@ -211,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-histories", action="store_true", help="do not write the bounded histories")
     r.add_argument("--no-publish", action="store_true", help="do not flip current (use `publish` later)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--incremental", action="store_true",
+                   help="recompute only stale users into the live version (implied by the two flags below)")
+    r.add_argument("--stale-first", type=int, metavar="N",
+                   help="incremental: recompute the N most stale users into the live version (no new version)")
+    r.add_argument("--min-staleness", type=int, metavar="S",
+                   help="incremental: only users whose live entry missed >= S interactions "
+                        "(default: ONEREC_REFRESH_MIN_STALENESS)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the chunks on a Ray actor pool (no ADDRESS: a local cluster in this process)")
+    r.add_argument("--ray-actors", type=int, default=2, help="--ray: engine replicas (one per actor)")
+    r.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="--ray: CPUs reserved per actor")
+    r.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="--ray: GPUs per actor (1 for vLLM on GPU)")
     r.add_argument("--throttle-s", type=float, default=0.0, help="pause after each chunk (shared machines)")
     r.add_argument("--dtype", help="vLLM dtype (default: ONEREC_VLLM_DTYPE)")
     r.add_argument("--enforce-eager", action="store_true", help="vLLM: eager mode (faster start-up)")

@@ -304,6 +304,7 @@ def _compute(store: ThinkStore, engine: Engine, builder: PromptBuilder, historie
     store.write_entries(version, _entries(results, histories, engine.model_id), opts.ttl_s)
     if opts.write_histories:
         store.write_histories({u: histories[u] for u in users}, opts.history_max)
+        store.clear_staleness(users)  # the histories were replaced: events counted before are gone
     report.computed += len(users)
 
 

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     offline_seed: int = Field(0, description="seed of the sampled reasoning paths")
     think_history_cap: int = Field(HISTORY_CAP, ge=1, description="history items in an offline prompt (last N)")
     carry_chunk: int = Field(2000, ge=1, description="users per carry-over chunk (entries copied, not recomputed)")
+    refresh_min_staleness: int = Field(  # derived from the staleness curve (docs/results/staleness.json)
+        5, ge=1, description="incremental refresh: recompute users whose live entry missed >= N interactions"
+    )
     gc_keep: int = Field(2, ge=0, description="newest versions `gc` keeps besides current and previous")
     hf_batch_size: int = Field(32, ge=1, description="batch size of the HF reference engine")
 

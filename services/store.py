@@ -19,7 +19,17 @@ key                                   type      content
 ``ns:think:{version}:meta``           hash      refresh metadata, one JSON-encoded value per field
 ``ns:think:{version}:done:{shard}``   set       indices of chunks whose entries are fully written
 ``ns:think:versions``                 zset      every begun version, scored by creation time (gc)
+``ns:stale``                          zset      user -> interactions appended since their live entry
+                                                was computed (incremental refresh, most stale first)
 ====================================  ========  ====================================================
+
+Staleness: each applied append adds its item count to the user's score in ``ns:stale`` (a replayed
+append adds nothing); the incremental refresh writes a user's new entry into the *live* version (one
+SET per user: a reader gets the old value or the new one, never a mix) and then subtracts the count it
+saw when it read the history (`settle_staleness`), so interactions that arrived meanwhile stay counted.
+The counter is written after the append script (another slot on Cluster): an append whose counter write
+fails is retried by the caller with the same append id, applied once and not counted (an entry then
+stays one refresh staler than its score says; the next full refresh resets it).
 
 Readers never see a half-written version: a version's entries are written while ``current`` still
 names the old one; ``publish`` counts the new entries and only then flips ``current`` with a single
@@ -286,6 +296,7 @@ class ThinkKeys:
         self.current = f"{ns}:think:current"
         self.previous = f"{ns}:think:previous"
         self.versions = f"{ns}:think:versions"
+        self.stale = f"{ns}:stale"
 
     @staticmethod
     def check_version(version: object) -> str:
@@ -343,6 +354,18 @@ def _parse_history(raw: list[Any]) -> tuple[list[int], int]:
 
 # --------------------------------------------------------------------------- offline (sync)
 
+# KEYS: the staleness zset. ARGV: user, seen, user, seen, ... Subtracts what the new entry has seen; removes
+# users at <= 0 (events that arrived after the history was read keep them in the set).
+_SETTLE = """
+for i = 1, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    local n = tonumber(redis.call('ZINCRBY', KEYS[1], -tonumber(ARGV[i + 1]), ARGV[i]))
+    if n <= 0 then redis.call('ZREM', KEYS[1], ARGV[i]) end
+  end
+end
+return 0
+"""
+
 
 class ThinkStore:
     """Offline-worker side: write, verify, publish, roll back and garbage-collect versions."""
@@ -351,6 +374,7 @@ class ThinkStore:
         self.r: Any = client  # Any: redis-py's sync/async union return types defeat mypy
         self.keys = ThinkKeys(ns)
         self.corrupt = 0  # values read by `get_entry` that were treated as missing
+        self._settle = client.register_script(_SETTLE)
 
     # ---- version lifecycle
     def begin_version(self, version: str, meta: dict[str, Any], created_at: float | None = None) -> None:
@@ -425,6 +449,84 @@ class ThinkStore:
         if old is not None and old != prev:
             self.r.set(self.keys.previous, old)
         return prev
+
+    def write_live_entries(self, version: str, entries: dict[int, ThinkEntry], ttl_s: int) -> int:
+        """SET entries into the *live* `version` (incremental refresh). Each user's value is one key and one
+        SET, so a concurrent reader sees the old entry or the new one, never a mix. Returns the number written."""
+        if not _is_int(ttl_s) or ttl_s <= 0:
+            raise ValueError(f"ttl_s: expected a positive int, got {ttl_s!r}")
+        if version != self.current_version():
+            raise ValueError(f"version: {version!r} is not live (live: {self.current_version()!r})")
+        items = [(self.keys.think(version, u), encode_entry(e)) for u, e in entries.items()]
+        for i in range(0, len(items), _BATCH):
+            pipe = self.r.pipeline(transaction=False)
+            for key, value in items[i : i + _BATCH]:
+                pipe.set(key, value, ex=ttl_s)
+            pipe.execute()
+        return len(items)
+
+    # ---- staleness (interactions the live entry has not seen)
+    def stale_users(self, min_staleness: int = 1, limit: int | None = None) -> list[tuple[int, int]]:
+        """(user, staleness) with staleness >= `min_staleness`, most stale first (ties within the returned page:
+        lower id first; which tied users make a `limit` is Redis's order)."""
+        if not _is_int(min_staleness) or min_staleness < 1:
+            raise ValueError(f"min_staleness: expected an int >= 1, got {min_staleness!r}")
+        if limit is not None and (not _is_int(limit) or limit < 1):
+            raise ValueError(f"limit: expected an int >= 1 or None, got {limit!r}")
+        try:
+            raw = self.r.zrange(self.keys.stale, "+inf", min_staleness, desc=True, byscore=True,
+                                offset=0 if limit else None, num=limit, withscores=True)  # fmt: skip
+        except redis.ResponseError as e:
+            if not _wrong_type(e):
+                raise
+            self.corrupt += 1
+            return []
+        out = []
+        for member, score in raw:
+            try:
+                out.append((int(member), int(score)))
+            except ValueError:
+                self.corrupt += 1
+        return sorted(out, key=lambda x: (-x[1], x[0]))
+
+    def staleness(self, users: Iterable[int]) -> dict[int, int]:
+        """Each user's staleness (0 when not in the set)."""
+        users = [_check_user(u) for u in users]
+        if not users:
+            return {}
+        scores = self.r.zmscore(self.keys.stale, users)
+        return {u: int(s or 0) for u, s in zip(users, scores, strict=True)}
+
+    def settle_staleness(self, seen: dict[int, int]) -> None:
+        """Subtract from each user's staleness the count the new entry has seen; drop users at <= 0."""
+        pairs = [x for u, n in seen.items() if n > 0 for x in (_check_user(u), int(n))]
+        for i in range(0, len(pairs), 2 * _BATCH):
+            self._settle(keys=[self.keys.stale], args=pairs[i : i + 2 * _BATCH])
+
+    def clear_staleness(self, users: Iterable[int]) -> None:
+        """Forget users' staleness (their histories were replaced by a full refresh)."""
+        users = [_check_user(u) for u in users]
+        for i in range(0, len(users), _BATCH):
+            self.r.zrem(self.keys.stale, *users[i : i + _BATCH])
+
+    def get_histories(self, users: Iterable[int]) -> dict[int, list[int]]:
+        """Many users' bounded histories (pipelined LRANGE; non-int elements and wrong types are counted)."""
+        users = list(users)
+        out: dict[int, list[int]] = {}
+        for i in range(0, len(users), _BATCH):
+            part = users[i : i + _BATCH]
+            pipe = self.r.pipeline(transaction=False)
+            for u in part:
+                pipe.lrange(self.keys.history(u), 0, -1)
+            for u, raw in zip(part, pipe.execute(raise_on_error=False), strict=True):
+                raw = _reply(raw)
+                if _wrong_type(raw):
+                    self.corrupt += 1
+                    out[u] = []
+                    continue
+                out[u], bad = _parse_history(raw)
+                self.corrupt += bad
+        return out
 
     # ---- reads
     def current_version(self) -> str | None:
@@ -698,4 +800,12 @@ class AsyncThinkReader:
         )
         self.replayed += int(replayed)
         self.corrupt += int(replaced)
+        if not int(replayed):
+            # after the script: the zset is one key for all users (another Cluster slot than the history)
+            try:
+                await self.r.zincrby(self.keys.stale, len(items), user)
+            except redis.ResponseError as e:  # a foreign value under the key: the append stands, uncounted
+                if not _wrong_type(e):
+                    raise
+                self.corrupt += 1
         return min(int(n), max_len)

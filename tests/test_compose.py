@@ -685,6 +685,27 @@ def test_refresh_script_loops_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "next run in" in out and len(_calls(tmp_path)) == 1
 
 
+def test_refresh_script_alternates_full_and_incremental_runs(tmp_path: Path) -> None:
+    fake = _stand_in_python(tmp_path, rc=0)
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "REFRESH_INTERVAL_S": "1", "REFRESH_FULL_EVERY": "2",
+           "REFRESH_INCREMENTAL_ARGS": "--stale-first 100"}  # fmt: skip
+    proc = subprocess.Popen([SH, str(ROOT / "docker" / "refresh.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while len(_calls(tmp_path)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert _calls(tmp_path)[:3] == [
+        "-m offline_worker refresh --shard 0/1 --no-progress",
+        "-m offline_worker refresh --incremental --no-progress --stale-first 100",
+        "-m offline_worker refresh --shard 0/1 --no-progress",
+    ]
+
+
 def _think_stage(folder: Path, stage: str, interrupted: bool = False) -> None:
     folder.mkdir(parents=True)
     (folder / "itemic.json").write_text(json.dumps({"stages": [{"stage": stage}]}))
