@@ -347,35 +347,71 @@ def bench_examples(n_users: int) -> list[Any]:
     return examples[:n_users]
 
 
-def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes: int, version: str) -> list[int]:
-    """Fresh histories (test split) and entries from one-interaction-staler histories; returns the users."""
+def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes: int, version: str,
+               entries: str = "onerec-beam", think_dir: Path | None = None) -> list[int]:
+    """Fresh histories (test split) and entries from one-interaction-staler histories; returns the users.
+
+    `entries` ``think``: a real offline refresh by the OneRec-Think checkpoint (`think_dir`, vLLM, the served
+    offline settings) over the staler histories, as in deployment; ``onerec-beam``: the lightweight model's
+    own beam with a fixed reasoning text (cheap; the reliability benchmarks use it)."""
     import redis
 
-    from evaluation.think_ahead import OneRecPrefixSource
-    from model.onerec import OneRec
     from services.store import ThinkStore
 
     examples = bench_examples(n_users)
-    onerec = OneRec.load(checkpoint)
-    source = OneRecPrefixSource(onerec, prefixes=prefixes, beam=max(64, prefixes * 2))
-    entries = {}
     t0 = time.perf_counter()
+    if entries == "think":
+        _refresh_entries(redis_url, ns, think_dir, [e.user_id for e in examples], version)
+        model = "think refresh"
+    else:
+        model = "bench-onerec-beam"
+        by_user = _onerec_beam_entries(checkpoint, examples, prefixes)
+        store = ThinkStore(redis.Redis.from_url(redis_url), ns)
+        store.begin_version(version, {"model": model})
+        store.write_entries(version, by_user, 3600)
+        store.publish(version, len(by_user))
+    print(f"[seed] {len(examples)} entries ({model}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    client = redis.Redis.from_url(redis_url)
+    # the online tier reads the fresh history (the refresh wrote the staler one)
+    ThinkStore(client, ns).write_histories({e.user_id: e.history for e in examples}, 50)
+    client.close()
+    return [e.user_id for e in examples]
+
+
+def _onerec_beam_entries(checkpoint: Path, examples: list[Any], prefixes: int) -> dict[int, Any]:
+    from evaluation.think_ahead import OneRecPrefixSource
+    from model.onerec import OneRec
+
+    source = OneRecPrefixSource(OneRec.load(checkpoint), prefixes=prefixes, beam=max(64, prefixes * 2))
+    out = {}
     for s in range(0, len(examples), 256):
         batch = examples[s : s + 256]
         for e, en in zip(batch, source(batch), strict=True):
             assert en is not None
             en.reasoning = REASONING
             en.model_id = "bench-onerec-beam"
-            entries[e.user_id] = en
-    print(f"[seed] {len(entries)} entries ({prefixes} prefixes each) in {time.perf_counter() - t0:.1f}s", flush=True)
-    client = redis.Redis.from_url(redis_url)
-    store = ThinkStore(client, ns)
-    store.begin_version(version, {"model": "bench-onerec-beam"})
-    store.write_entries(version, entries, 3600)
-    store.publish(version, len(entries))
-    store.write_histories({e.user_id: e.history for e in examples}, 50)
-    client.close()
-    return [e.user_id for e in examples]
+            out[e.user_id] = en
+    return out
+
+
+def _refresh_entries(redis_url: str, ns: str, think_dir: Path | None, users: list[int], version: str) -> None:
+    """`python -m offline_worker refresh` of `users` over their staler histories (test target and the last
+    history item held out), published as `version`. A version holds every user of its dataset, so the
+    refresh reads a dataset folder of just these users."""
+    from services.catalog import load_sequences
+    from services.config import get_settings
+
+    data_dir = get_settings().data_dir
+    sequences = load_sequences(data_dir / "sequences.txt")
+    with tempfile.TemporaryDirectory(prefix="bench-users-") as d:
+        (Path(d) / "sequences.txt").write_text("".join(f"{u} {' '.join(map(str, sequences[u]))}\n" for u in users))
+        (Path(d) / "items.tsv").symlink_to((data_dir / "items.tsv").resolve())
+        cmd = [PY, "-m", "offline_worker", "--redis-url", redis_url, "--namespace", ns, "refresh", "--engine", "vllm",
+               "--data", d, "--holdout", "2", "--version", version, "--no-progress"]
+        if think_dir is not None:
+            cmd += ["--model", str(think_dir)]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 @contextmanager
@@ -468,7 +504,8 @@ def run(args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "load_avg_1m_start": round(os.getloadavg()[0], 2),
                            "cpu_probe_ms_start": cpu_probe_ms()}
     with redis_server() as redis_url:
-        users = seed_redis(redis_url, ns, checkpoint, args.users, args.prefixes, version)
+        users = seed_redis(redis_url, ns, checkpoint, args.users, args.prefixes, version, args.entries, args.think_dir)
+        out["entries"] = args.entries
         env = {"ONEREC_REDIS_URL": redis_url, "ONEREC_NAMESPACE": ns, "ONEREC_ONEREC_DIR": str(checkpoint),
                "FLOOR_VERSION": version, "PYTHONPATH": str(ROOT)}
         port = free_port()
@@ -538,6 +575,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--checkpoint", type=Path, default=None, help="OneRec folder (default: artifacts/onerec/current)")
     p.add_argument("--think-dir", type=Path, default=None, help="OneRec-Think HF folder (default: think/current)")
+    p.add_argument("--entries", choices=["think", "onerec-beam"], default="think",
+                   help="think: seed Redis by a real refresh with the think checkpoint (as deployed); onerec-beam: "
+                        "the lightweight model's own beam with a fixed reasoning text (cheaper)")
     p.add_argument("--users", type=int, default=2000, help="test users seeded into Redis and requested in turn")
     p.add_argument("--prefixes", type=int, default=32, help="prefixes per think entry (T x m of the offline tier)")
     p.add_argument("--k", type=int, default=10, help="items per request")
