@@ -61,8 +61,20 @@ def current_command() -> str:
     """The command line of this process as `python -m module args` when run as a module."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    name = spec.name.removesuffix(".__main__") if spec is not None and spec.name else None
+    head = ["python", "-m", name] if name else ["python", sys.argv[0]]
     return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
+
+
+def dataset_env(dataset: str) -> str:
+    """``ONEREC_DATA_DIR=... `` in front of a command run on another dataset than Beauty (else "")."""
+    from services.config import get_settings
+
+    data_dir = get_settings().data_dir.resolve()
+    if dataset == DEFAULT_DATASET or data_dir.name != dataset:
+        return ""
+    shown = data_dir.relative_to(ROOT) if data_dir.is_relative_to(ROOT) else data_dir
+    return f"ONEREC_DATA_DIR={shlex.quote(str(shown))} "
 
 
 def write_result(name: str, metrics: dict[str, Any], command: str | None = None, note: str = "",
@@ -78,7 +90,7 @@ def write_result(name: str, metrics: dict[str, Any], command: str | None = None,
     doc = {
         "name": name,
         "dataset": dataset,
-        "command": command or current_command(),
+        "command": command or dataset_env(dataset) + current_command(),
         "date": dt.date.today().isoformat(),
         "machine": machine(),
         "metrics": metrics,
