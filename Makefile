@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (main job on the bundled data) and `make test`.
+# The README's two commands: `make demo` (main job on the bundled data, or `make demo DATA=folder`) and `make test`.
 # Both run the idempotent set-up first. `make stack` builds and starts the docker-compose stack for real
 # (scripts/stack.sh, docs/DEPLOY.md); `make stack-down` removes it, volumes included.
 SHELL := /bin/bash
@@ -10,7 +10,7 @@ setup:
 	@./scripts/setup.sh
 
 demo: setup
-	$(PY) -m scripts.demo $(ARGS)
+	$(PY) -m scripts.demo $(if $(DATA),--data $(DATA)) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -1,9 +1,11 @@
 """Semantic IDs: item text (+ optional collaborative vector) -> residual k-means -> unique codes.
 
 Owns the code table format and the itemic token strings (`<a_N> <b_N> <c_N> <d_N>` wrapped in
-`<|item_begin|>` ... `<|item_end|>`). Three variants: ``text`` (MiniLM title embeddings), ``text_cf``
+`<|item_begin|>` ... `<|item_end|>`). Three variants: ``text`` (MiniLM embeddings of the item text), ``text_cf``
 (text fused with an item2vec-style vector from the *training* parts of the sequences) and
-``reference`` (the published `reference_sid` column). Does not train recommenders.
+``reference`` (the published `reference_sid` column). The item text is the `text_columns` of items.tsv
+joined (default the title only; ``--text-columns title,description`` where a catalogue has descriptions).
+Does not train recommenders.
 
 CLI: ``python -m model.semantic_ids build --variant text_cf`` (see ``--help``).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.catalog import Catalog, catalog_hash, leave_one_out, load_dataset
+from services.catalog import TEXT_COLUMNS, Catalog, catalog_hash, dataset_name, leave_one_out, load_dataset
 
 ITEM_BEGIN = "<|item_begin|>"
 ITEM_END = "<|item_end|>"
@@ -42,8 +44,10 @@ class SemanticIDConfig:
     cf_weight: float = 0.5  # share of the fused vector's squared norm given to the collaborative part
     cf_window: int = 5
     seed: int = 0
+    text_columns: tuple[str, ...] = TEXT_COLUMNS  # items.tsv columns joined into the embedded text
 
     def __post_init__(self) -> None:
+        self.text_columns = tuple(self.text_columns)  # a list when read back from config.json
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if not 1 <= self.levels <= len(LEVEL_NAMES) - 1:
@@ -307,7 +311,8 @@ def build(data_dir: Path, config: SemanticIDConfig, show_progress: bool = True) 
         if codes.shape[1] != config.num_levels:
             raise ValueError(f"reference has {codes.shape[1]} levels, config expects {config.num_levels}")
     else:
-        x = text_embeddings([cat.text(i) for i in cat.item_ids], show_progress=show_progress)
+        cat.check_columns(config.text_columns)
+        x = text_embeddings([cat.text(i, config.text_columns) for i in cat.item_ids], show_progress=show_progress)
         if config.variant == "text_cf":
             train = leave_one_out(ds.sequences).train
             cf = collaborative_embeddings(cat.item_ids, train, config.cf_dim, config.cf_window, config.seed)
@@ -331,12 +336,16 @@ def build(data_dir: Path, config: SemanticIDConfig, show_progress: bool = True) 
         "max_last_level": int(codes[:, -1].max()),
         "build_s": round(build_s, 2),
     }
-    meta = {"catalog_hash": catalog_hash(cat), "stats": stats, "data_dir": str(data_dir)}
+    meta = {"catalog_hash": catalog_hash(cat), "stats": stats, "data_dir": str(data_dir),
+            "text_columns": list(config.text_columns)}
     return SemanticIDs(ids, codes, config, meta), stats
 
 
 def version_name(config: SemanticIDConfig, cat_hash: str) -> str:
-    h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+    fields = asdict(config)
+    if tuple(fields["text_columns"]) == TEXT_COLUMNS:  # titles only: the names built before the option existed
+        del fields["text_columns"]
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.variant}-{cat_hash[:8]}-{h}"
 
 
@@ -363,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--codebook-size", type=int, default=256, help="codes per level")
     b.add_argument("--cf-weight", type=float, default=0.5, help="share of the collaborative part (text_cf)")
     b.add_argument("--seed", type=int, default=0, help="k-means / SVD seed")
+    b.add_argument("--text-columns", default=",".join(TEXT_COLUMNS),
+                   help="items.tsv columns embedded as the item text, comma-separated (e.g. title,description)")
     b.add_argument("--no-current", action="store_true", help="do not point <out>/current at the result")
     b.add_argument("--results", action="store_true", help="also write docs/results/semantic_ids.json")
     s = sub.add_parser("stats", help="print statistics of a built folder")
@@ -373,7 +384,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(sid.meta.get("stats", {}), indent=2))
         return
     levels = args.levels if args.variant != "reference" else 3
-    cfg = SemanticIDConfig(args.variant, levels, args.codebook_size, cf_weight=args.cf_weight, seed=args.seed)
+    columns = tuple(c.strip() for c in args.text_columns.split(",") if c.strip())
+    cfg = SemanticIDConfig(args.variant, levels, args.codebook_size, cf_weight=args.cf_weight, seed=args.seed,
+                           text_columns=columns)
     sid, stats = build(args.data_dir, cfg)
     folder = args.out / version_name(cfg, sid.meta["catalog_hash"])
     sid.save(folder)
@@ -388,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         keys = ("items", "levels", "codebook_size", "collisions_before", "collisions_after",
                 "max_items_per_prefix2", "build_s")
         write_result("semantic_ids", {k: stats[k] for k in keys} | {"variant": args.variant},
-                     note=f"variant {args.variant}")
+                     note=f"variant {args.variant}, text {'+'.join(columns)}", dataset=dataset_name(args.data_dir))
 
 
 if __name__ == "__main__":

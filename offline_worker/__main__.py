@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from offline_worker.logs import quiet_vendor_logs
 from services.config import Settings, get_settings
 
 
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    noise = quiet_vendor_logs(args.verbose)
     settings = get_settings()
     if args.cmd == "refresh":
         args.engine = args.engine or settings.engine
@@ -325,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if noise is not None and noise.suppressed:
+            logging.info(noise.summary())
 
 
 if __name__ == "__main__":  # vLLM's engine core starts with `spawn`: this guard is required

@@ -113,6 +113,7 @@ class ThinkResult:
     prefixes: list[Prefix]  # union over paths, best first
     per_sample: list[list[Prefix]] = field(default_factory=list)  # (T, <= m), best first
     truncated: int = 0  # paths that hit max_reasoning_tokens without `</think>`
+    closed: bool = True  # path 0 (the stored reasoning) ended with `</think>` within the token budget
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class Engine(ABC):
                     prefixes=union_prefixes(per),
                     per_sample=per,
                     truncated=sum(split[j][1] for j in idx),
+                    closed=not split[idx[0]][1],
                 )
             )
         return results

@@ -35,6 +35,7 @@ from services.config import Settings, setting_default
 from services.store import IncompleteVersionError, ThinkEntry, ThinkStore
 
 log = logging.getLogger(__name__)
+UNCLOSED_REASONING = ""  # the reasoning stored for a path that never closed (the mark: no reasoning)
 
 MODES = ("all", "list", "changed")
 HISTORY_TAIL = 5  # items of the prompt history stored with each entry (staleness checks)
@@ -131,6 +132,7 @@ class RefreshReport:
     seconds: float = 0.0
     users_per_s: float = 0.0
     truncated: int = 0  # reasoning paths cut by the token budget
+    unclosed: int = 0  # users whose stored (greedy) reasoning never reached `</think>`: stored without reasoning
     corrupt: int = 0  # undecodable / unknown-schema values met (treated as missing and recomputed)
     published: bool = False
     skipped: str | None = None  # why nothing was done ("already live", "nothing changed")
@@ -251,10 +253,13 @@ def publish_version(store: ThinkStore, version: str) -> str | None:
 
 
 def _entries(results: Sequence[Any], histories: dict[int, list[int]], model: str) -> dict[int, ThinkEntry]:
+    """Entries to store. A reasoning that never closed (the budget ran out before `</think>`: e.g. an
+    alignment-only checkpoint writing code tokens) is not reasoning: such an entry is marked by an empty
+    reasoning text (its prefixes are kept) and counted in the report (`RefreshReport.unclosed`)."""
     now = time.time()
     return {
         r.user_id: ThinkEntry(
-            reasoning=r.reasoning,
+            reasoning=r.reasoning if getattr(r, "closed", True) else UNCLOSED_REASONING,
             prefixes=[(a, b, float(s)) for a, b, s in r.prefixes],
             history_len=len(histories[r.user_id]),
             history_tail=list(histories[r.user_id][-HISTORY_TAIL:]),
@@ -301,6 +306,7 @@ def _compute(store: ThinkStore, engine: Engine, builder: PromptBuilder, historie
     prompts = builder.build((u, histories[u]) for u in users)
     results = engine.think([ThinkRequest(u, ids) for u, ids in prompts])
     report.truncated += sum(r.truncated for r in results)
+    report.unclosed += sum(not getattr(r, "closed", True) for r in results)
     store.write_entries(version, _entries(results, histories, engine.model_id), opts.ttl_s)
     if opts.write_histories:
         store.write_histories({u: histories[u] for u in users}, opts.history_max)
@@ -327,6 +333,12 @@ def _finish_report(report: RefreshReport, store: ThinkStore, engine: Engine, bui
     report.corrupt = store.corrupt
     if store.corrupt:
         log.warning("%d corrupt or unknown-schema values were treated as missing", store.corrupt)
+    if report.unclosed:
+        share = report.unclosed / max(1, report.computed)
+        hint = (" the checkpoint does not close its reasoning (an alignment-only model? run the activate stage)"
+                if share >= 0.5 else "")
+        log.warning("%d of %d users' reasoning never reached </think> within max_reasoning_tokens: stored without "
+                    "reasoning%s", report.unclosed, report.computed, hint)  # fmt: skip
     if builder.skipped_items or builder.empty_users:
         log.warning("%d history items had no codes; %d users had no known item", builder.skipped_items,
                     len(builder.empty_users))  # fmt: skip

@@ -8,6 +8,7 @@ a local redis-server -> offline vLLM refresh of reasoning + prefixes -> the onli
 
     make demo                       # quick profile, set-up included
     make demo ARGS="--profile full"
+    make demo DATA=path/to/folder   # the same on your own dataset (its artifacts in artifacts/<folder name>/)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.config import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -129,7 +132,6 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 def serve_and_show(p: Profile, art: Path, users: int) -> None:
     from services.catalog import load_dataset
-    from services.config import get_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="onerec-demo-"))
     procs: list[subprocess.Popen] = []
@@ -171,9 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="training/refresh budgets")
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact instead of reusing it")
-    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts", help="artifact root")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="dataset folder (sequences.txt, items.tsv); default ONEREC_DATA_DIR or data/beauty")
+    ap.add_argument("--artifacts", type=Path, default=None,
+                    help="artifacts folder of the dataset (default: the dataset's, see ONEREC_ARTIFACTS_ROOT)")
     ap.add_argument("--users", type=int, default=3, help="sample users to print")
     args = ap.parse_args(argv)
+    if args.data is not None:  # every stage (child processes and this one) reads the dataset from Settings
+        os.environ["ONEREC_DATA_DIR"] = str(args.data.resolve())
+        get_settings.cache_clear()
+    args.artifacts = args.artifacts or get_settings().artifacts_dir
+    os.environ["ONEREC_ARTIFACTS_DIR"] = str(args.artifacts.resolve())
+    print(f"dataset {get_settings().dataset} ({get_settings().data_dir}), artifacts {args.artifacts}")
     t0 = time.perf_counter()
     p = PROFILES[args.profile]
     build_models(p, args.artifacts, args.fresh)

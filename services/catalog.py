@@ -1,13 +1,16 @@
 """Dataset loading: `sequences.txt` + `items.tsv`, leave-one-out splits, item text.
 
 Format: `sequences.txt` holds one user per line, ``user_id item_id ...`` in time
-order; `items.tsv` has a header with at least ``item_id`` and ``title`` (other text columns are kept).
-Malformed input raises `DataFormatError` naming the file and line. This module does not embed, split
-into codes or touch Redis.
+order; `items.tsv` has a header with at least ``item_id`` and ``title`` (other text columns, e.g.
+``description``, are kept). The text an item is embedded from is chosen by column (`Catalog.text`,
+default the title only); a column value written as a Python list of strings (``['a', 'b']``, as the
+Amazon-2018 descriptions are published) is read as those strings joined. Malformed input raises
+`DataFormatError` naming the file and line. This module does not embed, split into codes or touch Redis.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 from dataclasses import dataclass, field
@@ -15,6 +18,20 @@ from pathlib import Path
 
 HISTORY_CAP = 50  # the one history cap: evaluation, the online model, offline prompts, stored histories
 EMPTY_TITLE = "untitled item"
+TEXT_COLUMNS = ("title",)  # default item text: titles only (Beauty has nothing else)
+
+
+def column_text(value: str) -> str:
+    """One text cell as plain text: a Python-list literal of strings becomes its strings joined."""
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+        if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed):
+            return " ".join(x.strip() for x in parsed if x.strip())
+    return value
 
 
 class DataFormatError(ValueError):
@@ -44,9 +61,23 @@ class Catalog:
     def title(self, item_id: int) -> str:
         return self.titles.get(item_id, EMPTY_TITLE)
 
-    def text(self, item_id: int) -> str:
-        """Text used to embed an item (title; fallback for empty titles)."""
-        return self.titles[item_id] or EMPTY_TITLE
+    def check_columns(self, columns: tuple[str, ...] | list[str]) -> None:
+        """Raise naming the column when one of `columns` is not in items.tsv."""
+        if not columns:
+            raise ValueError("text columns: at least one column expected (e.g. title)")
+        for c in columns:
+            if c != "title" and c not in self.columns:
+                raise ValueError(f"text column {c!r} is not in items.tsv (columns: title, {', '.join(self.columns)})")
+
+    def text(self, item_id: int, columns: tuple[str, ...] | list[str] = TEXT_COLUMNS) -> str:
+        """Text used to embed an item: the non-empty `columns` joined by ". " (fallback for no text at all)."""
+        parts = []
+        for c in columns:
+            raw = self.titles[item_id] if c == "title" else self.columns[c][item_id]
+            part = column_text(raw)
+            if part:
+                parts.append(part)
+        return ". ".join(parts) or EMPTY_TITLE
 
 
 def load_items(path: Path | str) -> Catalog:
@@ -175,6 +206,11 @@ class Dataset:
     catalog: Catalog
     sequences: dict[int, list[int]]
     splits: Splits
+
+
+def dataset_name(data_dir: Path | str) -> str:
+    """The label of a dataset: its folder's name (``data/beauty`` -> ``beauty``); names artifacts and results."""
+    return Path(data_dir).resolve().name
 
 
 def load_dataset(data_dir: Path | str, cap: int = HISTORY_CAP) -> Dataset:

@@ -2,6 +2,12 @@
 
 This is the only place where runtime configuration of the online API, the offline worker and the
 stack is defined. Model hyper-parameters live in the dataclass configs beside each model instead.
+
+Datasets: ``ONEREC_DATA_DIR`` selects the dataset folder (default the bundled ``data/beauty``); its folder
+name is the dataset's label (`Settings.dataset`). Every command's artifacts then live under one folder
+per dataset (`Settings.artifacts_dir`: ``artifacts/`` for the bundled Beauty, ``artifacts/<dataset>/``
+for any other) and its results files under ``docs/results/<dataset>/`` (`services.results`), so a run on
+your own data never touches the Beauty artifacts or numbers.
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.catalog import HISTORY_CAP
+from services.catalog import HISTORY_CAP, dataset_name
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = ROOT / "data" / "beauty"
+ARTIFACT_KINDS = ("sid", "onerec", "think")  # folders of one dataset's artifacts; no dataset may be named so
 
 
 class Settings(BaseSettings):
@@ -24,8 +32,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ONEREC_", env_file=".env", extra="ignore")
 
     # data and artifacts
-    data_dir: Path = Field(ROOT / "data" / "beauty", description="dataset folder (sequences.txt, items.tsv)")
-    artifacts_dir: Path = Field(ROOT / "artifacts", description="root of built artifacts")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="dataset folder (sequences.txt, items.tsv); selects the "
+                                                         "dataset, its artifacts folder and its results folder")
+    artifacts_root: Path = Field(ROOT / "artifacts", description="root of all datasets' artifacts")
+    artifacts_dir: Path = Field(None, validate_default=True,  # type: ignore[assignment]  # derived when unset
+                                description="this dataset's artifacts; default: artifacts_root for the bundled "
+                                            "Beauty, artifacts_root/<dataset> for any other")
+    results_dir: Path = Field(ROOT / "docs" / "results",
+                              description="root of results files (RESULTS.md beside it); a dataset other than "
+                                          "Beauty writes <root>/<dataset>/")
     sid_dir: Path | None = Field(None, description="semantic-ID folder; default: artifacts_dir/sid/current")
     onerec_dir: Path | None = Field(None, description="OneRec checkpoint; default: artifacts_dir/onerec/current")
     think_dir: Path | None = Field(None, description="OneRec-Think HF folder; default: artifacts_dir/think/current")
@@ -42,7 +57,10 @@ class Settings(BaseSettings):
     default_budget_ms: float = Field(50.0, gt=0, description="default per-request latency budget")
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
     default_k: int = Field(10, ge=1)
-    exclude_consumed: bool = Field(True, description="drop items already in the user's history")
+    # measured with `python -m evaluation repeats` (docs/RESULTS.md): Beauty has no repeat targets (the rule only
+    # frees slots); Industrial test (1.2% repeats) R@10 .0755 on vs .0725 off (a tie); Industrial validation
+    # (5.2% repeats) .0815 on vs .1112 off: set false for data with frequent repeats
+    exclude_consumed: bool = Field(True, description="drop items already in the user's history (serving, evaluation)")
     beam: int = Field(20, ge=1, description="beam width of online decoding (10 cost 14-15% R@10 on Beauty "
                                             "validation: docs/RESULTS.md)")
     batch_max: int = Field(16, ge=1, description="micro-batch size of the model thread")
@@ -111,6 +129,26 @@ class Settings(BaseSettings):
     vllm_args: dict[str, object] = Field(
         default_factory=dict, description="extra vllm.LLM keywords as JSON, e.g. '{\"max_num_seqs\": 512}'"
     )
+
+    @field_validator("artifacts_dir", mode="before")
+    @classmethod
+    def _derive_artifacts(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        if "data_dir" not in info.data or "artifacts_root" not in info.data:  # reported by their own errors
+            return value
+        data_dir, root = Path(info.data["data_dir"]), Path(info.data["artifacts_root"])
+        if data_dir.resolve() == DEFAULT_DATA_DIR.resolve():
+            return root
+        name = dataset_name(data_dir)
+        if name in ARTIFACT_KINDS:
+            raise ValueError(f"data_dir {data_dir}: a dataset folder may not be named {name!r} (an artifact folder)")
+        return root / name
+
+    @property
+    def dataset(self) -> str:
+        """Label of the selected dataset (the data folder's name), written into every results file."""
+        return dataset_name(self.data_dir)
 
     def resolved(self, name: str) -> Path:
         """Path of an artifact folder (`sid`, `onerec`, `think`), honouring explicit overrides."""

@@ -1,8 +1,12 @@
 """Results files: `docs/results/<name>.json` (the one results format) and their lines in docs/RESULTS.md.
 
-The one owner of the results format. Every writer passes measured metrics; the command, date and
-machine are filled in here. The generated part of RESULTS.md (between the markers) is rebuilt from
-all JSON files on each write, so it never drifts from them.
+The one owner of the results format. Every writer passes measured metrics; the command, date, machine and
+dataset label are filled in here. Results are kept per dataset: the bundled Beauty's in
+``docs/results/<name>.json`` (the generated list between ``results:begin``/``results:end``), any other
+dataset's in ``docs/results/<dataset>/<name>.json`` with a generated section of its own
+(``results:<dataset>:begin``/``end``), so a run on other data never overwrites the Beauty numbers. The
+dataset is the selected one (`Settings.dataset`, from ``ONEREC_DATA_DIR``) unless a command's own
+``--data-dir`` names another. Each generated part is rebuilt from its JSON files on every write.
 """
 
 from __future__ import annotations
@@ -20,6 +24,25 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "docs" / "results"
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+DEFAULT_DATASET = "beauty"  # the bundled dataset: its results sit at the top of the results folder
+
+
+def markers(dataset: str) -> tuple[str, str]:
+    """Begin/end markers of a dataset's generated section in RESULTS.md."""
+    if dataset == DEFAULT_DATASET:
+        return BEGIN, END
+    return f"<!-- results:{dataset}:begin -->", f"<!-- results:{dataset}:end -->"
+
+
+def results_location(dataset: str | None = None) -> tuple[Path, Path, str]:
+    """(folder of the dataset's results files, RESULTS.md, dataset label) under `Settings.results_dir`."""
+    from services.config import get_settings
+
+    st = get_settings()
+    dataset = dataset or st.dataset
+    root = st.results_dir
+    folder = root if dataset == DEFAULT_DATASET else root / dataset
+    return folder, root.parent / "RESULTS.md", dataset
 
 
 def machine() -> dict[str, Any]:
@@ -38,17 +61,36 @@ def current_command() -> str:
     """The command line of this process as `python -m module args` when run as a module."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    name = spec.name.removesuffix(".__main__") if spec is not None and spec.name else None
+    head = ["python", "-m", name] if name else ["python", sys.argv[0]]
     return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
 
 
+def dataset_env(dataset: str) -> str:
+    """``ONEREC_DATA_DIR=... `` in front of a command run on another dataset than Beauty (else "")."""
+    from services.config import get_settings
+
+    data_dir = get_settings().data_dir.resolve()
+    if dataset == DEFAULT_DATASET or data_dir.name != dataset:
+        return ""
+    shown = data_dir.relative_to(ROOT) if data_dir.is_relative_to(ROOT) else data_dir
+    return f"ONEREC_DATA_DIR={shlex.quote(str(shown))} "
+
+
 def write_result(name: str, metrics: dict[str, Any], command: str | None = None, note: str = "",
-                 results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> Path:
-    """Write `<results_dir>/<name>.json` and refresh the generated table in `results_md`."""
+                 dataset: str | None = None, results_dir: Path | None = None, results_md: Path | None = None) -> Path:
+    """Write `<name>.json` into the dataset's results folder and refresh its generated section of RESULTS.md.
+
+    `dataset`: the label (default: the selected dataset); `results_dir` / `results_md` override the folder
+    and the markdown file (tests)."""
+    folder, md, dataset = results_location(dataset)
+    results_dir = results_dir or folder
+    results_md = results_md or md
     results_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "name": name,
-        "command": command or current_command(),
+        "dataset": dataset,
+        "command": command or dataset_env(dataset) + current_command(),
         "date": dt.date.today().isoformat(),
         "machine": machine(),
         "metrics": metrics,
@@ -57,7 +99,7 @@ def write_result(name: str, metrics: dict[str, Any], command: str | None = None,
         doc["note"] = note
     path = results_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    refresh_markdown(results_dir, results_md)
+    refresh_markdown(results_dir, results_md, dataset)
     return path
 
 
@@ -69,21 +111,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def refresh_markdown(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> None:
-    """Rebuild the generated section of RESULTS.md from every results file."""
+def refresh_markdown(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD,
+                     dataset: str = DEFAULT_DATASET) -> None:
+    """Rebuild the dataset's generated section of RESULTS.md from every results file of its folder (a new
+    dataset's section is appended with a heading)."""
+    begin, end = markers(dataset)
     lines = []
     for f in sorted(results_dir.glob("*.json")):
         d = json.loads(f.read_text())
         m = ", ".join(f"{k}={_fmt(v)}" for k, v in d["metrics"].items())
         mach = f"{d['machine'].get('cores')} cores, {d['machine'].get('cpu')}"
         lines.append(f"- **{d['name']}** ({d['date']}, {mach}): {m}  \n  `{d['command']}`")
-    block = BEGIN + "\n" + "\n".join(lines) + "\n" + END
-    text = results_md.read_text() if results_md.exists() else "# Results\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
+    block = begin + "\n" + "\n".join(lines) + "\n" + end
+    text = results_md.read_text() if results_md.exists() else "# Results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + block + tail
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
+        heading = "" if dataset == DEFAULT_DATASET else f"## Results files: dataset `{dataset}` (generated)\n\n"
+        text = text.rstrip() + "\n\n" + heading + block + "\n"
     results_md.parent.mkdir(parents=True, exist_ok=True)
     results_md.write_text(text)

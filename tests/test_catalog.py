@@ -90,3 +90,31 @@ def test_bundled_beauty_loads() -> None:
     assert len(ds.catalog) == 12101 and len(ds.sequences) == 22363
     assert sum(len(s) for s in ds.sequences.values()) == 198502
     assert ds.catalog.empty_titles == [10205]
+
+
+def test_item_text_from_columns(tmp_path: Path) -> None:
+    from services.catalog import column_text
+
+    items = ("item_id\ttitle\tdescription\n1\tSteel drill bit\t['For metal.', 'HSS, 5 mm.']\n2\tBrass valve\t[]\n"
+             "3\t\tplain text\n")
+    cat = load_items(write(tmp_path, items, "1 1 2 3\n").joinpath("items.tsv"))
+    assert cat.text(1) == "Steel drill bit"  # default: titles only
+    assert cat.text(1, ("title", "description")) == "Steel drill bit. For metal. HSS, 5 mm."
+    assert cat.text(2, ("title", "description")) == "Brass valve"  # an empty list adds nothing
+    assert cat.text(3, ("title", "description")) == "plain text"
+    assert column_text("[not a list") == "[not a list"
+    with pytest.raises(ValueError, match="'color' is not in items.tsv"):
+        cat.check_columns(("title", "color"))
+
+
+def test_dataset_selects_artifacts_and_results(tmp_path: Path) -> None:
+    from services.config import ROOT, Settings
+
+    beauty = Settings()
+    assert beauty.dataset == "beauty" and beauty.artifacts_dir == ROOT / "artifacts"
+    mine = Settings(data_dir=tmp_path / "shop", artifacts_root=tmp_path / "art")
+    assert mine.dataset == "shop" and mine.artifacts_dir == tmp_path / "art" / "shop"
+    assert mine.resolved("onerec") == tmp_path / "art" / "shop" / "onerec" / "current"
+    assert Settings(data_dir=tmp_path / "shop", artifacts_dir=tmp_path / "x").artifacts_dir == tmp_path / "x"
+    with pytest.raises(ValueError, match="may not be named 'sid'"):
+        Settings(data_dir=tmp_path / "sid")

@@ -335,3 +335,43 @@ def test_cli_takes_the_codes_saved_with_the_model(tmp_path: Path) -> None:
     assert resolve_dirs(args, settings) == (model, model / "sid")
     args = build_parser().parse_args(["refresh", "--model", str(model), "--sid", str(tmp_path / "x")])
     assert resolve_dirs(args, settings)[1] == tmp_path / "x"
+
+
+# --------------------------------------------------------------------------- what a refresh writes
+
+
+class NeverClosing(FakeEngine):
+    """A checkpoint that never writes `</think>` (e.g. alignment only): every path runs into the token budget."""
+
+    def _reason(self, prompts: list[list[int]], paths: list[_Path]) -> list[list[int]]:
+        return [[40 + i % 50 for i in range(self.config.max_reasoning_tokens)] for _ in paths]
+
+
+def test_unclosed_reasoning_is_reported_and_marked(world: TinyWorld, store: ThinkStore,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="offline_worker.refresh"):
+        plan, report = refresh(store, NeverClosing(world), world)
+    assert report.unclosed == N_USERS and report.published
+    assert "never reached </think>" in caplog.text and "alignment-only" in caplog.text
+    entries = store.get_entries(plan.version, sorted(world.sequences))
+    assert all(e is not None and e.reasoning == "" and e.prefixes for e in entries.values())
+    _, ok = refresh(store, FakeEngine(world), world, version="closing")
+    assert ok.unclosed == 0
+
+
+def test_vendor_log_repeats_are_filtered() -> None:
+    import logging
+
+    from offline_worker.logs import RepeatFilter
+
+    f = RepeatFilter()
+
+    def rec(name: str, msg: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+    shown = [f.filter(rec("vllm.config", f"Casting torch.bfloat16 to torch.float32 (layer {i})")) for i in range(26)]
+    assert shown == [True] + [False] * 25
+    assert not f.filter(rec("vllm.triton_utils.importing", "Triton not installed", logging.INFO))
+    ours = rec("offline_worker.refresh", "same", logging.INFO)
+    assert f.filter(ours) and f.filter(ours)  # our own messages are never filtered
+    assert f.suppressed == 26 and "26 vendor log lines suppressed" in f.summary()

@@ -4,7 +4,13 @@ Trains on the training parts of the leave-one-out splits, learning from every po
 sequence in one pass (code cross-entropy + the tied next-item head; warm-up + cosine LR by default);
 validates Recall@10 on a fixed validation subset each epoch, stops early, checkpoints the best model
 (safetensors + config + code table) into a versioned folder, and resumes from ``state.pt`` after an
-interruption. Does not serve requests.
+interruption. Two kinds of run, named by what they are:
+- *selection* (``select-<variant>-<time>``): training parts only, validation each epoch; its
+  ``meta.json`` records the best epoch (``best_epoch``);
+- *refit* (``--refit``, ``refit-<variant>-<time>``): the final test model, trained on train + validation
+  interactions for the selection run's best epoch (``--selection FOLDER``, default ``<out>/current``),
+  with no validation (the validation targets are training data).
+Does not serve requests.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from model.onerec.config import OneRecConfig
 from model.onerec.decoding import OneRec, OneRecRecommender
 from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
 from model.semantic_ids import SemanticIDs, point_current
-from services.catalog import HISTORY_CAP, Example, load_dataset
+from services.catalog import HISTORY_CAP, Example, dataset_name, load_dataset
 
 
 def seed_all(seed: int) -> None:
@@ -111,6 +117,25 @@ def train_epoch(model: OneRecModel, opt: torch.optim.Optimizer, seqs: list[list[
     return losses
 
 
+DEFAULT_EPOCHS = 20  # maximum epochs of a selection run (the cosine schedule ends there)
+
+
+def refit_epochs(args: argparse.Namespace) -> int:
+    """Epochs of a refit: ``--epochs`` when given, else the best epoch recorded by the selection run."""
+    if args.epochs is not None:
+        return int(args.epochs)
+    meta_path = Path(args.selection) / "meta.json"
+    if not meta_path.is_file():
+        raise SystemExit(f"--refit: --selection {args.selection} has no meta.json (a finished selection run); "
+                         "or pass --epochs")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("refit") or not meta.get("best_epoch"):
+        raise SystemExit(f"--refit: --selection {args.selection} is not a selection run with a best epoch "
+                         f"(meta: refit={meta.get('refit')}, best_epoch={meta.get('best_epoch')}); or pass --epochs")
+    print(f"refit: {meta['best_epoch']} epochs, the best epoch of selection run {Path(args.selection).resolve().name}")
+    return int(meta["best_epoch"])
+
+
 def train(args: argparse.Namespace) -> Path:
     seed_all(args.seed)
     torch.set_num_threads(args.threads)
@@ -122,6 +147,10 @@ def train(args: argparse.Namespace) -> Path:
     cfg = OneRecConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=2 * args.d_model,
                        dropout=args.dropout, use_item_emb=not args.no_item_emb, max_len=args.max_len,
                        item_loss_weight=args.item_loss_weight, item_score_weight=args.item_score_weight)
+    if args.refit:
+        args.epochs = refit_epochs(args)
+    elif args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS
     model = build_model(cfg, sid, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     folder = args.out / args.name
@@ -136,7 +165,7 @@ def train(args: argparse.Namespace) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(args.schedule, int(args.warmup_epochs * per_epoch), args.epochs * per_epoch, args.min_lr_ratio))
     val = random.Random(args.seed).sample(ds.splits.valid, min(args.val_users, len(ds.splits.valid)))
-    epoch, best, bad, curve, spent = 0, -1.0, 0, [], 0.0
+    epoch, best, best_epoch, bad, curve, spent = 0, -1.0, 0, 0, [], 0.0
     if args.resume and state_path.exists():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
@@ -144,6 +173,7 @@ def train(args: argparse.Namespace) -> Path:
         if "sched" in st:
             sched.load_state_dict(st["sched"])
         epoch, best, bad, curve, spent = st["epoch"], st["best"], st["bad"], st["curve"], st["spent"]
+        best_epoch = int(st.get("best_epoch", 0))
         print(f"resumed {folder} at epoch {epoch} (best val R@10 {best:.4f}, {spent / 60:.1f} min spent)")
     (folder / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
     print(f"OneRec {count_params(model) / 1e6:.2f}M params, {len(seqs)} training sequences, sid {args.sid}")
@@ -153,31 +183,33 @@ def train(args: argparse.Namespace) -> Path:
         losses = train_epoch(model, opt, seqs, args.batch_size, rng, desc=f"epoch {epoch + 1}", sched=sched)
         epoch += 1
         model.eval()
-        if args.refit:  # validation targets are training data here: nothing to validate on
-            m = {"recall@10": float("nan"), "ndcg@10": float("nan")}
+        point: dict = {"epoch": epoch, "loss": float(np.mean(losses))}
+        if args.refit:  # validation targets are training data here: nothing to validate on; keep the last epoch
+            improved, shown = True, "refit, no validation"
         else:
             rec = OneRecRecommender(OneRec(model, sid), beam=args.val_beam)
             m = evaluate(rec, val, k=10, progress=False)
+            point |= {"val_recall@10": m["recall@10"], "val_ndcg@10": m["ndcg@10"]}
+            improved, shown = m["recall@10"] > best, f"val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f}"
         spent = time.perf_counter() - t_start
-        curve.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@10": m["recall@10"],
-                      "val_ndcg@10": m["ndcg@10"], "minutes": round(spent / 60, 2)})
-        improved = args.refit or m["recall@10"] > best
+        curve.append(point | {"minutes": round(spent / 60, 2)})
         if improved:
-            best, bad = (best if args.refit else m["recall@10"]), 0
+            best, best_epoch, bad = (best if args.refit else point["val_recall@10"]), epoch, 0
             save_checkpoint(model, sid, folder)
         else:
             bad += 1
-        tag = "(refit) " if args.refit else ""
-        print(f"epoch {epoch}: loss {np.mean(losses):.4f} {tag}val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f}"
-              f" {'*' if improved else ''} ({spent / 60:.1f} min)", flush=True)
+        print(f"epoch {epoch}/{args.epochs}: loss {np.mean(losses):.4f} {shown} {'*' if improved else ''} "
+              f"({spent / 60:.1f} min)", flush=True)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
-                    "best": best, "bad": bad,
+                    "best": best, "best_epoch": best_epoch, "bad": bad,
                     "curve": curve, "spent": spent}, state_path)
         (folder / "curve.json").write_text(json.dumps(curve, indent=2))
         if spent > args.max_minutes * 60:
             print(f"time budget of {args.max_minutes} min reached")
             break
-    meta = {"train_s": round(spent, 1), "epochs": epoch, "refit": bool(args.refit), "best_val_recall@10": best,
+    meta = {"train_s": round(spent, 1), "epochs": epoch, "refit": bool(args.refit), "best_epoch": best_epoch,
+            "best_val_recall@10": None if args.refit else best,
+            "selection": str(Path(args.selection).resolve().name) if args.refit else None,
             "params": count_params(model),
             "config": asdict(cfg), "sid": str(Path(args.sid).resolve())}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -207,7 +239,8 @@ def run_eval(folder: Path, data_dir: Path, beam: int, split: str, results: str |
         meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
         sid_meta = rec.onerec.sid.config.variant
         write_result(results, m | {"train_s": meta.get("train_s"), "params": meta.get("params"), "beam": beam},
-                     note=f"split={split}, checkpoint={folder.resolve().name}, sid={sid_meta}, item_score_weight={isw}")
+                     note=f"split={split}, checkpoint={folder.resolve().name}, sid={sid_meta}, item_score_weight={isw}",
+                     dataset=dataset_name(data_dir))
     return m
 
 
@@ -220,7 +253,9 @@ def run_variants(runs: list[str], data_dir: Path, beam: int, results: bool) -> d
         folder = Path(folder_s)
         if not variant or not (folder / "curve.json").is_file():
             raise SystemExit(f"--run {spec!r}: expected VARIANT=FOLDER of a `train` run (with curve.json)")
-        curve = json.loads((folder / "curve.json").read_text())
+        curve = [c for c in json.loads((folder / "curve.json").read_text()) if c.get("val_recall@10") is not None]
+        if not curve:
+            raise SystemExit(f"--run {spec!r}: no validated epoch (a refit run?); give selection runs")
         best = max(curve, key=lambda c: c["val_recall@10"])
         m = run_eval(folder, data_dir, beam, "test", None, None)
         table[variant] = {**{k: round(v, 6) for k, v in m.items()}, "val_recall@10": best["val_recall@10"],
@@ -230,7 +265,8 @@ def run_variants(runs: list[str], data_dir: Path, beam: int, results: bool) -> d
         from services.results import write_result
 
         write_result("onerec_sid_variants", table, note="same model and recipe per variant (train part only, "
-                     "validation users identical); test metrics of each run's best-validation checkpoint")
+                     "validation users identical); test metrics of each run's best-validation checkpoint",
+                     dataset=dataset_name(data_dir))
     return table
 
 
@@ -245,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--sid", type=Path, default=st.resolved("sid"), help="semantic-ID folder")
     t.add_argument("--out", type=Path, default=st.artifacts_dir / "onerec", help="root of checkpoint folders")
     t.add_argument("--name", default=None, help="checkpoint folder name (default: from sid variant and time)")
-    t.add_argument("--epochs", type=int, default=20, help="maximum epochs (the cosine schedule ends here)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help=f"maximum epochs, the cosine schedule ends here (default {DEFAULT_EPOCHS}; with --refit: the "
+                        "selection run's best epoch)")
     t.add_argument("--max-minutes", type=float, default=60.0, help="training time budget")
     t.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping")
     t.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
@@ -271,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--resume", action="store_true", help="continue from <out>/<name>/state.pt")
     t.add_argument("--refit", action="store_true",
-                   help="train on train+validation interactions for exactly --epochs epochs (final test model)")
+                   help="final test model: train+validation interactions, for the --selection run's best epoch")
+    t.add_argument("--selection", type=Path, default=None,
+                   help="with --refit: the selection run whose best epoch is reused (default: <out>/current)")
     t.add_argument("--no-current", action="store_true", help="do not point <out>/current at the result")
     e = sub.add_parser("eval", help="evaluate a checkpoint (mode onerec)")
     e.add_argument("--checkpoint", type=Path, default=st.resolved("onerec"), help="checkpoint folder")
@@ -291,9 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "variants":
         run_variants(args.run, args.data_dir, args.beam, args.results)
     elif args.cmd == "train":
+        if args.refit and args.selection is None:
+            args.selection = args.out / "current"
         if args.name is None:
             variant = SemanticIDs.load(args.sid).config.variant
-            args.name = f"{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+            kind = "refit" if args.refit else "select"
+            args.name = f"{kind}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
         train(args)
     else:
         run_eval(args.checkpoint, args.data_dir, args.beam, args.split, args.results, args.limit,

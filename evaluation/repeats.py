@@ -1,0 +1,91 @@
+"""``python -m evaluation repeats``: the measurement behind the consumed-item rule's default.
+
+The rule is `Settings.exclude_consumed` (``ONEREC_EXCLUDE_CONSUMED``).
+
+Some catalogues have repeat consumption (a user buys an item again): the target of a leave-one-out case is
+then already in the user's history. With ``exclude_consumed`` on, the served list never holds a history
+item, so it can never hit such a target, but its ten slots all go to new items; off, history items compete
+for the slots. This command evaluates the lightweight OneRec *as served* both ways (the one policy,
+`model.policy.rank_batch`, through `evaluation.think_ahead.ThinkAheadRecommender` with no think entries:
+the online-only path of ``POST /v1/recommend``) on one split, with the share of repeat targets, the
+metrics on repeat and on new targets, and a paired comparison (a = exclude, b = allow). Choose the
+default on ``--split valid``; the test split is for reporting. Does not change any setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from evaluation.think_ahead import ThinkAheadRecommender, train_popularity
+from model.evaluate import paired_comparison, rank, score, split_examples
+from model.onerec import OneRec
+from model.policy import PolicyConfig
+from services.catalog import Example, dataset_name, load_dataset
+from services.config import get_settings
+from services.results import write_result
+from services.store import ThinkEntry
+
+
+def no_entries(examples: Sequence[Example]) -> list[ThinkEntry | None]:
+    """Entry source of the online-only path: no user has a think entry."""
+    return [None for _ in examples]
+
+
+def is_repeat(e: Example) -> bool:
+    """The target is already in the (capped) history the model sees."""
+    return e.target in e.history
+
+
+def subset_score(ranked: list[list[int]], examples: Sequence[Example], keep: list[bool]) -> dict[str, float] | None:
+    pairs = [(r, e.target) for r, e, k in zip(ranked, examples, keep, strict=True) if k]
+    return score([r for r, _ in pairs], [t for _, t in pairs]) if pairs else None
+
+
+def measure(onerec: OneRec, examples: Sequence[Example], sequences: dict[int, list[int]], split: str,
+            beam: int | None = None) -> dict[str, object]:
+    """Metrics of the served online-only path with the consumed rule on and off (see the module docstring)."""
+    s = get_settings()
+    popularity = train_popularity(sequences, split, {int(i) for i in onerec.sid.item_ids})
+    targets = [e.target for e in examples]
+    repeats = [is_repeat(e) for e in examples]
+    out: dict[str, object] = {"users": len(examples), "repeat_targets": sum(repeats),
+                              "repeat_share": round(sum(repeats) / max(1, len(examples)), 4)}
+    ranked: dict[bool, list[list[int]]] = {}
+    for exclude in (True, False):
+        overrides = {"exclude_consumed": exclude} | ({"beam": beam} if beam else {})
+        policy = PolicyConfig.from_settings(s, **overrides)
+        rec = ThinkAheadRecommender(onerec, no_entries, policy, popularity)
+        ranked[exclude] = rank(rec, examples, desc=f"onerec as served, exclude_consumed={exclude}")
+        name = "exclude" if exclude else "allow"
+        out[name] = score(ranked[exclude], targets)
+        out[f"{name}_repeat_targets"] = subset_score(ranked[exclude], examples, repeats)
+        out[f"{name}_new_targets"] = subset_score(ranked[exclude], examples, [not r for r in repeats])
+    out["exclude_vs_allow"] = paired_comparison(ranked[True], ranked[False], targets)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    s = get_settings()
+    p = argparse.ArgumentParser(prog="python -m evaluation repeats", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None, help="OneRec folder (default: the dataset's current)")
+    p.add_argument("--split", choices=["valid", "test"], default="valid", help="valid to choose, test to report")
+    p.add_argument("--beam", type=int, default=None, help="beam width (default: the served ONEREC_BEAM)")
+    p.add_argument("--limit", type=int, default=None, help="first N users only")
+    p.add_argument("--results", action="store_true", help="write the dataset's results file repeats_<split>.json")
+    args = p.parse_args(argv)
+    ds = load_dataset(s.data_dir)
+    checkpoint = args.checkpoint or s.resolved("onerec")
+    metrics = measure(OneRec.load(checkpoint), split_examples(ds, args.split, args.limit), ds.sequences, args.split,
+                      args.beam)
+    print(json.dumps(metrics, indent=2))
+    if args.results and args.limit is None:
+        write_result(f"repeats_{args.split}", metrics, dataset=dataset_name(s.data_dir),
+                     note=f"checkpoint={checkpoint.resolve().name}; OneRec as served (online-only path), consumed "
+                          "rule on (exclude) vs off (allow); repeat = target already in the history")
+
+
+if __name__ == "__main__":
+    main()
