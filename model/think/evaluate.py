@@ -36,20 +36,27 @@ class ThinkRecommender:
     """OneRec-Think as a `Recommender`: reasoning (optional) then constrained beam over all codes."""
 
     def __init__(self, model: Any, tokenizer: Any, tokmap: TokenMap, sid: SemanticIDs, beam: int = 10,
-                 think: bool = True, max_think: int = 32, batch_size: int = 64, max_len: int = 320):
+                 think: bool = True, max_think: int = 32, batch_size: int = 64, max_len: int = 320,
+                 item_head: Any = None):
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
         self.sid = sid
         self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
-        self.decoder = Decoder(model, tokenizer, tokmap, self.trie)
+        self.decoder = Decoder(model, tokenizer, tokmap, self.trie, item_head=item_head)
         self.beam, self.think, self.max_think = beam, think, max_think
         self.batch_size, self.max_len = batch_size, max_len
         self.reasoning: dict[int, str] = {}  # user -> last reasoning text written for them
 
     @classmethod
     def load(cls, folder: Path | str, beam: int = 10, think: bool | None = None, sid_dir: Path | None = None,
-             device: str | None = None, **kw: Any) -> ThinkRecommender:
-        """From an HF folder written by `model.think.train`; `think=None` follows the folder's last stage."""
+             device: str | None = None, item_weight: float | None = None, **kw: Any) -> ThinkRecommender:
+        """From an HF folder written by `model.think.train`; `think=None` follows the folder's last stage.
+
+        The folder's item head (``item_head.safetensors``), if any, re-ranks the beam's leaves with its
+        saved weight; `item_weight` overrides it (0 = codes only).
+        """
+        from model.think.itemhead import ItemHead
+
         folder = Path(folder)
         model, tok, tm = load_think(folder)
         if device:
@@ -63,7 +70,13 @@ class ThinkRecommender:
 
                 sid_dir = get_settings().resolved("sid")
         sid = SemanticIDs.load(sid_dir)
-        return cls(model, tok, tm, sid, beam, bool(meta.get("think", False)) if think is None else think, **kw)
+        head = ItemHead.load(folder, sid)
+        if head is not None and item_weight is not None:
+            head.cfg.score_weight = item_weight
+        if head is not None and head.cfg.score_weight == 0:
+            head = None
+        return cls(model, tok, tm, sid, beam, bool(meta.get("think", False)) if think is None else think,
+                   item_head=head, **kw)
 
     def prefix(self, history: Sequence[int]) -> str:
         codes = [self.sid.codes_of(i) for i in history if self.sid.has_item(i)]
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     examples = subset(split_examples(ds, args.split, args.limit), args.sample, args.seed)
     think = {"think": True, "direct": False, "auto": None}[args.mode]
     rec = ThinkRecommender.load(args.checkpoint, beam=args.beam, think=think, max_think=args.max_think,
-                                batch_size=args.batch_size, device=args.device)
+                                batch_size=args.batch_size, device=args.device, item_weight=args.item_weight)
     t0 = time.perf_counter()
     metrics = evaluate(rec, examples, desc=f"think[{'think' if rec.think else 'direct'}]")
     secs = time.perf_counter() - t0
@@ -109,6 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     doc = {
         "checkpoint": str(Path(args.checkpoint).resolve()), "mode": "think" if rec.think else "direct",
         "split": args.split, "users": len(examples), "sample": args.sample, "seed": args.seed, "beam": args.beam,
+        "item_weight": rec.decoder.item_head.cfg.score_weight if rec.decoder.item_head is not None else 0.0,
         "metrics": metrics, "seconds": round(secs, 1), "users_per_s": round(len(examples) / secs, 2),
         "params": meta.get("params"), "base_model": meta.get("base_model"),
         "stages": [s.get("stage") for s in meta.get("stages", [])],
@@ -221,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--split", choices=["valid", "test"], default="test", help="held-out item")
     r.add_argument("--beam", type=int, default=10, help="beam width (>= 10 for reported numbers)")
     r.add_argument("--max-think", type=int, default=32, help="max reasoning tokens")
+    r.add_argument("--item-weight", type=float, default=None,
+                   help="item-head weight when re-ranking leaves (default: the folder's; 0 = codes only)")
     r.add_argument("--batch-size", type=int, default=64, help="users per decoding batch")
     r.add_argument("--limit", type=int, default=None, help="first N users only")
     r.add_argument("--sample", type=int, default=None, help="fixed random subset of N users")
