@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--seq", type=int, default=192, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=6, help="timed steps per cell per round")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median reported)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (the upper median is reported)")
     p.add_argument("--sizes", default="s,m,l", help="comma list of s, m, l")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (size m, bf16, 2 threads)")
     p.add_argument("--results", action="store_true", help="write docs/results/think_train_speed.json")
@@ -141,7 +141,8 @@ def main() -> None:
     if args.results:
         from services.results import write_result
 
-        note = (f"alternated cells, median of {args.rounds} rounds; shared 2-core machine (other engineers' "
+        note = (f"alternated cells, upper median of {args.rounds} rounds (with 2 rounds: the faster one); "
+                f"shared 2-core machine (other engineers' "
                 f"jobs running, load {metrics['load_average_1m']}); transformers Qwen3, forward+backward+AdamW")
         print(write_result("think_train_speed", metrics, note=note))
     assert math.isfinite(sum(med.values()))

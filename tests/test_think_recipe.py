@@ -36,6 +36,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def selected(root: Path) -> Path:
+    """A finished selection run (3 epochs, patience beyond the schedule)."""
+    sel = root / "seq-select"
+    train_main(recipe(root, sel, "--patience", "9"))
+    return sel
+
+
 def common(root: Path) -> list[str]:
     return ["--data-dir", str(root / "data"), "--sid-dir", str(root / "sid")]
 
@@ -49,9 +57,8 @@ def stage(folder: Path) -> dict:
     return json.loads((folder / "itemic.json").read_text())["stages"][-1]
 
 
-def test_selection_then_refit(root: Path) -> None:
-    sel, ref = root / "seq-select", root / "seq-refit"
-    train_main(recipe(root, sel, "--patience", "9"))
+def test_selection_then_refit(root: Path, selected: Path) -> None:
+    sel, ref = selected, root / "seq-refit"
     s = stage(sel)
     assert s["run"] == "selection" and 1 <= s["best_epoch"] <= 3 and s["epochs"] == 3
     assert [c["epoch"] for c in s["fit"]["curve"]] == [1, 2, 3]
@@ -73,10 +80,10 @@ def test_selection_then_refit(root: Path) -> None:
         train_main(recipe(root, root / "bad", "--refit-of", str(ref)))
 
 
-def test_refit_learns_from_validation_targets(root: Path) -> None:
+def test_refit_learns_from_validation_targets(root: Path, selected: Path) -> None:
     from model.think.train import load_context, refit_source
 
-    args = build_parser().parse_args(recipe(root, root / "x", "--refit-of", str(root / "seq-select")))
+    args = build_parser().parse_args(recipe(root, root / "x", "--refit-of", str(selected)))
     ctx = load_context(root / "data", root / "sid", None)
     src, sel = refit_source(args, ctx)
     for e in ctx.ds.splits.valid:
@@ -162,3 +169,36 @@ def test_readme_commands_use_the_recipe_defaults() -> None:
         assert (args.epochs, args.batch_size, args.lr, args.bf16) == (f.epochs, f.batch_size, f.lr, f.bf16)
         assert args.item_loss_weight == f.item_loss_weight and args.val_users == f.val_users
     assert any("--refit-of" in a for a in align), "the README refits on train+valid"
+
+
+def test_prefix_recall_by_hand() -> None:
+    from model.think.prefix_recall import prefix_hits, prefix_recall
+
+    cached = [[(1, 2), (3, 4)], [(1, 2)], [], [(5, 5), (5, 5), (0, 7)]]
+    targets = [(3, 4), (2, 1), (1, 2), (0, 7)]
+    assert prefix_hits(cached, targets) == [True, False, False, True]
+    r = prefix_recall(cached, targets)
+    assert (r["users"], r["hits"], r["recall"], r["mean_set_size"]) == (4, 2, 0.5, 1.25)
+    with pytest.raises(ValueError, match="prefix sets"):
+        prefix_hits(cached, targets[:2])
+
+
+def test_think_prefixes_are_valid_and_ranked(selected: Path) -> None:
+    from model.think.prefix_recall import think_prefixes
+
+    rec = ThinkRecommender.load(selected, think=False)
+    sid = tiny_sid()
+    valid = {tuple(int(x) for x in c[:2]) for c in sid.codes}
+    hists = [e.history for e in tiny_dataset(n_users=16).splits.test[:5]]
+    sets = think_prefixes(rec, hists, 6, batch_size=2)
+    assert set(sets) == {"codes", "item_head"}
+    for name, per_user in sets.items():
+        for c in per_user:
+            assert c and len(c) == len(set(c)) <= 6 and set(c) <= valid, name
+    # the code beam's prefixes are the top pairs by log p(a) + log p(b|a): check user 0 against a plain forward
+    dec = rec.decoder
+    b = dec.prefill(dec.encode_prefixes([rec.prefix(hists[0])]))
+    beams = dec.beam_codes(b, 6, levels=2)
+    assert beams.items == [[]] and [tuple(int(x) for x in c) for c in beams.codes[0]][: len(sets["codes"][0])] == \
+        sets["codes"][0]
+    assert (beams.scores[0][:-1] >= beams.scores[0][1:]).all()

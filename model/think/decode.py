@@ -253,7 +253,7 @@ class Decoder:
         return BeamResult(codes_np, scores_np, items)
 
     def _leaf_row(self, trie: CodeTrie, codes: np.ndarray, score: float) -> int:
-        item = trie.item(codes) if np.isfinite(score) else None
+        item = trie.item([int(c) for c in codes]) if np.isfinite(score) else None
         return -1 if item is None else self.row_of_item.get(int(item), -1)
 
     # ------------------------------------------------------------------ one call

@@ -47,7 +47,7 @@ Rows = list[tuple[list[int], int]]
 class FitConfig:
     """The epoch recipe (defaults = the documented run)."""
 
-    epochs: int = 12  # schedule length (cosine over all of them)
+    epochs: int = 6  # schedule length (cosine over all of them)
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01

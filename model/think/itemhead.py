@@ -115,7 +115,8 @@ def targets_at_item_begin(ids: torch.Tensor, labels: torch.Tensor, tm: TokenMap,
     ids/labels (B, T) from the training collate (labels -100 on prompt and padding).
     """
     L, T = tm.num_levels, ids.shape[1]
-    pos = torch.nonzero((ids == tm.item_begin)[:, : T - L] & (labels[:, 1 : T - L + 1] != -100))
+    begin = torch.eq(ids, int(tm.item_begin or 0))  # (B, T)
+    pos = torch.nonzero(begin[:, : T - L] & (labels[:, 1 : T - L + 1] != -100))
     if pos.numel() == 0:
         return pos, torch.zeros(0, dtype=torch.long)
     codes = torch.stack([ids[pos[:, 0], pos[:, 1] + 1 + lv] for lv in range(L)], 1)  # (K, L) token ids

@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 
     b = sub.add_parser("base", help="build the base LLM with itemic tokens")
-    common(b, 0, 64, 2e-3)
+    common(b, 600, 64, 2e-3)
     b.add_argument("--base-model", type=Path, default=None, help="local HF causal LM to extend (default: tiny Qwen3)")
     d = TinyBaseConfig()
     b.add_argument("--bpe-vocab", type=int, default=d.bpe_vocab, help="BPE vocabulary (tiny base)")
