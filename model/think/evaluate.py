@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model.semantic_ids import SemanticIDs
 from model.think.decode import Decoder
 from model.think.tasks import direct_prefix, generation_prefix
@@ -37,7 +39,7 @@ class ThinkRecommender:
 
     def __init__(self, model: Any, tokenizer: Any, tokmap: TokenMap, sid: SemanticIDs, beam: int = 10,
                  think: bool = True, max_think: int = 32, batch_size: int = 64, max_len: int = 320,
-                 item_head: Any = None):
+                 item_head: Any = None, bf16: bool = False):
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
         self.sid = sid
@@ -45,6 +47,7 @@ class ThinkRecommender:
         self.decoder = Decoder(model, tokenizer, tokmap, self.trie, item_head=item_head)
         self.beam, self.think, self.max_think = beam, think, max_think
         self.batch_size, self.max_len = batch_size, max_len
+        self.bf16 = bf16  # bf16 autocast on CPU while decoding (scores in float32)
         self.reasoning: dict[int, str] = {}  # user -> last reasoning text written for them
 
     @classmethod
@@ -89,8 +92,9 @@ class ThinkRecommender:
         out: list[list[int]] = [[] for _ in examples]
         for s in range(0, len(order), self.batch_size):
             chunk = order[s : s + self.batch_size]
-            beams, texts = self.decoder.recommend([self.prefix(examples[i].history) for i in chunk], self.beam,
-                                                  self.think, self.max_think, self.max_len)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                beams, texts = self.decoder.recommend([self.prefix(examples[i].history) for i in chunk], self.beam,
+                                                      self.think, self.max_think, self.max_len)
             for j, i in enumerate(chunk):
                 out[i] = beams.items[j][:k]
                 if self.think:
@@ -114,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     examples = subset(split_examples(ds, args.split, args.limit), args.sample, args.seed)
     think = {"think": True, "direct": False, "auto": None}[args.mode]
     rec = ThinkRecommender.load(args.checkpoint, beam=args.beam, think=think, max_think=args.max_think,
-                                batch_size=args.batch_size, device=args.device, item_weight=args.item_weight)
+                                batch_size=args.batch_size, device=args.device, item_weight=args.item_weight,
+                                bf16=args.bf16)
     t0 = time.perf_counter()
     metrics = evaluate(rec, examples, desc=f"think[{'think' if rec.think else 'direct'}]")
     secs = time.perf_counter() - t0
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": str(Path(args.checkpoint).resolve()), "mode": "think" if rec.think else "direct",
         "split": args.split, "users": len(examples), "sample": args.sample, "seed": args.seed, "beam": args.beam,
         "item_weight": rec.decoder.item_head.cfg.score_weight if rec.decoder.item_head is not None else 0.0,
-        "metrics": metrics, "seconds": round(secs, 1), "users_per_s": round(len(examples) / secs, 2),
+        "bf16": args.bf16, "metrics": metrics, "seconds": round(secs, 1), "users_per_s": round(len(examples) / secs, 2),
         "params": meta.get("params"), "base_model": meta.get("base_model"),
         "stages": [s.get("stage") for s in meta.get("stages", [])],
         "command": "python -m model.think.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--item-weight", type=float, default=None,
                    help="item-head weight when re-ranking leaves (default: the folder's; 0 = codes only)")
     r.add_argument("--batch-size", type=int, default=64, help="users per decoding batch")
+    r.add_argument("--bf16", action="store_true", help="bf16 autocast while decoding (CPU)")
     r.add_argument("--limit", type=int, default=None, help="first N users only")
     r.add_argument("--sample", type=int, default=None, help="fixed random subset of N users")
     r.add_argument("--seed", type=int, default=0, help="seed of --sample and of the shown examples")
@@ -269,8 +275,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.cmd == "run":
         if args.threads:
-            import torch
-
             torch.set_num_threads(args.threads)
         run(args)
     else:
