@@ -202,3 +202,26 @@ def test_think_prefixes_are_valid_and_ranked(selected: Path) -> None:
     assert beams.items == [[]] and [tuple(int(x) for x in c) for c in beams.codes[0]][: len(sets["codes"][0])] == \
         sets["codes"][0]
     assert (beams.scores[0][:-1] >= beams.scores[0][1:]).all()
+
+
+def test_head_candidates_score_exact_code_logprobs(selected: Path) -> None:
+    rec = ThinkRecommender.load(selected, think=False)
+    dec, tm, tok = rec.decoder, rec.decoder.tm, rec.decoder.tok
+    hists = [e.history for e in tiny_dataset(n_users=16).splits.test[:3]]
+    prefixes = [rec.prefix(h) for h in hists]
+    b = dec.prefill(dec.encode_prefixes(prefixes))
+    both = dec.head_candidates(b, 5, code_weight=1.0)
+    head_only = dec.head_candidates(dec.prefill(dec.encode_prefixes(prefixes)), 5, code_weight=0.0)
+    assert [set(r) for r in both.items] == [set(r) for r in head_only.items]  # same candidates, other order
+    for j, p in enumerate(prefixes):
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        path = [tm.token_id(lv, int(c)) for lv, c in enumerate(both.codes[j][0])]
+        with torch.no_grad():
+            model = dec.model
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids + path])).logits[0].float(), -1)
+            il = torch.log_softmax(dec.item_head.logits(model.base_model(input_ids=torch.tensor([ids]))
+                                                        .last_hidden_state[0, -1]), -1)
+        code = sum(float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(path))
+        row = list(rec.sid.item_ids).index(both.items[j][0])
+        assert abs(code + float(il[row]) - float(both.scores[j][0])) < 1e-3
+        assert (both.scores[j][:-1] >= both.scores[j][1:]).all()

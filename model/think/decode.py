@@ -256,15 +256,70 @@ class Decoder:
         item = trie.item([int(c) for c in codes]) if np.isfinite(score) else None
         return -1 if item is None else self.row_of_item.get(int(item), -1)
 
+    # ------------------------------------------------------------------ item-head candidates
+
+    @torch.no_grad()
+    def path_logprobs(self, b: Batch, paths: torch.Tensor) -> torch.Tensor:
+        """paths (B, M, L) full code paths -> (B, M) summed log-probs of their L code tokens from here.
+
+        One forward: the M paths' first L-1 tokens are packed after the prompt with the beam's 4D mask
+        (each path sees the prompt and itself), then the cache is cropped back.
+        """
+        assert b.logits is not None and b.cache is not None, "prefill first"
+        tm, dev = self.tm, self.device
+        n, M, L = paths.shape
+        off = tm.offset + torch.arange(L, device=dev) * tm.codebook_size  # (L,)
+        tok_ids = paths.to(dev) + off  # (B, M, L) token ids
+        total = torch.log_softmax(b.logits.float(), -1).gather(1, tok_ids[:, :, 0])  # (B, M) level a
+        if L == 1:
+            return total
+        t0, ln = b.mask.shape[1], L - 1
+        idx = torch.arange(ln, device=dev).repeat(M)  # (M*ln,)
+        path_of = torch.arange(M, device=dev).repeat_interleave(ln)
+        own = (path_of[:, None] == path_of[None, :]) & (idx[None, :] <= idx[:, None])
+        mask4 = torch.cat([b.mask.bool()[:, None, None, :].expand(n, 1, M * ln, t0),
+                           own[None, None].expand(n, 1, M * ln, M * ln)], dim=-1)
+        pos = b.mask.sum(-1, keepdim=True) + idx[None, :]
+        out = self.model(input_ids=tok_ids[:, :, :ln].reshape(n, M * ln), attention_mask=mask4, position_ids=pos,
+                         past_key_values=b.cache, use_cache=True)
+        b.cache = out.past_key_values
+        b.cache.crop(t0)
+        logp = torch.log_softmax(out.logits.float(), -1)  # (B, M*ln, V)
+        nxt = tok_ids[:, :, 1:].reshape(n, M * ln, 1)
+        return total + logp.gather(2, nxt).reshape(n, M, ln).sum(-1)
+
+    @torch.no_grad()
+    def head_candidates(self, b: Batch, m: int, code_weight: float) -> BeamResult:
+        """The item head's top-`m` items over the whole catalogue, re-scored as
+        ``item log-softmax + code_weight * code log-prob`` (exact, `path_logprobs`), best first."""
+        assert self.item_head is not None and b.hidden is not None, "needs an item head and a prefill"
+        il = torch.log_softmax(self.item_head.logits(b.hidden), -1)  # (B, N)
+        top, rows = il.topk(min(m, il.shape[1]), dim=-1)  # (B, M)
+        codes = torch.as_tensor(np.asarray(self.trie.codes), dtype=torch.long)[rows.cpu()]  # (B, M, L)
+        score = top.float()
+        if code_weight:
+            score = score + code_weight * self.path_logprobs(b, codes).float()
+        order = score.argsort(dim=-1, descending=True)
+        rows_o = rows.gather(1, order).cpu().numpy()
+        ids = np.asarray(self.trie.item_ids)
+        return BeamResult(np.take_along_axis(codes.numpy(), order.cpu().numpy()[:, :, None], 1),
+                          score.gather(1, order).cpu().numpy(), [[int(ids[r]) for r in row] for row in rows_o])
+
     # ------------------------------------------------------------------ one call
 
     def recommend(self, prefixes: list[str], width: int, think: bool, max_think: int = 32,
-                  max_len: int | None = None) -> tuple[BeamResult, list[str]]:
-        """Prompts end with ``<think>`` (think) or ``<|item_begin|>`` (direct); returns beams + reasoning texts."""
+                  max_len: int | None = None, code_weight: float | None = None) -> tuple[BeamResult, list[str]]:
+        """Prompts end with ``<think>`` (think) or ``<|item_begin|>`` (direct); returns beams + reasoning texts.
+
+        With an item head and a `code_weight`, candidates are the head's top-`width` items over the whole
+        catalogue (`head_candidates`) instead of the code beam's leaves.
+        """
         b = self.prefill(self.encode_prefixes(prefixes, max_len))
         texts = [""] * len(prefixes)
         if think:
             ids = self.reason(b, max_think)
             texts = [self.tok.decode(r, skip_special_tokens=False).strip() for r in ids]
             self.close_think(b)
+        if self.item_head is not None and code_weight is not None:
+            return self.head_candidates(b, width, code_weight), texts
         return self.beam_codes(b, width), texts

@@ -39,7 +39,7 @@ class ThinkRecommender:
 
     def __init__(self, model: Any, tokenizer: Any, tokmap: TokenMap, sid: SemanticIDs, beam: int = 10,
                  think: bool = True, max_think: int = 32, batch_size: int = 64, max_len: int = 320,
-                 item_head: Any = None, bf16: bool = False):
+                 item_head: Any = None, bf16: bool = False, code_weight: float | None = None):
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
         self.sid = sid
@@ -48,6 +48,9 @@ class ThinkRecommender:
         self.beam, self.think, self.max_think = beam, think, max_think
         self.batch_size, self.max_len = batch_size, max_len
         self.bf16 = bf16  # bf16 autocast on CPU while decoding (scores in float32)
+        # with an item head: None = re-rank the code beam's leaves; a number = rank the head's top-`beam`
+        # items over the whole catalogue by item log-prob + code_weight * code log-prob
+        self.code_weight = code_weight
         self.reasoning: dict[int, str] = {}  # user -> last reasoning text written for them
 
     @classmethod
@@ -94,7 +97,8 @@ class ThinkRecommender:
             chunk = order[s : s + self.batch_size]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 beams, texts = self.decoder.recommend([self.prefix(examples[i].history) for i in chunk], self.beam,
-                                                      self.think, self.max_think, self.max_len)
+                                                      self.think, self.max_think, self.max_len,
+                                                      code_weight=self.code_weight)
             for j, i in enumerate(chunk):
                 out[i] = beams.items[j][:k]
                 if self.think:
@@ -119,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
     think = {"think": True, "direct": False, "auto": None}[args.mode]
     rec = ThinkRecommender.load(args.checkpoint, beam=args.beam, think=think, max_think=args.max_think,
                                 batch_size=args.batch_size, device=args.device, item_weight=args.item_weight,
-                                bf16=args.bf16)
+                                bf16=args.bf16, code_weight=args.code_weight)
     t0 = time.perf_counter()
     metrics = evaluate(rec, examples, desc=f"think[{'think' if rec.think else 'direct'}]")
     secs = time.perf_counter() - t0
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": str(Path(args.checkpoint).resolve()), "mode": "think" if rec.think else "direct",
         "split": args.split, "users": len(examples), "sample": args.sample, "seed": args.seed, "beam": args.beam,
         "item_weight": rec.decoder.item_head.cfg.score_weight if rec.decoder.item_head is not None else 0.0,
-        "bf16": args.bf16, "metrics": metrics, "seconds": round(secs, 1), "users_per_s": round(len(examples) / secs, 2),
+        "bf16": args.bf16, "code_weight": args.code_weight, "metrics": metrics, "seconds": round(secs, 1),
+        "users_per_s": round(len(examples) / secs, 2),
         "params": meta.get("params"), "base_model": meta.get("base_model"),
         "stages": [s.get("stage") for s in meta.get("stages", [])],
         "command": "python -m model.think.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -172,6 +177,35 @@ def ablation(args: argparse.Namespace) -> Path:
                else "all users") + "; base/ia in direct mode, ia_r in think mode")
     command = " && ".join(a["command"] for a in arms.values())
     return write_result("think_ablation", metrics, command=command, note=note)
+
+
+def recipe_result(args: argparse.Namespace) -> Path:
+    """Combine the selection (train-only) and refit `run` outputs into docs/results/think_recipe.json."""
+    from services.results import write_result
+
+    keys = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+    runs = {name: json.loads(Path(p).read_text()) for name, p in (("train_only", args.selection_json),
+                                                                  ("refit", args.refit_json)) if p}
+    metrics: dict[str, Any] = {}
+    for name, r in runs.items():
+        metrics[name] = {k: r["metrics"][k] for k in keys}
+        fit = next((st.get("fit") for st in reversed(read_itemic(r["checkpoint"]).get("stages", []))
+                    if st.get("fit")), None) or {}
+        metrics[f"{name}_train_s"] = fit.get("train_s")
+        metrics[f"{name}_epochs"] = fit.get("epochs_trained")
+        metrics[f"{name}_eval_s"] = r["seconds"]
+    first = next(iter(runs.values()))
+    metrics |= {"users": first["users"], "beam": first["beam"], "item_weight": first.get("item_weight"),
+                "params": first["params"], "mode": first["mode"]}
+    if args.prefix_json:
+        pr = json.loads(Path(args.prefix_json).read_text())
+        metrics["prefix_recall"] = {k: v["recall"] for k, v in pr["recall"].items()}
+        metrics["prefix_recall_users"] = pr["users"]
+    note = (f"Beauty {first['split']}, full catalogue, {first['mode']} mode, beam {first['beam']}, "
+            + (f"fixed random subset of {first['users']} users (seed {first['seed']})" if first["sample"]
+               else "all users"))
+    command = " && ".join(r["command"] for r in runs.values())
+    return write_result("think_recipe", metrics, command=command, note=note)
 
 
 def vllm_check(folder: Path | str, histories: Sequence[Sequence[int]], max_think: int = 32,
@@ -244,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="item-head weight when re-ranking leaves (default: the folder's; 0 = codes only)")
     r.add_argument("--batch-size", type=int, default=64, help="users per decoding batch")
     r.add_argument("--bf16", action="store_true", help="bf16 autocast while decoding (CPU)")
+    r.add_argument("--code-weight", type=float, default=None,
+                   help="item head: rank its top --beam items by item log-prob + this x code log-prob "
+                        "(default: re-rank the code beam's leaves instead)")
     r.add_argument("--limit", type=int, default=None, help="first N users only")
     r.add_argument("--sample", type=int, default=None, help="fixed random subset of N users")
     r.add_argument("--seed", type=int, default=0, help="seed of --sample and of the shown examples")
@@ -255,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--base-json", type=Path, required=True, help="run output of the Base arm")
     a.add_argument("--ia-json", type=Path, required=True, help="run output of the +IA arm")
     a.add_argument("--ia-r-json", type=Path, required=True, help="run output of the +IA+R arm")
+    c = sub.add_parser("recipe", help="write docs/results/think_recipe.json from selection/refit run outputs")
+    c.add_argument("--selection-json", type=Path, required=True, help="run output of the selection (train-only) model")
+    c.add_argument("--refit-json", type=Path, default=None, help="run output of the refit model")
+    c.add_argument("--prefix-json", type=Path, default=None, help="output of python -m model.think.prefix_recall")
     v = sub.add_parser("vllm-check", help="load a checkpoint in vLLM and generate reasoning + item codes")
     v.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think HF folder")
     v.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
@@ -277,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         run(args)
+    elif args.cmd == "recipe":
+        print(recipe_result(args))
     else:
         print(ablation(args))
 
