@@ -33,7 +33,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     train_main(["base", "--out", str(out["base"]), "--steps", "2", "--batch-size", "4", *TINY, *common])
     train_main(["align", "--init", str(out["base"]), "--out", str(out["ia"]), "--warmup-steps", "1", "--steps", "2",
-                "--batch-size", "4", *common])
+                "--epochs", "0", "--batch-size", "4", *common])
     train_main(["activate", "--init", str(out["ia"]), "--out", str(out["act"]), "--steps", "1", "--batch-size", "4",
                 "--embeddings", "bow", "--lora-r", "4", "--cache-dir", str(root / "cache"), *common])
     train_main(["enhance", "--init", str(out["act"]), "--out", str(out["rl"]), "--steps", "1", "--batch-size", "2",
@@ -60,7 +60,7 @@ def test_warmup_moves_only_item_rows(stages: dict[str, Path], tmp_path: Path) ->
     root = stages["base"].parent.parent
     out = tmp_path / "wu"
     train_main(["align", "--init", str(stages["base"]), "--out", str(out), "--warmup-steps", "2", "--steps", "0",
-                "--data-dir", str(root / "data"), "--sid-dir", str(root / "sid")])
+                "--epochs", "0", "--data-dir", str(root / "data"), "--sid-dir", str(root / "sid")])
     before, _, tm = load_think(stages["base"])
     after, _, _ = load_think(out)
     changed = (before.get_input_embeddings().weight != after.get_input_embeddings().weight).any(1)
@@ -77,7 +77,7 @@ def test_resume_continues_from_checkpoint(stages: dict[str, Path], tmp_path: Pat
     out = tmp_path / "res"
     args = ["align", "--init", str(stages["base"]), "--out", str(out), "--warmup-steps", "0", "--batch-size", "4",
             "--data-dir", str(root / "data"), "--sid-dir", str(root / "sid"), "--save-every", "1", "--tasks", "seq",
-            "--steps", "3"]
+            "--steps", "3", "--epochs", "0"]
     real, calls = torch.nn.utils.clip_grad_norm_, []
 
     def crash_on_second(*a, **kw):  # type: ignore[no-untyped-def]

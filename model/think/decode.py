@@ -30,6 +30,7 @@ class Batch:
     mask: torch.Tensor
     cache: Any = None
     logits: torch.Tensor | None = None  # (B, V) next-token logits
+    hidden: torch.Tensor | None = None  # (B, D) final (normed) hidden state of the last token
 
 
 @dataclass
@@ -51,9 +52,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
 
 
 class Decoder:
-    """Decoding helpers around one causal LM + tokenizer with itemic tokens."""
+    """Decoding helpers around one causal LM + tokenizer with itemic tokens.
 
-    def __init__(self, model: Any, tokenizer: Any, tokmap: TokenMap, trie: CodeTrie):
+    With an `item_head` (`model.think.itemhead.ItemHead`, rows in `trie` item order) the leaves of a
+    full-depth beam are re-ranked by ``code log-probs + item_head.cfg.score_weight * item logit``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, tokmap: TokenMap, trie: CodeTrie, item_head: Any = None):
         if trie.num_levels != tokmap.num_levels or trie.codebook_size != tokmap.codebook_size:
             raise ValueError(f"trie ({trie.num_levels}x{trie.codebook_size}) does not match the token map "
                              f"({tokmap.num_levels}x{tokmap.codebook_size})")
@@ -78,6 +83,8 @@ class Decoder:
         allowed[self.think_end] = True
         self.device = next(model.parameters()).device
         self.text_mask = allowed.to(self.device)
+        self.item_head = item_head.to(self.device) if item_head is not None else None
+        self.row_of_item = {int(i): r for r, i in enumerate(trie.item_ids)} if item_head is not None else {}
 
     # ------------------------------------------------------------------ basics
 
@@ -89,33 +96,36 @@ class Decoder:
         ids, mask = left_pad(rows, self.pad)
         return Batch(ids.to(self.device), mask.to(self.device))
 
-    def _forward(self, b: Batch, new_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        """Append (B, n) tokens to the cache; returns logits (B, n, V)."""
+    def _forward(self, b: Batch, new_ids: torch.Tensor, new_mask: torch.Tensor) -> None:
+        """Append (B, n) tokens to the cache; sets the last token's logits (B, V) and hidden state (B, D)."""
         from transformers import DynamicCache
 
         full_mask = new_mask if b.cache is None else torch.cat([b.mask, new_mask], dim=1)
         pos = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -new_ids.shape[1] :]
         if b.cache is None:
             b.cache = DynamicCache()
-        out = self.model(input_ids=new_ids, attention_mask=full_mask, position_ids=pos,
-                         past_key_values=b.cache, use_cache=True)
+        # trunk + LM head separately: the head runs on the last position only, and the final (normed)
+        # hidden state is what the item head reads
+        out = self.model.base_model(input_ids=new_ids, attention_mask=full_mask, position_ids=pos,
+                                    past_key_values=b.cache, use_cache=True)
         b.cache = out.past_key_values
         b.mask = full_mask
-        return out.logits
+        b.hidden = out.last_hidden_state[:, -1]
+        b.logits = self.model.get_output_embeddings()(b.hidden).float()
 
     @torch.no_grad()
     def prefill(self, b: Batch) -> Batch:
         ids, mask = b.ids, b.mask
         b.mask = torch.zeros((ids.shape[0], 0), dtype=torch.long, device=self.device)
         b.cache = None
-        b.logits = self._forward(b, ids, mask)[:, -1].float()
+        self._forward(b, ids, mask)
         return b
 
     @torch.no_grad()
     def feed(self, b: Batch, ids: torch.Tensor, mask: torch.Tensor | None = None) -> Batch:
         """Append forced tokens (B, n) to every row."""
         mask = torch.ones_like(ids) if mask is None else mask
-        b.logits = self._forward(b, ids, mask)[:, -1].float()
+        self._forward(b, ids, mask)
         return b
 
     # ------------------------------------------------------------------ reasoning
@@ -161,12 +171,20 @@ class Decoder:
     # ------------------------------------------------------------------ constrained beam
 
     @torch.no_grad()
-    def beam_codes(self, b: Batch, width: int, trie: CodeTrie | None = None) -> BeamResult:
-        """Beam over all code levels from the current logits (which must predict level a)."""
+    def beam_codes(self, b: Batch, width: int, trie: CodeTrie | None = None, levels: int | None = None
+                   ) -> BeamResult:
+        """Beam over the first `levels` code levels (default all) from the current logits (which predict level a).
+
+        A partial beam (``levels < num_levels``, e.g. 2 for the (a, b) prefixes of the offline tier) returns
+        no items. A full beam with an item head returns its leaves re-ranked (see the class docstring).
+        """
         assert b.logits is not None, "prefill first"
         trie = trie or self.trie
         tm = self.tm
-        n, levels, k = b.logits.shape[0], tm.num_levels, tm.codebook_size
+        n, k = b.logits.shape[0], tm.codebook_size
+        levels = tm.num_levels if levels is None else levels
+        if not 1 <= levels <= tm.num_levels:
+            raise ValueError(f"levels must be in 1..{tm.num_levels}, got {levels}")
         dev = self.device
         neg = torch.tensor(float("-inf"), device=dev)
 
@@ -214,6 +232,16 @@ class Decoder:
         codes_np = paths.cpu().numpy()
         scores_np = scores.float().cpu().numpy()
         items: list[list[int]] = []
+        if levels < tm.num_levels:
+            return BeamResult(codes_np, scores_np, [[] for _ in range(n)])
+        if self.item_head is not None and b.hidden is not None:
+            from model.think.itemhead import rerank
+
+            leaf = np.array([[self._leaf_row(trie, c, s) for c, s in zip(codes_np[r], scores_np[r], strict=True)]
+                             for r in range(n)])  # (B, W) catalogue row of each leaf, -1 = none
+            order, scores_np = rerank(self.item_head.logits(b.hidden), leaf, scores_np,
+                                      self.item_head.cfg.score_weight)
+            codes_np = np.take_along_axis(codes_np, order[:, :, None], 1)
         for r in range(n):
             row = []
             for j in range(W):
@@ -224,15 +252,74 @@ class Decoder:
             items.append(row)
         return BeamResult(codes_np, scores_np, items)
 
+    def _leaf_row(self, trie: CodeTrie, codes: np.ndarray, score: float) -> int:
+        item = trie.item([int(c) for c in codes]) if np.isfinite(score) else None
+        return -1 if item is None else self.row_of_item.get(int(item), -1)
+
+    # ------------------------------------------------------------------ item-head candidates
+
+    @torch.no_grad()
+    def path_logprobs(self, b: Batch, paths: torch.Tensor) -> torch.Tensor:
+        """paths (B, M, L) full code paths -> (B, M) summed log-probs of their L code tokens from here.
+
+        One forward: the M paths' first L-1 tokens are packed after the prompt with the beam's 4D mask
+        (each path sees the prompt and itself), then the cache is cropped back.
+        """
+        assert b.logits is not None and b.cache is not None, "prefill first"
+        tm, dev = self.tm, self.device
+        n, M, L = paths.shape
+        off = tm.offset + torch.arange(L, device=dev) * tm.codebook_size  # (L,)
+        tok_ids = paths.to(dev) + off  # (B, M, L) token ids
+        total = torch.log_softmax(b.logits.float(), -1).gather(1, tok_ids[:, :, 0])  # (B, M) level a
+        if L == 1:
+            return total
+        t0, ln = b.mask.shape[1], L - 1
+        idx = torch.arange(ln, device=dev).repeat(M)  # (M*ln,)
+        path_of = torch.arange(M, device=dev).repeat_interleave(ln)
+        own = (path_of[:, None] == path_of[None, :]) & (idx[None, :] <= idx[:, None])
+        mask4 = torch.cat([b.mask.bool()[:, None, None, :].expand(n, 1, M * ln, t0),
+                           own[None, None].expand(n, 1, M * ln, M * ln)], dim=-1)
+        pos = b.mask.sum(-1, keepdim=True) + idx[None, :]
+        out = self.model(input_ids=tok_ids[:, :, :ln].reshape(n, M * ln), attention_mask=mask4, position_ids=pos,
+                         past_key_values=b.cache, use_cache=True)
+        b.cache = out.past_key_values
+        b.cache.crop(t0)
+        logp = torch.log_softmax(out.logits.float(), -1)  # (B, M*ln, V)
+        nxt = tok_ids[:, :, 1:].reshape(n, M * ln, 1)
+        return total + logp.gather(2, nxt).reshape(n, M, ln).sum(-1)
+
+    @torch.no_grad()
+    def head_candidates(self, b: Batch, m: int, code_weight: float) -> BeamResult:
+        """The item head's top-`m` items over the whole catalogue, re-scored as
+        ``item log-softmax + code_weight * code log-prob`` (exact, `path_logprobs`), best first."""
+        assert self.item_head is not None and b.hidden is not None, "needs an item head and a prefill"
+        il = torch.log_softmax(self.item_head.logits(b.hidden), -1)  # (B, N)
+        top, rows = il.topk(min(m, il.shape[1]), dim=-1)  # (B, M)
+        codes = torch.as_tensor(np.asarray(self.trie.codes), dtype=torch.long)[rows.cpu()]  # (B, M, L)
+        score = top.float()
+        if code_weight:
+            score = score + code_weight * self.path_logprobs(b, codes).float()
+        order = score.argsort(dim=-1, descending=True)
+        rows_o = rows.gather(1, order).cpu().numpy()
+        ids = np.asarray(self.trie.item_ids)
+        return BeamResult(np.take_along_axis(codes.numpy(), order.cpu().numpy()[:, :, None], 1),
+                          score.gather(1, order).cpu().numpy(), [[int(ids[r]) for r in row] for row in rows_o])
+
     # ------------------------------------------------------------------ one call
 
     def recommend(self, prefixes: list[str], width: int, think: bool, max_think: int = 32,
-                  max_len: int | None = None) -> tuple[BeamResult, list[str]]:
-        """Prompts end with ``<think>`` (think) or ``<|item_begin|>`` (direct); returns beams + reasoning texts."""
+                  max_len: int | None = None, code_weight: float | None = None) -> tuple[BeamResult, list[str]]:
+        """Prompts end with ``<think>`` (think) or ``<|item_begin|>`` (direct); returns beams + reasoning texts.
+
+        With an item head and a `code_weight`, candidates are the head's top-`width` items over the whole
+        catalogue (`head_candidates`) instead of the code beam's leaves.
+        """
         b = self.prefill(self.encode_prefixes(prefixes, max_len))
         texts = [""] * len(prefixes)
         if think:
             ids = self.reason(b, max_think)
             texts = [self.tok.decode(r, skip_special_tokens=False).strip() for r in ids]
             self.close_think(b)
+        if self.item_head is not None and code_weight is not None:
+            return self.head_candidates(b, width, code_weight), texts
         return self.beam_codes(b, width), texts

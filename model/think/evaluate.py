@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model.semantic_ids import SemanticIDs
 from model.think.decode import Decoder
 from model.think.tasks import direct_prefix, generation_prefix
@@ -36,20 +38,31 @@ class ThinkRecommender:
     """OneRec-Think as a `Recommender`: reasoning (optional) then constrained beam over all codes."""
 
     def __init__(self, model: Any, tokenizer: Any, tokmap: TokenMap, sid: SemanticIDs, beam: int = 10,
-                 think: bool = True, max_think: int = 32, batch_size: int = 64, max_len: int = 320):
+                 think: bool = True, max_think: int = 32, batch_size: int = 64, max_len: int = 320,
+                 item_head: Any = None, bf16: bool = False, code_weight: float | None = None):
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
         self.sid = sid
         self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
-        self.decoder = Decoder(model, tokenizer, tokmap, self.trie)
+        self.decoder = Decoder(model, tokenizer, tokmap, self.trie, item_head=item_head)
         self.beam, self.think, self.max_think = beam, think, max_think
         self.batch_size, self.max_len = batch_size, max_len
+        self.bf16 = bf16  # bf16 autocast on CPU while decoding (scores in float32)
+        # with an item head: None = re-rank the code beam's leaves; a number = rank the head's top-`beam`
+        # items over the whole catalogue by item log-prob + code_weight * code log-prob
+        self.code_weight = code_weight
         self.reasoning: dict[int, str] = {}  # user -> last reasoning text written for them
 
     @classmethod
     def load(cls, folder: Path | str, beam: int = 10, think: bool | None = None, sid_dir: Path | None = None,
-             device: str | None = None, **kw: Any) -> ThinkRecommender:
-        """From an HF folder written by `model.think.train`; `think=None` follows the folder's last stage."""
+             device: str | None = None, item_weight: float | None = None, **kw: Any) -> ThinkRecommender:
+        """From an HF folder written by `model.think.train`; `think=None` follows the folder's last stage.
+
+        The folder's item head (``item_head.safetensors``), if any, re-ranks the beam's leaves with its
+        saved weight; `item_weight` overrides it (0 = codes only).
+        """
+        from model.think.itemhead import ItemHead
+
         folder = Path(folder)
         model, tok, tm = load_think(folder)
         if device:
@@ -63,7 +76,13 @@ class ThinkRecommender:
 
                 sid_dir = get_settings().resolved("sid")
         sid = SemanticIDs.load(sid_dir)
-        return cls(model, tok, tm, sid, beam, bool(meta.get("think", False)) if think is None else think, **kw)
+        head = ItemHead.load(folder, sid)
+        if head is not None and item_weight is not None:
+            head.cfg.score_weight = item_weight
+        if head is not None and head.cfg.score_weight == 0:
+            head = None
+        return cls(model, tok, tm, sid, beam, bool(meta.get("think", False)) if think is None else think,
+                   item_head=head, **kw)
 
     def prefix(self, history: Sequence[int]) -> str:
         codes = [self.sid.codes_of(i) for i in history if self.sid.has_item(i)]
@@ -76,8 +95,10 @@ class ThinkRecommender:
         out: list[list[int]] = [[] for _ in examples]
         for s in range(0, len(order), self.batch_size):
             chunk = order[s : s + self.batch_size]
-            beams, texts = self.decoder.recommend([self.prefix(examples[i].history) for i in chunk], self.beam,
-                                                  self.think, self.max_think, self.max_len)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                beams, texts = self.decoder.recommend([self.prefix(examples[i].history) for i in chunk], self.beam,
+                                                      self.think, self.max_think, self.max_len,
+                                                      code_weight=self.code_weight)
             for j, i in enumerate(chunk):
                 out[i] = beams.items[j][:k]
                 if self.think:
@@ -101,7 +122,8 @@ def run(args: argparse.Namespace) -> dict:
     examples = subset(split_examples(ds, args.split, args.limit), args.sample, args.seed)
     think = {"think": True, "direct": False, "auto": None}[args.mode]
     rec = ThinkRecommender.load(args.checkpoint, beam=args.beam, think=think, max_think=args.max_think,
-                                batch_size=args.batch_size, device=args.device)
+                                batch_size=args.batch_size, device=args.device, item_weight=args.item_weight,
+                                bf16=args.bf16, code_weight=args.code_weight)
     t0 = time.perf_counter()
     metrics = evaluate(rec, examples, desc=f"think[{'think' if rec.think else 'direct'}]")
     secs = time.perf_counter() - t0
@@ -109,7 +131,9 @@ def run(args: argparse.Namespace) -> dict:
     doc = {
         "checkpoint": str(Path(args.checkpoint).resolve()), "mode": "think" if rec.think else "direct",
         "split": args.split, "users": len(examples), "sample": args.sample, "seed": args.seed, "beam": args.beam,
-        "metrics": metrics, "seconds": round(secs, 1), "users_per_s": round(len(examples) / secs, 2),
+        "item_weight": rec.decoder.item_head.cfg.score_weight if rec.decoder.item_head is not None else 0.0,
+        "bf16": args.bf16, "code_weight": args.code_weight, "metrics": metrics, "seconds": round(secs, 1),
+        "users_per_s": round(len(examples) / secs, 2),
         "params": meta.get("params"), "base_model": meta.get("base_model"),
         "stages": [s.get("stage") for s in meta.get("stages", [])],
         "command": "python -m model.think.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -153,6 +177,35 @@ def ablation(args: argparse.Namespace) -> Path:
                else "all users") + "; base/ia in direct mode, ia_r in think mode")
     command = " && ".join(a["command"] for a in arms.values())
     return write_result("think_ablation", metrics, command=command, note=note)
+
+
+def recipe_result(args: argparse.Namespace) -> Path:
+    """Combine the selection (train-only) and refit `run` outputs into docs/results/think_recipe.json."""
+    from services.results import write_result
+
+    keys = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+    runs = {name: json.loads(Path(p).read_text()) for name, p in (("train_only", args.selection_json),
+                                                                  ("refit", args.refit_json)) if p}
+    metrics: dict[str, Any] = {}
+    for name, r in runs.items():
+        metrics[name] = {k: r["metrics"][k] for k in keys}
+        fit = next((st.get("fit") for st in reversed(read_itemic(r["checkpoint"]).get("stages", []))
+                    if st.get("fit")), None) or {}
+        metrics[f"{name}_train_s"] = fit.get("train_s")
+        metrics[f"{name}_epochs"] = fit.get("epochs_trained")
+        metrics[f"{name}_eval_s"] = r["seconds"]
+    first = next(iter(runs.values()))
+    metrics |= {"users": first["users"], "beam": first["beam"], "item_weight": first.get("item_weight"),
+                "params": first["params"], "mode": first["mode"]}
+    if args.prefix_json:
+        pr = json.loads(Path(args.prefix_json).read_text())
+        metrics["prefix_recall"] = {k: v["recall"] for k, v in pr["recall"].items()}
+        metrics["prefix_recall_users"] = pr["users"]
+    note = (f"Beauty {first['split']}, full catalogue, {first['mode']} mode, beam {first['beam']}, "
+            + (f"fixed random subset of {first['users']} users (seed {first['seed']})" if first["sample"]
+               else "all users"))
+    command = " && ".join(r["command"] for r in runs.values())
+    return write_result("think_recipe", metrics, command=command, note=note)
 
 
 def vllm_check(folder: Path | str, histories: Sequence[Sequence[int]], max_think: int = 32,
@@ -221,7 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--split", choices=["valid", "test"], default="test", help="held-out item")
     r.add_argument("--beam", type=int, default=10, help="beam width (>= 10 for reported numbers)")
     r.add_argument("--max-think", type=int, default=32, help="max reasoning tokens")
+    r.add_argument("--item-weight", type=float, default=None,
+                   help="item-head weight when re-ranking leaves (default: the folder's; 0 = codes only)")
     r.add_argument("--batch-size", type=int, default=64, help="users per decoding batch")
+    r.add_argument("--bf16", action="store_true", help="bf16 autocast while decoding (CPU)")
+    r.add_argument("--code-weight", type=float, default=None,
+                   help="item head: rank its top --beam items by item log-prob + this x code log-prob "
+                        "(default: re-rank the code beam's leaves instead)")
     r.add_argument("--limit", type=int, default=None, help="first N users only")
     r.add_argument("--sample", type=int, default=None, help="fixed random subset of N users")
     r.add_argument("--seed", type=int, default=0, help="seed of --sample and of the shown examples")
@@ -233,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--base-json", type=Path, required=True, help="run output of the Base arm")
     a.add_argument("--ia-json", type=Path, required=True, help="run output of the +IA arm")
     a.add_argument("--ia-r-json", type=Path, required=True, help="run output of the +IA+R arm")
+    c = sub.add_parser("recipe", help="write docs/results/think_recipe.json from selection/refit run outputs")
+    c.add_argument("--selection-json", type=Path, required=True, help="run output of the selection (train-only) model")
+    c.add_argument("--refit-json", type=Path, default=None, help="run output of the refit model")
+    c.add_argument("--prefix-json", type=Path, default=None, help="output of python -m model.think.prefix_recall")
     v = sub.add_parser("vllm-check", help="load a checkpoint in vLLM and generate reasoning + item codes")
     v.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think HF folder")
     v.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
@@ -253,10 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.cmd == "run":
         if args.threads:
-            import torch
-
             torch.set_num_threads(args.threads)
         run(args)
+    elif args.cmd == "recipe":
+        print(recipe_result(args))
     else:
         print(ablation(args))
 

@@ -290,8 +290,27 @@ def run_base(args: argparse.Namespace, ctx: Context) -> Path:
     return out
 
 
+def refit_source(args: argparse.Namespace, ctx: Context) -> tuple[dict[int, list[int]], dict]:
+    """Interactions the align stage learns from, and the selection run's record when refitting.
+
+    Selection: the training part of every sequence. Refit (``--refit-of SEL``): train + valid (all but
+    the test item), for the selection run's best epoch of the same schedule.
+    """
+    if args.refit_of is None:
+        return ctx.train, {}
+    sel = [st for st in read_itemic(args.refit_of).get("stages", []) if st.get("run") == "selection"]
+    if not sel or not sel[-1].get("best_epoch"):
+        raise SystemExit(f"--refit-of {args.refit_of}: no selection run with a best_epoch in its itemic.json")
+    return {u: s[:-1] for u, s in ctx.ds.sequences.items()}, sel[-1]
+
+
 def run_align(args: argparse.Namespace, ctx: Context) -> Path:
-    """Itemic Alignment: token warm-up (item-token embeddings only) then multi-task integration."""
+    """Itemic Alignment: token warm-up (item-token embeddings only) then multi-task integration.
+
+    With ``--epochs N`` (the default recipe) the multi-task part is `model.think.fit` (item head,
+    validation each epoch, best epoch; ``--refit-of`` refits on train+valid); ``--epochs 0`` runs the
+    older fixed-step loop (``--steps``).
+    """
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -299,11 +318,12 @@ def run_align(args: argparse.Namespace, ctx: Context) -> Path:
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from persona, seq, caption, lm")
     cat, sid = ctx.ds.catalog, ctx.sid
+    source, selection = refit_source(args, ctx)
     groups: dict[str, list[T.Sample]] = {}
     if "persona" in tasks or args.warmup_steps > 0:
-        groups["persona"] = T.persona_samples(ctx.train, cat, sid, ctx.labels)
+        groups["persona"] = T.persona_samples(source, cat, sid, ctx.labels)
     if "seq" in tasks:
-        groups["seq"] = T.seq_samples(ctx.train, sid)
+        groups["seq"] = T.seq_samples(source, sid)
     if "caption" in tasks:
         groups["caption"] = T.caption_samples(cat, sid, ctx.labels)
     if "lm" in tasks:
@@ -312,7 +332,7 @@ def run_align(args: argparse.Namespace, ctx: Context) -> Path:
             lines = Path(args.lm_corpus).read_text().splitlines()
         groups["lm"] = T.lm_samples(lines)
     save = lambda m, o: save_think(m, tok, tm, o)  # noqa: E731
-    total = args.warmup_steps + args.steps
+    total = args.warmup_steps + (0 if args.epochs > 0 else args.steps)
     stats: dict[str, Any] = {}
     if args.warmup_steps > 0:
         # token warm-up: only the embedding rows of itemic tokens move (tied head rows move with them)
@@ -334,7 +354,12 @@ def run_align(args: argparse.Namespace, ctx: Context) -> Path:
                                    save=save, resume=args.resume, total_steps=total)
         for p in model.parameters():
             p.requires_grad_(True)
-    if args.steps > 0:
+    if args.epochs > 0:
+        stats["fit"] = fit_epochs(args, ctx, model, tok, tm, groups, tasks, selection, out)
+        stats["run"] = stats["fit"]["run"]
+        stats["best_epoch"] = stats["fit"]["best_epoch"]
+        stats["epochs"] = stats["fit"]["epochs"]
+    elif args.steps > 0:
         weights = {"persona": args.w_persona, "seq": args.w_seq, "caption": args.w_caption, "lm": args.w_lm}
         mixed = T.mix({k: v for k, v in groups.items() if k in tasks}, weights, args.steps * args.batch_size,
                       args.seed)
@@ -346,6 +371,47 @@ def run_align(args: argparse.Namespace, ctx: Context) -> Path:
         stats["task_counts"] = {k: sum(1 for s in mixed if s.task == k) for k in tasks}
     finish(model, tok, tm, out, args.init, {"stage": "align", "tasks": tasks, **stats}, ctx)
     return out
+
+
+def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm: TokenMap,
+               groups: dict[str, list[T.Sample]], tasks: list[str], selection: dict, out: Path) -> dict[str, Any]:
+    """The epoch recipe: every sequence text once per epoch plus the other tasks in proportion to their weights."""
+    from model.think.fit import FitConfig, fit, val_subset
+    from model.think.itemhead import ItemHead, ItemHeadConfig
+
+    if "seq" not in tasks:
+        raise ValueError("--epochs counts passes over the sequence task: --tasks must include seq")
+    weights = {"persona": args.w_persona, "seq": args.w_seq, "caption": args.w_caption, "lm": args.w_lm}
+    seq_rows = tokenize(groups["seq"], tok, args.max_len)
+    pools = {k: tokenize(groups[k], tok, args.max_len) for k in tasks if k != "seq" and groups.get(k)}
+    counts = {k: round(len(seq_rows) * weights[k] / max(weights["seq"], 1e-9)) for k in pools}
+
+    def epoch_rows(e: int) -> list[tuple[list[int], int]]:
+        rng = random.Random(args.seed * 1000 + e)
+        rows = list(seq_rows)
+        for k, pool in pools.items():
+            rows += [pool[rng.randrange(len(pool))] for _ in range(counts[k])]
+        return rows
+
+    refit = bool(selection)
+    cfg = FitConfig(epochs=int(selection.get("epochs", args.epochs)) if refit else args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, bf16=args.bf16, item_loss_weight=args.item_loss_weight,
+                    val_users=0 if refit else args.val_users, patience=args.patience,
+                    stop_after=int(selection["best_epoch"]) if refit else None,
+                    run="refit" if refit else "selection", save_every=args.save_every, seed=args.seed)
+    head = ItemHead.from_codes(model, tm, ctx.sid, ItemHeadConfig(args.item_loss_weight, args.item_score_weight))
+
+    def save() -> None:
+        save_think(model, tok, tm, out)
+        head.save(out, ctx.sid)
+
+    val = [] if refit else val_subset(ctx.ds.splits.valid, args.val_users, args.seed)
+    rec = fit(model, head, tok, tm, ctx.sid, epoch_rows, val, cfg, out, save, resume=args.resume)
+    head.save(out, ctx.sid)
+    rec["texts_per_epoch"] = {"seq": len(seq_rows), **counts}
+    if refit:
+        rec["refit_of"] = str(args.refit_of)
+    return rec
 
 
 def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
@@ -444,6 +510,7 @@ def run_enhance(args: argparse.Namespace, ctx: Context) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model.think.fit import FitConfig
     from services.config import get_settings
 
     s = get_settings()
@@ -468,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 
     b = sub.add_parser("base", help="build the base LLM with itemic tokens")
-    common(b, 0, 64, 2e-3)
+    common(b, 600, 64, 2e-3)
     b.add_argument("--base-model", type=Path, default=None, help="local HF causal LM to extend (default: tiny Qwen3)")
     d = TinyBaseConfig()
     b.add_argument("--bpe-vocab", type=int, default=d.bpe_vocab, help="BPE vocabulary (tiny base)")
@@ -480,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--intermediate", type=int, default=d.intermediate, help="MLP size (tiny base)")
 
     a = sub.add_parser("align", help="itemic alignment: token warm-up + multi-task integration")
-    common(a, 1000, 32, 1e-3)
+    common(a, 1000, FitConfig.batch_size, FitConfig.lr)
     a.add_argument("--init", type=Path, required=True, help="folder from the base stage")
     a.add_argument("--tasks", default="persona,seq,caption,lm", help="comma list of persona,seq,caption,lm")
     a.add_argument("--warmup-steps", type=int, default=200, help="token warm-up steps (0 = skip)")
@@ -489,6 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--w-seq", type=float, default=0.6, help="mixture weight of sequential preference")
     a.add_argument("--w-caption", type=float, default=0.15, help="mixture weight of itemic captioning")
     a.add_argument("--w-lm", type=float, default=0.1, help="mixture weight of general language modelling")
+    f = FitConfig()
+    a.add_argument("--epochs", type=int, default=f.epochs,
+                   help="epochs over the sequence texts (the recipe; 0 = the fixed-step loop of --steps)")
+    a.add_argument("--patience", type=int, default=f.patience, help="selection: epochs without val gain before stop")
+    a.add_argument("--val-users", type=int, default=f.val_users, help="selection: validation users per epoch")
+    a.add_argument("--refit-of", type=Path, default=None,
+                   help="refit: selection folder whose best epoch to reuse; trains on train+valid, no validation")
+    a.add_argument("--item-loss-weight", type=float, default=f.item_loss_weight, help="item-head loss weight")
+    a.add_argument("--item-score-weight", type=float, default=1.0, help="item-head weight when re-ranking leaves")
+    a.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=f.bf16, help="bf16 autocast (CPU)")
 
     r = sub.add_parser("activate", help="reasoning activation: pruned-context rationales + LoRA SFT")
     common(r, 600, 32, 1e-3)

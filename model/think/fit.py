@@ -1,0 +1,235 @@
+"""Epoch training of OneRec-Think with the item head: validation each epoch, best-epoch selection, refit.
+
+The recipe of the ``align`` stage (`model.think.train`), in two runs named by what they are:
+
+- **selection** (``run="selection"``): trains on the training part of every sequence for up to
+  ``epochs`` epochs (warm-up + cosine LR over all of them), validates after each epoch on a fixed
+  subset of validation users (R@10 / N@10 of the item head over the whole catalogue: one forward per
+  user, no beam) and keeps the best epoch's weights in the folder; stops after ``patience`` epochs
+  without improvement. The best epoch goes into ``itemic.json`` (``best_epoch``).
+- **refit** (``run="refit"``): the same schedule (``epochs`` long) on train+valid sequences, stopped
+  after the selection run's ``best_epoch``; no validation (the validation targets are training data).
+
+Loss per batch: LM cross-entropy on target tokens + ``item_loss_weight`` x item cross-entropy at
+every ``<|item_begin|>`` (`model.think.itemhead`). bf16 autocast on by default (measured in
+``benchmarks/think_train_speed.py``). Resumes after a kill from ``<out>/trainer_state.pt`` (written
+every ``save_every`` steps and at each epoch end) with the same batch order as an uninterrupted run.
+Not here: the data builders (`model.think.tasks`), the CLI (`model.think.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.semantic_ids import SemanticIDs
+from model.think.itemhead import ItemHead, item_loss, targets_at_item_begin
+from model.think.tasks import direct_prefix
+from model.trie import TokenMap
+from services.catalog import Example
+
+STATE = "trainer_state.pt"
+LOG = "train_log.jsonl"
+Rows = list[tuple[list[int], int]]
+
+
+@dataclass
+class FitConfig:
+    """The epoch recipe (defaults = the documented run)."""
+
+    epochs: int = 6  # schedule length (cosine over all of them)
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.03
+    bf16: bool = True
+    item_loss_weight: float = 1.0
+    val_users: int = 2000
+    patience: int = 3  # selection: stop after this many epochs without a better val R@10
+    stop_after: int | None = None  # refit: the selection run's best epoch
+    run: str = "selection"  # or "refit"
+    save_every: int = 100
+    seed: int = 0
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine from 1 to 0.05."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor,
+                     tm: TokenMap, row_of_codes: dict[tuple[int, ...], int], item_weight: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM cross-entropy on labelled tokens, item cross-entropy at each labelled ``<|item_begin|>``)."""
+    h = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, D)
+    logits = model.get_output_embeddings()(h)  # (B, T, V)
+    lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    if item_weight <= 0:
+        return lm, lm.new_zeros(())
+    pos, rows = targets_at_item_begin(ids, labels, tm, row_of_codes)
+    return lm, item_loss(head, h, pos, rows)
+
+
+@torch.no_grad()
+def validate(model: Any, head: ItemHead, tok: Any, sid: SemanticIDs, examples: Sequence[Example], bf16: bool,
+             batch_size: int = 128, max_len: int = 320) -> dict[str, float]:
+    """Item-head ranking over the whole catalogue: R@10, N@10 (and @5) on `examples` (direct prompt)."""
+    from model.evaluate import score
+    from model.think.decode import left_pad
+
+    model.eval()
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].history))
+    ranked: list[list[int]] = [[] for _ in examples]
+    dev = next(model.parameters()).device
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        texts = [direct_prefix([sid.codes_of(i) for i in examples[j].history if sid.has_item(i)]) for j in chunk]
+        rows = [r[-max_len:] for r in tok(texts, add_special_tokens=False)["input_ids"]]
+        ids, mask = left_pad(rows, pad)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and dev.type == "cpu"):
+            h = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                 position_ids=pos.to(dev)).last_hidden_state[:, -1]
+        top = head.logits(h).topk(10, dim=-1).indices.cpu().numpy()
+        for j, r in zip(chunk, top, strict=True):
+            ranked[j] = [int(sid.item_ids[x]) for x in r]
+    return score(ranked, [e.target for e in examples])
+
+
+def _log(out: Path, rec: dict) -> None:
+    with (out / LOG).open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, epoch_rows: Callable[[int], Rows],
+        val: Sequence[Example], cfg: FitConfig, out: Path, save: Callable[[], object], resume: bool = False
+        ) -> dict[str, Any]:
+    """Train for up to `cfg.epochs` epochs (see the module docstring); returns the stage record.
+
+    `epoch_rows(e)` gives epoch e's tokenised texts (same count every epoch); `save()` writes the model
+    and head into `out` (called for the best epoch in selection, at the end in refit).
+    """
+    from model.think.train import batches, collate
+
+    if cfg.run not in ("selection", "refit"):
+        raise ValueError(f"run must be 'selection' or 'refit', got {cfg.run!r}")
+    if cfg.run == "selection" and not val:
+        raise ValueError("a selection run needs validation users (val_users > 0)")
+    dev = next(model.parameters()).device
+    row_of_codes = {tuple(int(x) for x in c): r for r, c in enumerate(sid.codes)}
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    spe = math.ceil(len(epoch_rows(0)) / cfg.batch_size)
+    total, warm = cfg.epochs * spe, int(cfg.warmup_frac * cfg.epochs * spe)
+    last_epoch = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "curve": [], "best_epoch": 0, "best": -1.0, "train_s": 0.0}
+    if resume and (out / STATE).is_file():
+        st = torch.load(out / STATE, weights_only=False)
+        model.load_state_dict(st["model"])
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["optimizer"])
+        state = st["state"]
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    bar = tqdm(total=last_epoch * spe, initial=state["epoch"] * spe + state["step"], desc=f"fit[{cfg.run}]",
+               unit="step")
+
+    def checkpoint() -> None:
+        torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                    "state": state, "config": asdict(cfg)}, out / STATE)
+
+    best_weights: dict[str, Any] | None = None
+    best_head = head.weight.detach().clone()
+
+    def stop_early() -> bool:
+        return cfg.run == "selection" and state["epoch"] - state["best_epoch"] >= cfg.patience
+
+    while state["epoch"] < last_epoch and not stop_early():
+        e = state["epoch"]
+        rows = epoch_rows(e)
+        order = batches(rows, cfg.batch_size, cfg.seed + e)
+        model.train()
+        t0, tokens, lm_sum, it_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
+        for s in range(state["step"], len(order)):
+            g = e * spe + s
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * lr_factor(g, total, warm)
+            ids, att, labels = (t.to(dev) for t in collate([rows[i] for i in order[s]], pad))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
+                lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight)
+                loss = lm + cfg.item_loss_weight * il
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            tokens += int(att.sum())
+            lm_sum, it_sum, n = lm_sum + float(lm.detach()), it_sum + float(il.detach()), n + 1
+            state["step"] = s + 1
+            bar.update(1)
+            bar.set_postfix(epoch=e + 1, lm=f"{lm_sum / n:.3f}", item=f"{it_sum / n:.3f}",
+                            tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            if (s + 1) % cfg.save_every == 0:
+                state["train_s"] += time.perf_counter() - t0
+                t0, tokens = time.perf_counter(), 0
+                checkpoint()
+        state["train_s"] += time.perf_counter() - t0
+        rec: dict[str, Any] = {"epoch": e + 1, "lm_loss": round(lm_sum / max(n, 1), 4),
+                               "item_loss": round(it_sum / max(n, 1), 4), "train_s": round(state["train_s"], 1)}
+        state["epoch"], state["step"] = e + 1, 0
+        if cfg.run == "selection":
+            tv = time.perf_counter()
+            m = validate(model, head, tok, sid, val, cfg.bf16)
+            rec |= {"val_recall@10": m["recall@10"], "val_ndcg@10": m["ndcg@10"],
+                    "val_s": round(time.perf_counter() - tv, 1)}
+            if m["recall@10"] > state["best"]:
+                state["best"], state["best_epoch"] = m["recall@10"], e + 1
+                save()
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_head = head.weight.detach().clone()
+            bar.write(f"epoch {e + 1}: val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f} "
+                      f"(best epoch {state['best_epoch']})")
+        else:
+            bar.write(f"epoch {e + 1}: lm {rec['lm_loss']:.3f} item {rec['item_loss']:.3f} (refit, no validation)")
+        state["curve"].append(rec)
+        _log(out, {"stage": f"fit-{cfg.run}", **rec})
+        checkpoint()
+    bar.close()
+    if cfg.run == "refit":
+        save()
+    elif best_weights is not None:  # the caller saves `model` again: hand it the best epoch's weights
+        model.load_state_dict(best_weights)
+        head.weight.data.copy_(best_head)
+    elif state["best_epoch"] > 0:  # resumed after the last epoch: the folder holds the best weights
+        from safetensors.torch import load_file
+
+        from model.think.itemhead import HEAD_FILE
+
+        model.load_state_dict(load_file(out / "model.safetensors"), strict=False)
+        head.weight.data.copy_(load_file(out / HEAD_FILE)["weight"])
+    model.eval()
+    return {"run": cfg.run, "epochs": cfg.epochs, "epochs_trained": state["epoch"],
+            "best_epoch": state["best_epoch"] if cfg.run == "selection" else cfg.stop_after,
+            "best_val_recall@10": state["best"] if cfg.run == "selection" else None,
+            "steps_per_epoch": spe, "train_s": round(state["train_s"], 1), "curve": state["curve"],
+            "fit_config": asdict(cfg)}
+
+
+def val_subset(valid: list[Example], n: int, seed: int = 0) -> list[Example]:
+    """The fixed validation users of a selection run."""
+    if n >= len(valid):
+        return valid
+    idx = sorted(random.Random(seed).sample(range(len(valid)), n))
+    return [valid[i] for i in idx]

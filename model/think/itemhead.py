@@ -1,0 +1,163 @@
+"""Item-level head of OneRec-Think: a next-item softmax over the catalogue at the answer position.
+
+The LLM predicts an item code by code; this head scores whole items from the final hidden state at
+the ``<|item_begin|>`` that opens the answer (the position whose LM logits predict level a):
+
+    item_logit(h, i) = h . E[i]          E (N, D), one row per catalogue item (SID order)
+
+`E` starts from the sum of the item's code-token embeddings (tied to the LM's table at init), so a
+fresh head already ranks items like a crude code model. It is trained with the sequence task (a
+cross-entropy over all N items at every ``<|item_begin|>`` of a training text, weight
+``ItemHeadConfig.loss_weight``) and at decoding time re-ranks the leaves of the code beam:
+``score = sum of code log-probs + weight * item_logit`` (`rerank`), the rule that took the online
+OneRec from .0550 to .0837. `prefix_scores` sums the head's probabilities per (a, b) prefix, which the
+offline tier can mix into its prefix ranking.
+
+Storage: ``<folder>/item_head.safetensors`` (``weight`` (N, D)) + ``item_head.json`` (config, item
+order hash). The HF model files are untouched, so the folder still loads in vLLM; an engine that
+wants the head reads the final hidden state at ``<|item_begin|>`` and applies `logits`.
+Not here: the training loop (`model.think.fit`), the code beam (`model.think.decode`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.semantic_ids import SemanticIDs
+from model.trie import TokenMap
+
+HEAD_FILE = "item_head.safetensors"
+HEAD_JSON = "item_head.json"
+
+
+@dataclass
+class ItemHeadConfig:
+    """Item head settings (saved as item_head.json)."""
+
+    loss_weight: float = 1.0  # weight of the item cross-entropy next to the LM loss
+    score_weight: float = 1.0  # weight of item_logit when re-ranking beam leaves (0 = codes only)
+
+
+def items_hash(sid: SemanticIDs) -> str:
+    """Identity of the row order of `E` (the SID item order and codes)."""
+    h = hashlib.sha1(np.asarray(sid.item_ids, dtype=np.int64).tobytes())
+    h.update(np.asarray(sid.codes, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+class ItemHead(torch.nn.Module):
+    """N x D item table; rows follow `sid.item_ids`."""
+
+    def __init__(self, num_items: int, dim: int, cfg: ItemHeadConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or ItemHeadConfig()
+        self.weight = torch.nn.Parameter(torch.zeros(num_items, dim))
+
+    @classmethod
+    def from_codes(cls, model: Any, tm: TokenMap, sid: SemanticIDs, cfg: ItemHeadConfig | None = None) -> ItemHead:
+        """Init each row as the sum of the item's code-token embeddings (tied start)."""
+        emb = model.get_input_embeddings().weight.detach().float()
+        ids = code_token_ids(tm, sid)  # (N, L)
+        head = cls(ids.shape[0], emb.shape[1], cfg)
+        with torch.no_grad():
+            head.weight.copy_(emb[ids].sum(1) / ids.shape[1] ** 0.5)
+        return head.to(model.get_input_embeddings().weight.device)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> (..., N) unnormalised item scores."""
+        return h.float() @ self.weight.T
+
+    def save(self, folder: Path | str, sid: SemanticIDs) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        save_file({"weight": self.weight.detach().float().contiguous().cpu()}, folder / HEAD_FILE)
+        (folder / HEAD_JSON).write_text(json.dumps({**asdict(self.cfg), "num_items": int(self.weight.shape[0]),
+                                                    "items_hash": items_hash(sid)}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path | str, sid: SemanticIDs | None = None) -> ItemHead | None:
+        """The folder's head, or None when it has none; refuses a head built for another item order."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / HEAD_FILE).is_file():
+            return None
+        meta = json.loads((folder / HEAD_JSON).read_text())
+        if sid is not None and meta.get("items_hash") != items_hash(sid):
+            raise ValueError(f"{folder / HEAD_FILE}: built for another item order/codes than the given SIDs")
+        w = load_file(folder / HEAD_FILE)["weight"]
+        keys = ItemHeadConfig.__dataclass_fields__
+        head = cls(w.shape[0], w.shape[1], ItemHeadConfig(**{k: v for k, v in meta.items() if k in keys}))
+        with torch.no_grad():
+            head.weight.copy_(w)
+        return head
+
+
+def code_token_ids(tm: TokenMap, sid: SemanticIDs) -> torch.Tensor:
+    """(N, L) token id of each item's code at each level."""
+    codes = torch.as_tensor(np.asarray(sid.codes), dtype=torch.long)
+    return tm.offset + torch.arange(tm.num_levels) * tm.codebook_size + codes
+
+
+def targets_at_item_begin(ids: torch.Tensor, labels: torch.Tensor, tm: TokenMap,
+                          row_of_codes: dict[tuple[int, ...], int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (K, 2) of every ``<|item_begin|>`` whose next L tokens are a labelled item, and its row (K,).
+
+    ids/labels (B, T) from the training collate (labels -100 on prompt and padding).
+    """
+    L, T = tm.num_levels, ids.shape[1]
+    begin = torch.eq(ids, int(tm.item_begin or 0))  # (B, T)
+    pos = torch.nonzero(begin[:, : T - L] & (labels[:, 1 : T - L + 1] != -100))
+    if pos.numel() == 0:
+        return pos, torch.zeros(0, dtype=torch.long)
+    codes = torch.stack([ids[pos[:, 0], pos[:, 1] + 1 + lv] for lv in range(L)], 1)  # (K, L) token ids
+    codes = codes - tm.offset - torch.arange(L, device=ids.device) * tm.codebook_size
+    rows = [row_of_codes.get(tuple(c), -1) for c in codes.tolist()]
+    keep = torch.tensor([r >= 0 for r in rows], dtype=torch.bool)
+    return pos[keep], torch.tensor([r for r in rows if r >= 0], dtype=torch.long)
+
+
+def item_loss(head: ItemHead, hidden: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all N items at the given positions; hidden (B, T, D) final (normed) states."""
+    if rows.numel() == 0:
+        return hidden.new_zeros(())
+    h = hidden[pos[:, 0], pos[:, 1]]  # (K, D)
+    return F.cross_entropy(head.logits(h), rows.to(h.device))
+
+
+def rerank(item_logits: torch.Tensor, leaf_rows: np.ndarray, scores: np.ndarray, weight: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """New order and scores of beam leaves: score + weight * item_logit.
+
+    item_logits (B, N); leaf_rows (B, W) catalogue row of each leaf (-1 = no item); scores (B, W) code
+    log-probs (-inf = dead beam). Returns (order (B, W), new scores (B, W)), best first.
+    """
+    il = item_logits.float().cpu().numpy()
+    safe = np.where(leaf_rows >= 0, leaf_rows, 0)
+    extra = np.take_along_axis(il, safe, 1) * weight
+    new = np.where((leaf_rows >= 0) & np.isfinite(scores), scores + extra, -np.inf)
+    order = np.argsort(-new, axis=1, kind="stable")
+    return order, np.take_along_axis(new, order, 1)
+
+
+def prefix_scores(item_logits: torch.Tensor, sid: SemanticIDs) -> tuple[np.ndarray, torch.Tensor]:
+    """Log of the head's probability mass per (a, b) prefix: returns (prefixes (M, 2), scores (B, M))."""
+    codes = np.asarray(sid.codes)
+    pref, inv = np.unique(codes[:, :2], axis=0, return_inverse=True)
+    logp = torch.log_softmax(item_logits.float(), -1)  # (B, N)
+    idx = torch.as_tensor(inv.reshape(-1), dtype=torch.long)
+    out = torch.full((logp.shape[0], len(pref)), float("-inf"))
+    # logsumexp per group: max-shifted scatter-add of probabilities
+    m = logp.max(-1, keepdim=True).values
+    mass = torch.zeros_like(out).index_add_(1, idx, (logp - m).exp())
+    out = torch.where(mass > 0, mass.log() + m, out)
+    return pref, out
