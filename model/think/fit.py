@@ -123,7 +123,7 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
     `epoch_rows(e)` gives epoch e's tokenised texts (same count every epoch); `save()` writes the model
     and head into `out` (called for the best epoch in selection, at the end in refit).
     """
-    from model.think.train import batches, collate
+    from model.think.rows import batches, collate
 
     if cfg.run not in ("selection", "refit"):
         raise ValueError(f"run must be 'selection' or 'refit', got {cfg.run!r}")
