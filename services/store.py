@@ -395,6 +395,10 @@ class ThinkStore:
             raise ValueError(f"ttl_s: expected a positive int, got {ttl_s!r}")
         if version == self.current_version():
             raise ValueError(f"version: {version!r} is live; readers would see it half-written")
+        return self._set_entries(version, entries, ttl_s)
+
+    def _set_entries(self, version: str, entries: dict[int, ThinkEntry], ttl_s: int) -> int:
+        """One SET with EX per user value, pipelined in batches of `_BATCH`."""
         items = [(self.keys.think(version, u), encode_entry(e)) for u, e in entries.items()]
         for i in range(0, len(items), _BATCH):
             pipe = self.r.pipeline(transaction=False)
@@ -457,13 +461,7 @@ class ThinkStore:
             raise ValueError(f"ttl_s: expected a positive int, got {ttl_s!r}")
         if version != self.current_version():
             raise ValueError(f"version: {version!r} is not live (live: {self.current_version()!r})")
-        items = [(self.keys.think(version, u), encode_entry(e)) for u, e in entries.items()]
-        for i in range(0, len(items), _BATCH):
-            pipe = self.r.pipeline(transaction=False)
-            for key, value in items[i : i + _BATCH]:
-                pipe.set(key, value, ex=ttl_s)
-            pipe.execute()
-        return len(items)
+        return self._set_entries(version, entries, ttl_s)
 
     # ---- staleness (interactions the live entry has not seen)
     def stale_users(self, min_staleness: int = 1, limit: int | None = None) -> list[tuple[int, int]]:
