@@ -81,7 +81,8 @@ def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
 
     model_dir, sid_dir = resolve_dirs(args, settings)
     config = dict(samples=args.samples, prefixes_per_sample=args.prefixes, beam_a=args.beam_a,
-                  max_reasoning_tokens=args.max_reasoning_tokens, greedy=args.greedy or None)
+                  prefix_scores=args.prefix_scores, max_reasoning_tokens=args.max_reasoning_tokens,
+                  greedy=args.greedy or None)
     vllm = dict(dtype=args.dtype, enforce_eager=True if args.enforce_eager else None,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 block_size=args.block_size,
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--holdout", type=int, default=0, help="drop each user's last N items (stale offline history)")
     r.add_argument("--samples", type=int, help="T reasoning paths per user")
     r.add_argument("--prefixes", type=int, help="m prefixes kept per path")
+    r.add_argument("--prefix-scores", choices=["auto", "codes", "item_head"],
+                   help="prefix ranking: the checkpoint's item head or the code beam (default: ONEREC_PREFIX_SCORES, "
+                        "auto = the head when the checkpoint has one)")
     r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
     r.add_argument("--max-reasoning-tokens", type=int, help="reasoning token budget")
     r.add_argument("--greedy", action="store_true", help="every reasoning path greedy")

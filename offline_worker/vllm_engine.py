@@ -85,6 +85,7 @@ class VLLMEngine(Engine):
         options: VLLMOptions | None = None,
     ) -> None:
         super().__init__(model_dir, sid_dir, config)
+        self._attach_head()  # vLLM has no hidden states: the item head pass runs on a transformers copy
         from vllm import LLM
         from vllm.platforms import current_platform
 

@@ -183,10 +183,11 @@ for port in (want, 0):
         print(s.getsockname()[1]); break" "$1"
 }
 train() {
-  # the tiny profile: enough for a think checkpoint that the refresh can serve, not for quality
+  # the tiny profile: enough for a think checkpoint that the refresh can serve, not for quality; 300
+  # activation steps is what it takes for the reasoning to reach </think> (60 do not: docs/DEPLOY.md)
   export TRAIN_ONEREC_ARGS=${TRAIN_ONEREC_ARGS:-"--epochs 1 --val-users 100 --threads 2"}
   export TRAIN_THINK_STAGES=${TRAIN_THINK_STAGES:-"base activate"}
-  export TRAIN_THINK_ARGS=${TRAIN_THINK_ARGS:-"--steps 10 --limit-users 200 --threads 2"}
+  export TRAIN_THINK_ARGS=${TRAIN_THINK_ARGS:-"--steps 300 --limit-users 200 --threads 2"}
   "${COMPOSE[@]}" --profile train run --rm train
 }
 serve() {

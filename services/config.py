@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     reasoning_samples: int = Field(2, ge=1, description="T reasoning paths per user")
     prefixes_per_sample: int = Field(16, ge=1, description="m prefixes kept per reasoning path")
     max_reasoning_tokens: int = Field(48, ge=1)
+    prefix_scores: str = Field(
+        "auto", pattern="^(auto|codes|item_head)$",
+        description="offline prefix ranking: item head mass (auto: when the checkpoint has one) or the code beam",
+    )
     refresh_chunk: int = Field(256, ge=1, description="users per engine call")
     prefix_beam_a: int | None = Field(
         8, ge=1, description="level-a codes expanded per path (None: m); level b costs one request per code"

@@ -225,3 +225,49 @@ def test_head_candidates_score_exact_code_logprobs(selected: Path) -> None:
         row = list(rec.sid.item_ids).index(both.items[j][0])
         assert abs(code + float(il[row]) - float(both.scores[j][0])) < 1e-3
         assert (both.scores[j][:-1] >= both.scores[j][1:]).all()
+
+
+def test_offline_engine_ranks_prefixes_by_the_item_head(root: Path, selected: Path) -> None:
+    """The refresh engine's item-head prefixes are the top (a, b) by the head's probability mass, checked
+    against an unpadded forward per user; `codes` keeps the code beam; `item_head` without a head fails."""
+    import math
+
+    from offline_worker.engine import EngineConfig, ThinkRequest
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder, answer_ids
+
+    m = 4
+    opts = dict(samples=1, prefixes_per_sample=m, beam_a=2, max_reasoning_tokens=4, greedy=True)
+    eng = HFEngine(selected, root / "sid", EngineConfig(prefix_scores="auto", **opts), batch_size=2, threads=1)
+    assert eng.head_prefixes is not None
+    codes = HFEngine(selected, root / "sid", EngineConfig(prefix_scores="codes", **opts), batch_size=2)
+    assert codes.head_prefixes is None
+    with pytest.raises(ValueError, match="no item head"):
+        HFEngine(root / "base", root / "sid", EngineConfig(prefix_scores="item_head", **opts))
+    sid, ds = tiny_sid(), tiny_dataset(n_users=16)
+    users = sorted(ds.sequences)[:5]
+    reqs = [ThinkRequest(u, ids) for u, ids in PromptBuilder(eng.tokenizer, sid).build(
+        (u, ds.sequences[u]) for u in users)]
+    results = eng.think(reqs)
+    assert eng.timings["head_s"] > 0 and eng.timings["level_a_s"] == 0
+    for req, res in zip(reqs, results, strict=True):
+        ctx = req.prompt_ids + res.reasoning_ids[0] + answer_ids(eng.tokenizer)
+        with torch.no_grad():
+            h = eng.model.base_model(input_ids=torch.tensor([ctx])).last_hidden_state[0, -1]
+            p = torch.log_softmax(eng.head_prefixes.head.logits(h), -1).exp()
+        mass: dict[tuple[int, int], float] = {}
+        for row, c in enumerate(sid.codes):
+            mass[(int(c[0]), int(c[1]))] = mass.get((int(c[0]), int(c[1])), 0.0) + float(p[row])
+        want = sorted(mass.values(), reverse=True)[:m]
+        got = res.prefixes
+        assert len(got) == m and len({g[:2] for g in got}) == m
+        for (a, b, s), w in zip(got, want, strict=True):
+            assert abs(s - math.log(mass[(a, b)])) < 1e-4 and abs(s - math.log(w)) < 1e-4
+    # a batch of mixed lengths (left padding) scores like one context at a time
+    ctxs = [r.prompt_ids + answer_ids(eng.tokenizer) for r in reqs]
+    assert eng.head_prefixes is not None
+    batched = eng.head_prefixes.top(ctxs, m)
+    for c, row in zip(ctxs, batched, strict=True):
+        alone = eng.head_prefixes.top([c], m)[0]
+        assert [x[:2] for x in row] == [x[:2] for x in alone]
+        assert all(abs(x[2] - y[2]) < 1e-4 for x, y in zip(row, alone, strict=True))

@@ -149,15 +149,22 @@ def rerank(item_logits: torch.Tensor, leaf_rows: np.ndarray, scores: np.ndarray,
     return order, np.take_along_axis(new, order, 1)
 
 
-def prefix_scores(item_logits: torch.Tensor, sid: SemanticIDs) -> tuple[np.ndarray, torch.Tensor]:
-    """Log of the head's probability mass per (a, b) prefix: returns (prefixes (M, 2), scores (B, M))."""
-    codes = np.asarray(sid.codes)
-    pref, inv = np.unique(codes[:, :2], axis=0, return_inverse=True)
-    logp = torch.log_softmax(item_logits.float(), -1)  # (B, N)
-    idx = torch.as_tensor(inv.reshape(-1), dtype=torch.long)
-    out = torch.full((logp.shape[0], len(pref)), float("-inf"))
+def prefix_groups(sid: SemanticIDs) -> tuple[np.ndarray, torch.Tensor]:
+    """Every catalogue (a, b) prefix (M, 2) and each item's prefix row (N,), in SID item order."""
+    pref, inv = np.unique(np.asarray(sid.codes)[:, :2], axis=0, return_inverse=True)
+    return pref, torch.as_tensor(inv.reshape(-1), dtype=torch.long)
+
+
+def prefix_mass(item_logits: torch.Tensor, group: torch.Tensor, num_prefixes: int) -> torch.Tensor:
+    """(B, M) log of the head's probability mass per prefix (-inf: no mass); item_logits (B, N)."""
+    logp = torch.log_softmax(item_logits.float().cpu(), -1)
     # logsumexp per group: max-shifted scatter-add of probabilities
     m = logp.max(-1, keepdim=True).values
-    mass = torch.zeros_like(out).index_add_(1, idx, (logp - m).exp())
-    out = torch.where(mass > 0, mass.log() + m, out)
-    return pref, out
+    mass = torch.zeros(logp.shape[0], num_prefixes).index_add_(1, group, (logp - m).exp())
+    return torch.where(mass > 0, mass.log() + m, torch.full_like(mass, float("-inf")))
+
+
+def prefix_scores(item_logits: torch.Tensor, sid: SemanticIDs) -> tuple[np.ndarray, torch.Tensor]:
+    """Log of the head's probability mass per (a, b) prefix: returns (prefixes (M, 2), scores (B, M))."""
+    pref, group = prefix_groups(sid)
+    return pref, prefix_mass(item_logits, group, len(pref))

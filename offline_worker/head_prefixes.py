@@ -1,0 +1,94 @@
+"""Prefix ranking by the think model's item head, the offline tier's default when the checkpoint has one.
+
+The code beam of `offline_worker.engine` ranks (a, b) by log p(a) + log p(b|a). A checkpoint trained by
+`model.think.fit` also carries an item head (`model.think.itemhead`): one score per catalogue item from
+the final hidden state at the ``<|item_begin|>`` that opens the answer. Summing the head's probabilities
+per (a, b) gives a prefix ranking that cached more test targets than the code beam at P=16 and P=32
+(docs/think/prefix_recall_select.json). `HeadPrefixes.top` does that for a batch of contexts: one
+forward pass, no level-a / level-b requests; the stored score is the log of the prefix's probability
+mass, a log-probability of the prefix like the code beam's.
+
+`EngineConfig.prefix_scores` chooses: ``auto`` (the head when the folder has one, else the code beam),
+``item_head`` (required: a folder without a head is an error) or ``codes``. vLLM returns no hidden
+states, so the vLLM engine runs this pass on a transformers copy of the (small) model; the HF engine
+shares its own. Not here: the code beam (`offline_worker.engine`), training the head (`model.think.fit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.semantic_ids import SemanticIDs
+from model.think.itemhead import ItemHead, prefix_groups, prefix_mass
+
+PREFIX_SCORES = ("auto", "codes", "item_head")
+Prefix = tuple[int, int, float]  # (a, b, log prefix probability); the engine's Prefix
+
+
+class HeadPrefixes:
+    """Top (a, b) prefixes by the item head's probability mass, for contexts ending in ``<|item_begin|>``."""
+
+    def __init__(self, model: Any, head: ItemHead, sid: SemanticIDs, pad_id: int, batch_size: int = 32) -> None:
+        self.model = model
+        self.head = head.to(model.get_input_embeddings().weight.device)
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.prefixes, self.group = prefix_groups(sid)  # (M, 2) catalogue prefixes, (N,) each item's row
+
+    @classmethod
+    def for_engine(cls, mode: str, model_dir: Path, sid: SemanticIDs, pad_id: int, model: Any = None,
+                   batch_size: int = 32) -> HeadPrefixes | None:
+        """The head ranking `mode` asks for, or None for the code beam; loads a transformers copy of the
+        model when `model` is None (the vLLM engine)."""
+        if mode not in PREFIX_SCORES:
+            raise ValueError(f"prefix_scores: expected one of {PREFIX_SCORES}, got {mode!r}")
+        if mode == "codes":
+            return None
+        head = ItemHead.load(model_dir, sid)
+        if head is None:
+            if mode == "item_head":
+                raise ValueError(f"prefix_scores=item_head but {model_dir} has no item head (item_head.safetensors); "
+                                 "train the align stage with epochs (model.think.fit) or use prefix_scores=codes")
+            return None
+        if model is None:
+            from model.think.tokens import load_think
+
+            model, _, _ = load_think(model_dir)
+        return cls(model, head, sid, pad_id, batch_size)
+
+    @torch.no_grad()
+    def hidden(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, D) final normed hidden state at each context's last token (left-padded batches)."""
+        from model.think.decode import left_pad
+
+        dev = self.model.get_input_embeddings().weight.device
+        out: list[torch.Tensor] = [torch.empty(0)] * len(contexts)
+        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+        for s in range(0, len(order), self.batch_size):
+            rows = order[s : s + self.batch_size]
+            ids, mask = left_pad([list(contexts[i]) for i in rows], self.pad_id)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            h = self.model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                      position_ids=pos.to(dev)).last_hidden_state[:, -1]
+            for j, i in enumerate(rows):
+                out[i] = h[j]
+        return torch.stack(out)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, M) log of the head's probability mass per catalogue prefix (-inf: no mass)."""
+        return prefix_mass(self.head.logits(hidden), self.group, len(self.prefixes))
+
+    def top(self, contexts: Sequence[Sequence[int]], m: int) -> list[list[Prefix]]:
+        """Best `m` prefixes per context, best first."""
+        if not contexts:
+            return []
+        sc = self.scores(self.hidden(contexts))
+        val, idx = sc.topk(min(m, sc.shape[1]), dim=1)
+        return [[(int(self.prefixes[x][0]), int(self.prefixes[x][1]), float(v))
+                 for x, v in zip(ix, vs, strict=True) if np.isfinite(v)]
+                for ix, vs in zip(idx.tolist(), val.tolist(), strict=True)]
