@@ -201,6 +201,9 @@ def recipe_result(args: argparse.Namespace) -> Path:
         pr = json.loads(Path(args.prefix_json).read_text())
         metrics["prefix_recall"] = {k: v["recall"] for k, v in pr["recall"].items()}
         metrics["prefix_recall_users"] = pr["users"]
+        metrics["prefix_recall_paired"] = {k: {x: y for x, y in v.items() if "diff" in x}
+                                           for k, v in pr["paired"].items()}
+        metrics["prefix_recall_models"] = {"think": pr["checkpoint"], "onerec": pr["onerec"]}
     note = (f"Beauty {first['split']}, full catalogue, {first['mode']} mode, beam {first['beam']}, "
             + (f"fixed random subset of {first['users']} users (seed {first['seed']})" if first["sample"]
                else "all users"))
