@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from model.semantic_ids import SemanticIDs
+from model.think.itemhead import HEAD_DIR
 from model.think.tokens import load_tokenizer, read_itemic
 from model.trie import CodeTrie
 from offline_worker.head_prefixes import PREFIX_SCORES, HeadPrefixes, Prefix
@@ -161,9 +162,9 @@ def model_id(folder: Path | str) -> str:
     """``<folder name>@<hash of config + weight file names and sizes>``: stored with every entry."""
     folder = Path(folder).resolve()
     h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
+    for f in sorted([*folder.iterdir(), *(folder / HEAD_DIR).glob("*")]):  # the model and its item head
         if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
-            h.update(f.name.encode())
+            h.update(str(f.relative_to(folder)).encode())
             h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
     return f"{folder.name}@{h.hexdigest()[:10]}"
 

@@ -52,8 +52,9 @@ class HeadPrefixes:
         head = ItemHead.load(model_dir, sid)
         if head is None:
             if mode == "item_head":
-                raise ValueError(f"prefix_scores=item_head but {model_dir} has no item head (item_head.safetensors); "
-                                 "train the align stage with epochs (model.think.fit) or use prefix_scores=codes")
+                raise ValueError(f"prefix_scores=item_head but {model_dir} has no item head "
+                                 "(item_head/weight.safetensors); train the align stage with epochs "
+                                 "(model.think.fit) or use prefix_scores=codes")
             return None
         if model is None:
             from model.think.tokens import load_think

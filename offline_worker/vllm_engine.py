@@ -175,6 +175,9 @@ class VLLMEngine(Engine):
                 top_k=0 if p.greedy else cfg.top_k,
                 seed=None if p.greedy else p.seed,
                 stop_token_ids=self.stop_ids,
+                # stop on our ids only, as HF does: vLLM would also stop on the folder's
+                # generation_config eos list (it holds <|item_end|>), which an align-only model emits
+                ignore_eos=True,
                 detokenize=False,
                 skip_clone=True,  # one dedicated params object per request: no deep copy (~0.4 ms each)
             )

@@ -63,7 +63,9 @@ def test_selection_then_refit(root: Path, selected: Path) -> None:
     assert s["run"] == "selection" and 1 <= s["best_epoch"] <= 3 and s["epochs"] == 3
     assert [c["epoch"] for c in s["fit"]["curve"]] == [1, 2, 3]
     assert all(0.0 <= c["val_recall@10"] <= 1.0 for c in s["fit"]["curve"])
-    assert (sel / "item_head.safetensors").is_file() and not (sel / "trainer_state.pt").exists()
+    assert (sel / "item_head" / "weight.safetensors").is_file() and not (sel / "trainer_state.pt").exists()
+    # vLLM loads every *.safetensors at the root as model weights: only the model's may be there
+    assert sorted(p.name for p in sel.glob("*.safetensors")) == ["model.safetensors"]
     # the folder holds the best epoch: its head re-ranks leaves inside the think recommender
     rec = ThinkRecommender.load(sel, beam=6, think=False, batch_size=4)
     assert rec.decoder.item_head is not None

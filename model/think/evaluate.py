@@ -58,7 +58,7 @@ class ThinkRecommender:
              device: str | None = None, item_weight: float | None = None, **kw: Any) -> ThinkRecommender:
         """From an HF folder written by `model.think.train`; `think=None` follows the folder's last stage.
 
-        The folder's item head (``item_head.safetensors``), if any, re-ranks the beam's leaves with its
+        The folder's item head (``item_head/weight.safetensors``), if any, re-ranks the beam's leaves with its
         saved weight; `item_weight` overrides it (0 = codes only).
         """
         from model.think.itemhead import ItemHead

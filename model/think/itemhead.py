@@ -13,8 +13,10 @@ cross-entropy over all N items at every ``<|item_begin|>`` of a training text, w
 OneRec from .0550 to .0837. `prefix_scores` sums the head's probabilities per (a, b) prefix, which the
 offline tier can mix into its prefix ranking.
 
-Storage: ``<folder>/item_head.safetensors`` (``weight`` (N, D)) + ``item_head.json`` (config, item
-order hash). The HF model files are untouched, so the folder still loads in vLLM; an engine that
+Storage: ``<folder>/item_head/weight.safetensors`` (``weight`` (N, D)) + ``item_head/head.json`` (config,
+item order hash), in a subfolder because vLLM loads every ``*.safetensors`` at the folder's root as model
+weights (a head file there made vLLM refuse the folder). The HF model files are untouched, so the folder
+still loads in vLLM; an engine that
 wants the head reads the final hidden state at ``<|item_begin|>`` and applies `logits`.
 Not here: the training loop (`model.think.fit`), the code beam (`model.think.decode`).
 """
@@ -34,13 +36,15 @@ import torch.nn.functional as F
 from model.semantic_ids import SemanticIDs
 from model.trie import TokenMap
 
-HEAD_FILE = "item_head.safetensors"
-HEAD_JSON = "item_head.json"
+HEAD_DIR = "item_head"
+HEAD_FILE = f"{HEAD_DIR}/weight.safetensors"
+HEAD_JSON = f"{HEAD_DIR}/head.json"
+LEGACY_FILE = "item_head.safetensors"  # the first layout, at the folder root: breaks vLLM's weight loading
 
 
 @dataclass
 class ItemHeadConfig:
-    """Item head settings (saved as item_head.json)."""
+    """Item head settings (saved as item_head/head.json)."""
 
     loss_weight: float = 1.0  # weight of the item cross-entropy next to the LM loss
     score_weight: float = 1.0  # weight of item_logit when re-ranking beam leaves (0 = codes only)
@@ -79,6 +83,7 @@ class ItemHead(torch.nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        (folder / HEAD_DIR).mkdir(parents=True, exist_ok=True)
         save_file({"weight": self.weight.detach().float().contiguous().cpu()}, folder / HEAD_FILE)
         (folder / HEAD_JSON).write_text(json.dumps({**asdict(self.cfg), "num_items": int(self.weight.shape[0]),
                                                     "items_hash": items_hash(sid)}, indent=2) + "\n")
@@ -89,6 +94,9 @@ class ItemHead(torch.nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        if (folder / LEGACY_FILE).is_file():
+            raise ValueError(f"{folder / LEGACY_FILE}: an item head at the folder root makes vLLM refuse the folder; "
+                             f"move it to {folder / HEAD_FILE} and item_head.json to {folder / HEAD_JSON}")
         if not (folder / HEAD_FILE).is_file():
             return None
         meta = json.loads((folder / HEAD_JSON).read_text())
