@@ -52,55 +52,13 @@ from typing import Any
 import redis
 
 from benchmarks.fault_load import LoadProcess, Outcome, dump, event_ledger, good_share, recovery_after
-from benchmarks.online_load import PY, ROOT, child_pids, free_port, pct, process, seed_redis, uvicorn_cmd, wait_http
+from benchmarks.online_load import child_pids, seed_redis
+from services.harness import PY, ROOT, RedisServer, free_port, percentile, process, uvicorn_cmd, wait_http
 from services.store import SCHEMA_VERSION, ThinkEntry, ThinkKeys, ThinkStore
 
 NS, VERSION, KEY = "faults", "faults", "faults-key"
 ENTRY_FAULTS = ("garbage", "foreign_json", "future_schema", "oversized", "wrong_type", "empty")
 HISTORY_FAULTS = ("history_wrong_type", "history_junk")
-
-
-class RedisProc:
-    """A redis-server that can be SIGKILLed, frozen and restarted on the same port and data folder."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir, free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> tuple[float, float]:
-        """Spawn and wait for PING; returns (spawn, first PING answered) as time.monotonic()."""
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-               "--appendfsync", "always", "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]
-        t = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = t + 30
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:  # connection refused, or BusyLoadingError while the AOF is replayed
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on {self.port} did not come up") from None
-                time.sleep(0.01)
-        client.close()
-        return t, time.monotonic()
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        if sig == signal.SIGKILL:
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 # --------------------------------------------------------------------------- phase 1: serving under faults
@@ -155,7 +113,7 @@ def model_child(api_pid: int) -> int | None:
     return None
 
 
-def phase_serving(args: argparse.Namespace, rp: RedisProc, base: str, users: list[int],
+def phase_serving(args: argparse.Namespace, rp: RedisServer, base: str, users: list[int],
                   initial: dict[int, list[int]], items: list[int], api_pid: int) -> dict[str, Any]:  # fmt: skip
     load = LoadProcess(Path(args.log_dir), base, users, args.rate, sorted(initial), items, args.event_rate, KEY,
                        args.budget_ms)  # fmt: skip
@@ -251,11 +209,12 @@ def analyse(outcomes: list[Outcome], faults: list[tuple[str, float, float]], t_c
         "model_kills_not_recovered": sum(r is None for r in recovery.get("model_kill", [])),
         "answers_during_redis_down": len(during),
         "degraded_during_redis_down": sum(o.degraded for o in during),
-        "p99_ms_during_redis_down": round(pct([o.done - o.sched for o in during], 99) * 1000, 1) if during else None,
+        "p99_ms_during_redis_down": (round(percentile([o.done - o.sched for o in during], 99) * 1000, 1)
+                                     if during else None),
         "degraded_outside_faults": sum(o.degraded or o.status != 200 for o in steady),
         "answers_outside_faults": len(steady),
-        "p50_ms_outside_faults": round(pct([o.done - o.sched for o in steady], 50) * 1000, 1),
-        "p99_ms_outside_faults": round(pct([o.done - o.sched for o in steady], 99) * 1000, 1),
+        "p50_ms_outside_faults": round(percentile([o.done - o.sched for o in steady], 50) * 1000, 1),
+        "p99_ms_outside_faults": round(percentile([o.done - o.sched for o in steady], 99) * 1000, 1),
         "corrupt_values": len(bad), "corrupt_user_answers": len(corrupt_recs),
         "corrupt_user_5xx": sum(o.status >= 500 for o in corrupt_recs),
         "corrupt_entries_served": sum(o.source == "think-ahead" for o in corrupt_recs if o.user in entry_bad),
@@ -441,7 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     out: dict[str, Any] = {"load_avg_1m_start": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as d:
-        rp = RedisProc(Path(d))
+        rp = RedisServer(Path(d), aof=True, start_timeout_s=30)
         rp.start()
         try:
             users = seed_redis(rp.url, NS, checkpoint, args.users, args.prefixes, VERSION)

@@ -26,9 +26,7 @@ import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -56,30 +54,6 @@ def pick_model(arg: Path | None, sid_dir: Path, data_dir: Path, artifacts: Path)
         build_tiny_base([catalog.text(i) for i in catalog.item_ids], SemanticIDs.load(sid_dir), out, TinyBaseConfig())
     return out, "tiny random-init Qwen3 (build_tiny_base defaults: 4 layers, hidden 256) over Beauty titles; " \
                 "artifacts/think/current did not exist"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            if client.ping():
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 _HF: Any = None  # the HF engine of a benchmark child process
@@ -120,6 +94,7 @@ def main() -> None:
     from offline_worker.vllm_engine import VLLMEngine, VLLMOptions
     from services.catalog import load_sequences
     from services.config import get_settings
+    from services.harness import RedisServer
     from services.results import write_result
     from services.store import ThinkStore
 
@@ -218,8 +193,10 @@ def main() -> None:
 
     import redis
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_redis_"))
-    server, url = (None, args.redis_url) if args.redis_url else start_redis(tmp)
+    server = None if args.redis_url else RedisServer(Path(tempfile.mkdtemp(prefix="bench_redis_")))
+    if server is not None:
+        server.start()
+    url = server.url if server is not None else args.redis_url
     try:
         client = redis.Redis.from_url(url, socket_timeout=60)
         store = ThinkStore(client, f"bench{int(time.time())}")
@@ -252,9 +229,8 @@ def main() -> None:
     finally:
         vllm.close()
         if server is not None:
-            server.kill()
-            server.wait()
-            shutil.rmtree(tmp, ignore_errors=True)
+            server.stop()
+            shutil.rmtree(server.workdir, ignore_errors=True)
     print(json.dumps(metrics))
     if args.full_limit:
         return

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import online_load as ol
+from services.harness import ROOT, free_port, process, redis_server, uvicorn_cmd, wait_http
 
 
 def arm_env(arm: str) -> dict[str, str]:
@@ -45,14 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     envs = [arm_env(a) for a in arms]
     checkpoint = get_settings().resolved("onerec").resolve()
     results = []
-    with ol.redis_server() as url:
+    with redis_server() as server:
+        url = server.url
         users = ol.seed_redis(url, "bench", checkpoint, args.users, 32, "bench")
         for arm, extra in zip(arms, envs, strict=True):
             env = {"ONEREC_REDIS_URL": url, "ONEREC_NAMESPACE": "bench", "ONEREC_ONEREC_DIR": str(checkpoint),
-                   "PYTHONPATH": str(ol.ROOT), **extra}  # fmt: skip
-            port = ol.free_port()
-            with ol.process(ol.uvicorn_cmd("online_api.app:create_app", port), env) as api:
-                ol.wait_http(f"http://127.0.0.1:{port}/readyz", 120, api)
+                   "PYTHONPATH": str(ROOT), **extra}  # fmt: skip
+            port = free_port()
+            with process(uvicorn_cmd("online_api.app:create_app", port), env) as api:
+                wait_http(f"http://127.0.0.1:{port}/readyz", 120, api)
                 base = f"http://127.0.0.1:{port}"
                 ol.run_client(f"{base}/v1/recommend", 50, 3, users, args.k)  # warm-up (not reported)
                 r = ol.client_step(f"{base}/v1/recommend", args.rate, args.duration, users, args.k,

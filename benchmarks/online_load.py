@@ -25,43 +25,26 @@ import asyncio
 import json
 import os
 import random
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
+from services.harness import PY, ROOT, free_port, percentile, process, redis_server, uvicorn_cmd, wait_http
+
 REASONING = ("The user has been buying moisturisers, a vitamin C serum and sunscreen lately; they care about "
              "skincare routines and gentle formulas, so the next purchase is likely another skincare step such "
              "as a cleanser, toner or a night cream from a similar brand. ")  # ~300 chars, like real entries
 
 
 # --------------------------------------------------------------------------- small utilities
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(xs: Sequence[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q / 100.0 * len(s)))]
 
 
 def cpu_probe_ms() -> float:
@@ -75,48 +58,6 @@ def cpu_probe_ms() -> float:
             total += i
         times.append(time.perf_counter() - t)
     return round(statistics.median(times) * 1000, 1)
-
-
-def uvicorn_cmd(app: str, port: int) -> list[str]:
-    import importlib.util
-
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    return [PY, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "15"]
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout_s}s")
-
-
-@contextmanager
-def process(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[subprocess.Popen]:
-    out = log.open("ab") if log is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 # --------------------------------------------------------------------------- the floor endpoint
@@ -224,8 +165,8 @@ async def _load(url: str, rate: float, duration_s: float, users: list[int], k: i
         "errors": sum(errors.values()), "error_kinds": dict(errors),
         "achieved_rps": round(ok / span, 1) if ok else 0.0,
         "send_lag_ms": round((send_end - (t0 + (n - 1) / rate)) * 1000, 2),  # did the generator keep up?
-        "p50_ms": round(pct(lat, 50) * 1000, 3), "p90_ms": round(pct(lat, 90) * 1000, 3),
-        "p99_ms": round(pct(lat, 99) * 1000, 3), "max_ms": round(max(lat) * 1000, 3) if lat else None,
+        "p50_ms": round(percentile(lat, 50) * 1000, 3), "p90_ms": round(percentile(lat, 90) * 1000, 3),
+        "p99_ms": round(percentile(lat, 99) * 1000, 3), "max_ms": round(max(lat) * 1000, 3) if lat else None,
         "mean_ms": round(statistics.fmean(lat) * 1000, 3) if lat else None,
         "sources": dict(sources), "degraded": degraded,
     }  # fmt: skip
@@ -414,25 +355,6 @@ def _refresh_entries(redis_url: str, ns: str, think_dir: Path | None, users: lis
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as d:
-        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d]
-        with process(cmd):
-            import redis
-
-            c = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    c.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-
-
 # --------------------------------------------------------------------------- the full-model baseline
 
 
@@ -483,7 +405,7 @@ def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histori
         engine.close()
     return {"engine": engine_kind, "compiled": engine_kind == "vllm" and not eager, "requests": len(lat),
             "load_s": round(load_s, 1),
-            "p50_ms": round(pct(lat, 50) * 1000, 1), "p90_ms": round(pct(lat, 90) * 1000, 1),
+            "p50_ms": round(percentile(lat, 50) * 1000, 1), "p90_ms": round(percentile(lat, 90) * 1000, 1),
             "mean_ms": round(statistics.fmean(lat) * 1000, 1)}
 
 
@@ -503,7 +425,8 @@ def run(args: argparse.Namespace) -> dict:
     # other jobs on a shared machine change every number: record how busy it was
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "load_avg_1m_start": round(os.getloadavg()[0], 2),
                            "cpu_probe_ms_start": cpu_probe_ms()}
-    with redis_server() as redis_url:
+    with redis_server() as server:
+        redis_url = server.url
         users = seed_redis(redis_url, ns, checkpoint, args.users, args.prefixes, version, args.entries, args.think_dir)
         out["entries"] = args.entries
         env = {"ONEREC_REDIS_URL": redis_url, "ONEREC_NAMESPACE": ns, "ONEREC_ONEREC_DIR": str(checkpoint),

@@ -16,20 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.config import get_settings
-
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
+from services.harness import PY, ROOT, free_port, process, redis_server, wait_http
 
 
 @dataclass
@@ -57,25 +51,6 @@ def step(title: str) -> None:
 def run(args: list[str], env: dict[str, str] | None = None) -> None:
     print("$ " + " ".join(args), flush=True)
     subprocess.run(args, cwd=ROOT, check=True, env={**os.environ, **(env or {})})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 
 def post(url: str, body: dict) -> dict:
@@ -115,58 +90,30 @@ def build_models(p: Profile, art: Path, fresh: bool) -> None:
         print(f"OneRec-Think: reusing {(think / 'current').resolve().name}")
 
 
-def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, url
-        time.sleep(0.1)
-    raise TimeoutError("redis-server did not start")
-
-
 def serve_and_show(p: Profile, art: Path, users: int) -> None:
     from services.catalog import load_dataset
 
-    tmp = Path(tempfile.mkdtemp(prefix="onerec-demo-"))
-    procs: list[subprocess.Popen] = []
-    try:
-        step("4/6 local redis-server")
-        redis_proc, url = start_redis(tmp)
-        procs.append(redis_proc)
-        env = {"ONEREC_REDIS_URL": url, "ONEREC_ARTIFACTS_DIR": str(art), "VLLM_CPU_KVCACHE_SPACE": "2"}
+    step("4/6 local redis-server")
+    with redis_server() as server:
+        env = {"ONEREC_REDIS_URL": server.url, "ONEREC_ARTIFACTS_DIR": str(art), "VLLM_CPU_KVCACHE_SPACE": "2"}
         step(f"5/6 offline refresh with vLLM ({p.refresh_users or 'all'} users): reasoning + (a, b) prefixes -> Redis")
         limit = ["--limit", str(p.refresh_users)] if p.refresh_users else []
         run([PY, "-m", "offline_worker", "refresh", "--engine", "vllm", *limit], env=env)
         step("6/6 online API + sample recommendations")
         port = free_port()
-        api = subprocess.Popen([PY, "-m", "online_api", "--port", str(port)], cwd=ROOT, env={**os.environ, **env})
-        procs.append(api)
-        base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/readyz", 180)
-        ds = load_dataset(get_settings().data_dir)
-        for user in sorted(ds.sequences)[:users]:
-            out = post(base + "/v1/recommend", {"user_id": user, "k": 5})
-            hist = ds.sequences[user][:-1][-5:]
-            print(f"\nuser {user}  (source={out['source']}, {out['latency_ms']:.1f} ms, version={out['version']})")
-            print("  recent history: " + " | ".join(ds.catalog.title(i) or "?" for i in hist))
-            print(f"  reasoning: {(out.get('reasoning') or '(none)')[:300]}")
-            for rank, item in enumerate(out["items"], 1):
-                print(f"  {rank}. [{item['item_id']}] {item['title']}  (score {item['score']:.2f})")
-        print(f"\nAPI docs while it runs: {base}/docs  (stopping now; `python -m online_api` serves it)")
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        with process([PY, "-m", "online_api", "--port", str(port)], env, echo=True) as api:
+            base = f"http://127.0.0.1:{port}"
+            wait_http(base + "/readyz", 180, api)
+            ds = load_dataset(get_settings().data_dir)
+            for user in sorted(ds.sequences)[:users]:
+                out = post(base + "/v1/recommend", {"user_id": user, "k": 5})
+                hist = ds.sequences[user][:-1][-5:]
+                print(f"\nuser {user}  (source={out['source']}, {out['latency_ms']:.1f} ms, version={out['version']})")
+                print("  recent history: " + " | ".join(ds.catalog.title(i) or "?" for i in hist))
+                print(f"  reasoning: {(out.get('reasoning') or '(none)')[:300]}")
+                for rank, item in enumerate(out["items"], 1):
+                    print(f"  {rank}. [{item['item_id']}] {item['title']}  (score {item['score']:.2f})")
+            print(f"\nAPI docs while it runs: {base}/docs  (stopping now; `python -m online_api` serves it)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,8 +5,6 @@ uvicorn server in a thread when the test needs HTTP on a socket)."""
 from __future__ import annotations
 
 import random
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
-import uvicorn
 from fastapi.testclient import TestClient
 
 from model.onerec import OneRecConfig, build_model, save_checkpoint
@@ -24,6 +20,7 @@ from model.semantic_ids import SemanticIDConfig, SemanticIDs
 from online_api.app import create_app
 from online_api.state import ModelLoader
 from services.config import Settings
+from services.harness import serve_in_thread
 from services.store import ThinkEntry
 
 N_ITEMS = 120
@@ -87,28 +84,8 @@ def running_app(settings: Settings, loader: ModelLoader | None = None, ready: bo
 @contextmanager
 def serving_http(settings: Settings, timeout_s: float = 30.0) -> Iterator[str]:
     """The app under a real uvicorn server on a free localhost port (a thread); yields its base URL once ready."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise AssertionError(f"uvicorn on port {port} not ready after {timeout_s}s")
-            time.sleep(0.05)
+    with serve_in_thread(create_app(settings), "/readyz", timeout_s) as base:
         yield base
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def entry_for(world: TinyWorld, user: int, n_prefixes: int = 3, reasoning: str = "likes tiny items") -> ThinkEntry:

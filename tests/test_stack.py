@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,18 +28,14 @@ from typing import Any
 
 import pytest
 
+from services.harness import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "scripts" / "stack.sh"
 COMPOSE = ROOT / ".venv" / "bin" / "docker-compose"
 PROJECT = "onerec-think-stacktest"
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(3600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _compose(env: dict[str, str], *args: str, check: bool = True, timeout: float = 300) -> str:
@@ -80,8 +75,8 @@ def _wait(what: str, timeout_s: float, probe: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[dict[str, str]]:
-    env = {**os.environ, "COMPOSE_PROJECT_NAME": PROJECT, "API_PORT": str(_free_port()),
-           "REDIS_PORT": str(_free_port())}
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": PROJECT, "API_PORT": str(free_port()),
+           "REDIS_PORT": str(free_port())}
     t0 = time.monotonic()
     proc = subprocess.run([str(STACK), "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     log = ROOT / "runs" / "stack" / f"{PROJECT}.log"
