@@ -61,7 +61,7 @@ COPY model ./model
 COPY offline_worker ./offline_worker
 COPY docker/refresh.sh docker/train.sh ./docker/
 RUN pip install --no-deps --no-build-isolation . \
- && python -c "import torch, transformers, vllm, offline_worker.engine; print('torch', torch.__version__)"
+ && python -c "import torch, transformers, vllm, offline_worker.engine_interface; print('torch', torch.__version__)"
 
 USER onerec
 CMD ["/app/docker/refresh.sh"]

@@ -34,7 +34,7 @@ COPY model ./model
 COPY offline_worker ./offline_worker
 COPY docker/refresh.sh docker/train.sh ./docker/
 RUN python3 -m pip install --no-deps . \
- && python3 -c "import torch, transformers, vllm, offline_worker.engine; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+ && python3 -c "import torch, transformers, vllm, offline_worker.engine_interface; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 
 USER onerec
 # the base image's entrypoint is the OpenAI-compatible server; this image runs the refresh job instead

@@ -9,7 +9,7 @@
 - ``gc``: delete versions other than current, previous and the newest ``--keep``.
 
 Defaults come from `services.config.Settings` (``ONEREC_*`` environment). Not a library: the job lives in
-`offline_worker.refresh`, the engines in `offline_worker.engine`.
+`offline_worker.refresh`, the engines in `offline_worker.engine_interface`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def resolve_dirs(args: argparse.Namespace, settings: Settings) -> tuple[Path, Pa
 
 def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
     """The engine chosen by ``--engine`` as an `EngineSpec`: every option from `Settings`, the flags on top."""
-    from offline_worker.engine import EngineConfig
+    from offline_worker.engine_interface import EngineConfig
     from offline_worker.ray_refresh import EngineSpec
     from offline_worker.vllm_engine import VLLMOptions
 
@@ -94,7 +94,7 @@ def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
 
 def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
     """The engine chosen by ``--engine`` (see `engine_spec`), built in this process."""
-    from offline_worker.engines import make_engine
+    from offline_worker.engine_factory import make_engine
 
     spec = engine_spec(args, settings)
     return make_engine(spec.kind, spec.model_dir, spec.sid_dir, spec.config, spec.vllm, spec.hf_batch_size)
@@ -103,7 +103,7 @@ def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
 def cmd_incremental(args: argparse.Namespace, settings: Settings) -> int:
     """``refresh --stale-first N`` / ``--min-staleness S``: recompute stale users into the live version."""
     from model.semantic_ids import SemanticIDs
-    from offline_worker.staleness import IncrementalOptions, report_dict, run_incremental
+    from offline_worker.incremental import IncrementalOptions, report_dict, run_incremental
 
     if args.ray is not None or args.shard != "0/1" or args.users != "all" or args.holdout or args.limit:
         raise ValueError("--stale-first/--min-staleness: not with --ray, --shard, --users, --holdout or --limit")
@@ -184,7 +184,7 @@ def _settings_key(engine: str, config: Any, sid_dir: Path) -> dict[str, Any]:
 def _refresh_on_ray(args: argparse.Namespace, settings: Settings, store: Any, histories: dict[int, list[int]],
                     opts: Any) -> int:  # fmt: skip
     """``refresh --ray [ADDRESS]``: the plan here, the chunks on a Ray actor pool, one publish."""
-    from offline_worker.engine import model_id
+    from offline_worker.engine_interface import model_id
     from offline_worker.ray_refresh import RayOptions, run_ray
     from offline_worker.refresh import plan_refresh, report_dict
 

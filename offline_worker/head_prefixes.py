@@ -1,6 +1,6 @@
 """Prefix ranking by the think model's item head, the offline tier's default when the checkpoint has one.
 
-The code beam of `offline_worker.engine` ranks (a, b) by log p(a) + log p(b|a). A checkpoint trained by
+The code beam of `offline_worker.engine_interface` ranks (a, b) by log p(a) + log p(b|a). A checkpoint trained by
 `model.think.fit` also carries an item head (`model.think.itemhead`): one score per catalogue item from
 the final hidden state at the ``<|item_begin|>`` that opens the answer. Summing the head's probabilities
 per (a, b) gives a prefix ranking that cached more test targets than the code beam at P=16 and P=32
@@ -11,7 +11,7 @@ mass, a log-probability of the prefix like the code beam's.
 `EngineConfig.prefix_scores` chooses: ``auto`` (the head when the folder has one, else the code beam),
 ``item_head`` (required: a folder without a head is an error) or ``codes``. vLLM returns no hidden
 states, so the vLLM engine runs this pass on a transformers copy of the (small) model; the HF engine
-shares its own. Not here: the code beam (`offline_worker.engine`), training the head (`model.think.fit`).
+shares its own. Not here: the code beam (`offline_worker.engine_interface`), training the head (`model.think.fit`).
 """
 
 from __future__ import annotations

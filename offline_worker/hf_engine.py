@@ -1,6 +1,6 @@
 """The HF reference engine (`HFEngine`): transformers ``generate`` for the reasoning, one batched forward
 for level a and a KV-cache continuation for level b. The benchmark baseline of `offline_worker.vllm_engine`;
-same interface and token ids (`offline_worker.engine`)."""
+same interface and token ids (`offline_worker.engine_interface`)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from offline_worker.engine import Engine, EngineConfig, Prefix, _Path, select_prefixes
+from offline_worker.engine_interface import Engine, EngineConfig, Prefix, _Path, select_prefixes
 
 
 class HFEngine(Engine):

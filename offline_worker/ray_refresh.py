@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from model.semantic_ids import SemanticIDs
-from offline_worker.engine import EngineConfig
+from offline_worker.engine_interface import EngineConfig
 from offline_worker.prompts import PromptBuilder
 from offline_worker.refresh import (
     RefreshOptions,
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class EngineSpec:
-    """How an actor builds its engine replica (`offline_worker.engines.make_engine` arguments)."""
+    """How an actor builds its engine replica (`offline_worker.engine_factory.make_engine` arguments)."""
 
     kind: str
     model_dir: str
@@ -89,7 +89,7 @@ class ChunkWorker:
                  fault_marker: str | None = None) -> None:  # fmt: skip
         import redis
 
-        from offline_worker.engines import make_engine
+        from offline_worker.engine_factory import make_engine
 
         self.store = ThinkStore(redis.Redis.from_url(redis_url, socket_timeout=30), ns)
         self.engine = make_engine(spec.kind, spec.model_dir, spec.sid_dir, spec.config, spec.vllm, spec.hf_batch_size)

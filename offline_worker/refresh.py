@@ -13,7 +13,7 @@ so re-running the same command resumes the same version. Once every shard's chun
 version is verified (entry count) and ``current`` is flipped in one atomic write (`ThinkStore.publish`).
 Readers never see a half-written version because they only read the version ``current`` names.
 
-Not here: decoding (`offline_worker.engine`), key names and encoding (`services.store`), the CLI.
+Not here: decoding (`offline_worker.engine_interface`), key names and encoding (`services.store`), the CLI.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from model.semantic_ids import SemanticIDs
-from offline_worker.engine import Engine, ThinkRequest
+from offline_worker.engine_interface import Engine, ThinkRequest
 from offline_worker.prompts import PromptBuilder
 from services.config import Settings, setting_default
 from services.store import IncompleteVersionError, ThinkEntry, ThinkStore

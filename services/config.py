@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = Field(10.0, gt=0, description="a request body not received within this is a 408")
     pending_events_max: int = Field(100_000, ge=0, description="events buffered while Redis is down")
 
-    # offline worker: engine and decoding (`offline_worker.engine.EngineConfig.from_settings`) and the refresh
+    # offline worker: engine and decoding (`offline_worker.engine_interface.EngineConfig.from_settings`) and the refresh
     # (`offline_worker.refresh.RefreshOptions.from_settings`)
     engine: str = Field("vllm", pattern="^(vllm|hf)$", description="offline engine")
     reasoning_samples: int = Field(2, ge=1, description="T reasoning paths per user")

@@ -10,7 +10,7 @@ from pathlib import Path
 from evaluation.think_ahead import ThinkAheadRecommender
 from model.onerec import OneRecConfig
 from model.policy import PolicyConfig
-from offline_worker.engine import EngineConfig
+from offline_worker.engine_interface import EngineConfig
 from offline_worker.refresh import RefreshOptions
 from offline_worker.vllm_engine import VLLMOptions
 from online_api.batching import MicroBatcher
@@ -113,6 +113,13 @@ def test_model_layer_never_reads_redis() -> None:
     readers = [m for m, f in _modules().items() if m.startswith("model")
                and "redis" in {n.split(".")[0] for n in _imports(f)}]
     assert readers == []
+
+
+def test_served_code_never_imports_the_harness() -> None:
+    """`services.harness` (redis-server, uvicorn and port helpers) is for tests, benchmarks and the demo only."""
+    users = [m for m, f in _modules().items() if m != "services.harness"
+             and any(n == "services.harness" or n.startswith("services.harness.") for n in _imports(f))]
+    assert users == []
 
 
 def test_option_objects_agree_with_one_settings() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from offline_helpers import TinyWorld, build_world
 
-from offline_worker.engine import (
+from offline_worker.engine_interface import (
     EngineConfig,
     Prefix,
     ThinkRequest,

@@ -25,7 +25,7 @@ from offline_helpers import TinyWorld, build_world
 from redis.crc import key_slot
 
 from offline_worker.__main__ import main as cli_main
-from offline_worker.engine import Engine, EngineConfig, _Path
+from offline_worker.engine_interface import Engine, EngineConfig, _Path
 from offline_worker.refresh import (
     HISTORY_TAIL,
     RefreshOptions,

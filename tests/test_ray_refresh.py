@@ -17,7 +17,7 @@ import redis
 import torch
 from offline_helpers import TinyWorld, build_world
 
-from offline_worker.engine import EngineConfig
+from offline_worker.engine_interface import EngineConfig
 from offline_worker.hf_engine import HFEngine
 from offline_worker.ray_refresh import EngineSpec, RayOptions, run_ray
 from offline_worker.refresh import RefreshOptions, offline_histories, plan_refresh, run_shard

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from offline_helpers import TinyWorld, build_world
 from test_offline_refresh import FakeEngine, refresh
 
-from offline_worker.staleness import IncrementalOptions, run_incremental
+from offline_worker.incremental import IncrementalOptions, run_incremental
 from services.store import AsyncThinkReader, ThinkStore
 
 

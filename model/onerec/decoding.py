@@ -14,7 +14,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,13 +24,6 @@ from model.onerec.serving import FrozenOneRec, ModuleNet
 from model.semantic_ids import SemanticIDs
 from model.trie import CodeTrie
 from services.catalog import Example
-
-
-@dataclass
-class _Tables:
-    """Trie child tables as tensors (see `CodeTrie.dense_tables`)."""
-
-    child: list[torch.Tensor] = field(default_factory=list)
 
 
 class OneRec:

@@ -24,7 +24,7 @@ Both read the same token ids from `offline_worker.prompts` and decode with the s
 greedy settings they produce the same reasoning tokens and the same prefixes. This module holds the
 interface, its options (`EngineConfig`, built from `Settings` by `from_settings`), the request/result
 types and the prefix union; the engines are `offline_worker.vllm_engine` and `offline_worker.hf_engine`
-(the trie adapter for vLLM: `offline_worker.trie_processor`), `offline_worker.engines.make_engine` picks
+(the trie adapter for vLLM: `offline_worker.trie_processor`), `offline_worker.engine_factory.make_engine` picks
 one. It does not touch Redis, choose users or build prompt text.
 """
 
@@ -39,8 +39,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from model.semantic_ids import SemanticIDs
 from model.think.itemhead import HEAD_DIR
@@ -320,8 +318,3 @@ class Engine(ABC):
                 )
             )
         return results
-
-
-def as_array(prefixes: Sequence[Prefix]) -> np.ndarray:
-    """(n, 3) float array view of prefixes (tests and benchmarks)."""
-    return np.asarray([list(p) for p in prefixes], dtype=np.float64).reshape(-1, 3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from offline_worker.engine import ENGINES, Engine, EngineConfig
+from offline_worker.engine_interface import ENGINES, Engine, EngineConfig
 from offline_worker.hf_engine import HFEngine
 from offline_worker.vllm_engine import VLLMEngine, VLLMOptions
 from services.config import Settings

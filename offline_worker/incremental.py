@@ -12,7 +12,7 @@ This is not a new version: nothing is planned, carried, verified or flipped, and
 the chunk in flight (its users stay stale and are picked again next time). The full refresh
 (`offline_worker.refresh`) remains the way to change model, settings or catalogue.
 
-Not here: key names (`services.store`), decoding (`offline_worker.engine`), the CLI.
+Not here: key names (`services.store`), decoding (`offline_worker.engine_interface`), the CLI.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from model.semantic_ids import SemanticIDs
-from offline_worker.engine import Engine, ThinkRequest
+from offline_worker.engine_interface import Engine, ThinkRequest
 from offline_worker.prompts import PromptBuilder
 from offline_worker.refresh import HISTORY_TAIL
 from services.config import Settings, setting_default
