@@ -19,7 +19,7 @@ One run (about 5 minutes on 2 shared cores) does, against the trained artifacts 
    against the plan (missing or wrong = lost write).
 3. **Fuzzing.** schemathesis over the API's OpenAPI document (`benchmarks.fuzz`, positive and negative
    cases): 5xx and schema-check failures counted.
-4. **Hostile input** (`benchmarks.hostile`, issue 19): ``--http-fuzz-cases`` byte-level, Unicode, depth, number
+4. **Hostile input** (`benchmarks.hostile`): ``--http-fuzz-cases`` byte-level, Unicode, depth, number
    and content-type cases; ``--redis-fuzz-cases`` hostile values written under the entries, histories and the
    live-version pointer the API reads while requests run; then Redis refuses writes (``maxmemory`` 1 with
    ``noeviction``, then a replica of nothing: READONLY) while ``--refusal-requests`` events and recommends run.
@@ -334,7 +334,7 @@ def phase_refresh(args: argparse.Namespace, redis_url: str, logdir: Path) -> dic
     }  # fmt: skip
 
 
-# --------------------------------------------------------------------------- phase 4: hostile input (issue 19)
+# --------------------------------------------------------------------------- phase 4: hostile input
 
 
 def phase_hostile(args: argparse.Namespace, redis_url: str, base: str, users: list[int],
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"events/s open loop, budget {args.budget_ms:g} ms; Redis AOF appendfsync always; refresh: HF engine, "
                 f"real think model, {args.refresh_users} users; recovery_s: restarted Redis answers PING -> first "
                 f"think-ahead, non-degraded answer; model_recovery_s: model process SIGKILLed -> the same; "
-                f"details: {args.log_dir}/faults_full.json")  # fmt: skip
+                f"details: faults_full.json in the run's --log-dir (a scratch folder, not kept)")  # fmt: skip
         phases = args.phases.split(",")
         if set(phases) != {"serving", "refresh", "fuzz", "hostile"}:
             # a partial run updates its own keys in faults.json; the others keep the run that measured them

@@ -1,4 +1,4 @@
-"""Hostile-input fuzzers of the online API (issue 19), counted rather than raised: what schemathesis does not send.
+"""Hostile-input fuzzers of the online API, counted rather than raised: what schemathesis does not send.
 
 - `http_cases` + `run_http_fuzz`: request bodies and paths a hostile client sends, from a fixed seed: byte-level
   mutations of valid bodies (bit flips, interesting bytes, insertions, deletions, duplicated spans, truncation),

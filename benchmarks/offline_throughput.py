@@ -1,4 +1,4 @@
-"""Offline worker benchmark: users/s of the vLLM engine vs the HF engine, and a full Beauty refresh.
+"""Offline worker benchmark: users/s of the vLLM engine vs the HF engine, and a full refresh of the dataset.
 
 Both engines run the same model with the same `EngineConfig` on the same users in the same process
 (vLLM's engine core in its subprocesses); rounds alternate vLLM / HF so machine noise hits both, and the
@@ -7,7 +7,7 @@ redis-server unless ``--redis-url``) through the real refresh job; its wall time
 and ``bytes_per_user`` is the mean ``MEMORY USAGE`` of the written entries.
 
 Model: ``--model``, else ``artifacts/think/current`` when it exists, else a tiny random-init Qwen3 built
-by `model.think.tokens.build_tiny_base` over the Beauty titles (the result note says which).
+by `model.think.tokens.build_tiny_base` over the dataset's titles (the result note says which).
 
     python -m benchmarks.offline_throughput                # throughput + full refresh (long on 2 cores)
     python -m benchmarks.offline_throughput --no-full      # throughput only (no results file)
@@ -46,14 +46,14 @@ def pick_model(arg: Path | None, sid_dir: Path, data_dir: Path, artifacts: Path)
         return current, f"trained checkpoint artifacts/think/current -> {current.resolve().name}"
     from model.semantic_ids import SemanticIDs
     from model.think.tokens import TinyBaseConfig, build_tiny_base
-    from services.catalog import load_items
+    from services.catalog import dataset_name, load_items
 
     out = Path(tempfile.gettempdir()) / "onerec_bench_tiny_think"
     if not (out / "itemic.json").exists():
         catalog = load_items(data_dir / "items.tsv")
         build_tiny_base([catalog.text(i) for i in catalog.item_ids], SemanticIDs.load(sid_dir), out, TinyBaseConfig())
-    return out, "tiny random-init Qwen3 (build_tiny_base defaults: 4 layers, hidden 256) over Beauty titles; " \
-                "artifacts/think/current did not exist"
+    return out, (f"tiny random-init Qwen3 (build_tiny_base defaults: 4 layers, hidden 256) over the "
+                 f"{dataset_name(data_dir)} titles; artifacts/think/current did not exist")
 
 
 _HF: Any = None  # the HF engine of a benchmark child process
@@ -64,7 +64,7 @@ def _hf_init(model_dir: str, sid_dir: str, cfg: dict[str, Any], batch_size: int,
     whose CPU worker pins the torch thread count process-wide)."""
     import torch
 
-    from offline_worker.engine import EngineConfig
+    from offline_worker.engine_interface import EngineConfig
     from offline_worker.hf_engine import HFEngine
 
     torch.set_num_threads(threads)
@@ -73,7 +73,7 @@ def _hf_init(model_dir: str, sid_dir: str, cfg: dict[str, Any], batch_size: int,
 
 
 def _hf_rate(reqs: list[tuple[int, list[int]]]) -> tuple[float, dict[str, float]]:
-    from offline_worker.engine import ThinkRequest
+    from offline_worker.engine_interface import ThinkRequest
 
     return timed_rate(_HF, [ThinkRequest(u, ids) for u, ids in reqs])
 
@@ -88,7 +88,7 @@ def timed_rate(engine: Any, requests: list[Any]) -> tuple[float, dict[str, float
 
 def main() -> None:
     from model.semantic_ids import SemanticIDs
-    from offline_worker.engine import EngineConfig, ThinkRequest
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
     from offline_worker.prompts import PromptBuilder
     from offline_worker.refresh import RefreshOptions, offline_histories, plan_refresh, run_shard
     from offline_worker.vllm_engine import VLLMEngine, VLLMOptions

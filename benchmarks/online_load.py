@@ -368,8 +368,8 @@ def full_model_latency(think_dir: Path, sid_dir: Path, engine_kind: str, histori
     import torch
 
     from model.semantic_ids import SemanticIDs
-    from offline_worker.engine import EngineConfig, ThinkRequest
-    from offline_worker.engines import make_engine
+    from offline_worker.engine_factory import make_engine
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
     from offline_worker.prompts import PromptBuilder
     from offline_worker.vllm_engine import VLLMOptions, cpu_defaults
     from services.config import get_settings
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"history; full model: {args.full_engine} engine"
                 f"{' (eager)' if args.full_eager else ' (compiled)' if args.full_engine == 'vllm' else ''}, "
                 f"{args.max_reasoning_tokens} reasoning tokens, one request at a time; details: "
-                f"{args.log_dir}/online_load_full.json")
+                "online_load_full.json in the run's --log-dir (a scratch folder, not kept)")
         write_result("online_load", metrics, note=note)
 
 

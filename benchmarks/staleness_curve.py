@@ -27,7 +27,7 @@ from evaluation.think_ahead import StoreSource, ThinkAheadRecommender, train_pop
 from model.evaluate import paired_comparison, rank, score, split_examples
 from model.onerec import OneRec
 from model.policy import PolicyConfig
-from services.catalog import Example, load_dataset
+from services.catalog import Example, dataset_name, load_dataset
 from services.config import get_settings
 from services.results import write_result
 from services.store import ThinkEntry, ThinkStore
@@ -149,11 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(metrics, indent=2))
     if args.no_results:
         return
-    note = (f"test split; users: the first {args.users} Beauty users (by id) with >= {args.min_len} interactions; "
+    note = (f"test split; users: the first {args.users} {dataset_name(args.data_dir)} users (by id) with "
+            f">= {args.min_len} interactions; "
             f"entries s stale = `refresh --holdout 2+s` with think model {args.think_model or '?'}; served policy; "
             "paired: a = stale entry, b = fresh entry / online-only")
     write_result("staleness", metrics, note=note)
-    title = f"Think-ahead vs staleness (Beauty test, {len(examples)} users)"
+    title = f"Think-ahead vs staleness ({dataset_name(args.data_dir)} test, {len(examples)} users)"
     (ROOT / "docs" / "staleness.svg").write_text(svg(curve, online, threshold, title))
 
 

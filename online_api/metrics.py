@@ -67,7 +67,7 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.ready = Gauge("onerec_ready", "1 when model and Redis are ready", registry=r)
-        # issue 19: write refusals are not read failures; a bad live-version pointer is named, not a crash
+        # hostile input: write refusals are not read failures; a bad live-version pointer is named, not a crash
         self.write_refusals = Counter(
             "onerec_redis_write_refusals_total", "writes Redis refused while answering (oom, readonly, misconf)",
             ["reason"], registry=r,

@@ -1,6 +1,7 @@
-"""Issue 19's fuzzers, CI-sized and seeded: hostile HTTP bytes and hostile Redis values against the app on a real
-socket and a real redis-server. No case may be a 5xx, hang past the budget + 1 s, or answer a body that says JSON
-and is not. `python -m benchmarks.faults` runs the same fuzzers with >= 5,000 and >= 1,000 cases.
+"""The hostile-input fuzzers (`benchmarks.hostile`), CI-sized and seeded: hostile HTTP bytes and hostile Redis
+values against the app on a real socket and a real redis-server. No case may be a 5xx, hang past the budget
++ 1 s, or answer a body that says JSON and is not. `python -m benchmarks.faults` runs the same fuzzers with
+>= 5,000 and >= 1,000 cases.
 """
 
 from __future__ import annotations

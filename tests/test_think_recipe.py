@@ -163,7 +163,7 @@ def test_readme_commands_use_the_recipe_defaults() -> None:
     for argv in base:
         args = build_parser().parse_args(argv)
         d = TinyBaseConfig()
-        assert args.steps > 0, "the README's base command must train (issue 17: --steps 0 trained nothing)"
+        assert args.steps > 0, "the README's base command must train (a default of --steps 0 once trained nothing)"
         assert (args.hidden, args.layers, args.intermediate) == (d.hidden, d.layers, d.intermediate)
     f = FitConfig()
     for argv in align:
@@ -234,7 +234,7 @@ def test_offline_engine_ranks_prefixes_by_the_item_head(root: Path, selected: Pa
     against an unpadded forward per user; `codes` keeps the code beam; `item_head` without a head fails."""
     import math
 
-    from offline_worker.engine import EngineConfig, ThinkRequest
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
     from offline_worker.hf_engine import HFEngine
     from offline_worker.prompts import PromptBuilder, answer_ids
 
