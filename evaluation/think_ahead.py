@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import redis
 
-    from model.evaluate import evaluate, paired_comparison, rank, score, split_examples
+    from model.metrics import evaluate, paired_comparison, rank, score, split_examples
     from model.onerec import OneRecRecommender
     from services.catalog import load_dataset
     from services.config import get_settings

@@ -104,7 +104,7 @@ class EngineConfig:
 
 @dataclass
 class ThinkRequest:
-    """One user's prompt (token ids of `model.think.tasks.generation_prefix`)."""
+    """One user's prompt (token ids of `model.think.align_data.generation_prefix`)."""
 
     user_id: int
     prompt_ids: list[int]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from think_fixtures import tiny_dataset, tiny_sid, write_dataset
 
-from model.think.evaluate import ThinkRecommender
 from model.think.fit import FitConfig
 from model.think.itemhead import ItemHead, rerank, targets_at_item_begin
+from model.think.recommender import ThinkRecommender
 from model.think.tokens import TinyBaseConfig, load_think
 from model.think.train import build_parser
 from model.think.train import main as train_main
@@ -174,7 +174,7 @@ def test_readme_commands_use_the_recipe_defaults() -> None:
 
 
 def test_prefix_recall_by_hand() -> None:
-    from model.think.prefix_recall import prefix_hits, prefix_recall
+    from model.metrics import prefix_hits, prefix_recall
 
     cached = [[(1, 2), (3, 4)], [(1, 2)], [], [(5, 5), (5, 5), (0, 7)]]
     targets = [(3, 4), (2, 1), (1, 2), (0, 7)]
@@ -186,13 +186,11 @@ def test_prefix_recall_by_hand() -> None:
 
 
 def test_think_prefixes_are_valid_and_ranked(selected: Path) -> None:
-    from model.think.prefix_recall import think_prefixes
-
     rec = ThinkRecommender.load(selected, think=False)
     sid = tiny_sid()
     valid = {tuple(int(x) for x in c[:2]) for c in sid.codes}
     hists = [e.history for e in tiny_dataset(n_users=16).splits.test[:5]]
-    sets = think_prefixes(rec, hists, 6, batch_size=2)
+    sets = rec.top_prefixes(hists, 6, batch_size=2)
     assert set(sets) == {"codes", "item_head"}
     for name, per_user in sets.items():
         for c in per_user:

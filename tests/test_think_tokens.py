@@ -9,7 +9,7 @@ import pytest
 from think_fixtures import corpus, tiny_dataset, tiny_sid
 
 from model.semantic_ids import ITEM_BEGIN, ITEM_END, all_code_tokens, item_string, parse_codes
-from model.think.tasks import direct_prefix, generation_prefix, think_target
+from model.think.align_data import direct_prefix, generation_prefix, think_target
 from model.think.tokens import (
     THINK_BEGIN,
     THINK_END,

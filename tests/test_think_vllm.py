@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 
 @pytest.mark.slow
 def test_tiny_folder_generates_reasoning_and_items_in_vllm(tmp_path: Path) -> None:
-    from model.think.evaluate import vllm_check
+    from evaluation.think import vllm_check
 
     ds, sid = tiny_dataset(), tiny_sid()
     folder = build_tiny_base(corpus(ds), sid, tmp_path / "tiny",

@@ -5,7 +5,7 @@ the free text (greedy or sampled, code tokens masked out) until ``</think>``; `b
 ``</think><|item_begin|>`` (think mode) or starts right after ``<|item_begin|>`` (direct mode) and runs a
 beam of width W over the code levels, masked by `CodeTrie.level_mask`. Everything is batched over users
 (rows) and beams; finished rows keep stepping with masked-out pad tokens so the cache stays rectangular.
-Not here: prompt text (`model.think.tasks`), training, vLLM (the offline worker owns its engine).
+Not here: prompt text (`model.think.align_data`), training, vLLM (the offline worker owns its engine).
 """
 
 from __future__ import annotations

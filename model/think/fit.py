@@ -14,7 +14,7 @@ Loss per batch: LM cross-entropy on target tokens + ``item_loss_weight`` x item 
 every ``<|item_begin|>`` (`model.think.itemhead`). bf16 autocast on by default (measured in
 ``benchmarks/think_train_speed.py``). Resumes after a kill from ``<out>/trainer_state.pt`` (written
 every ``save_every`` steps and at each epoch end) with the same batch order as an uninterrupted run.
-Not here: the data builders (`model.think.tasks`), the CLI (`model.think.train`).
+Not here: the data builders (`model.think.align_data`), the CLI (`model.think.train`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.semantic_ids import SemanticIDs
+from model.think.align_data import direct_prefix
 from model.think.itemhead import ItemHead, item_loss, targets_at_item_begin
-from model.think.tasks import direct_prefix
 from model.trie import TokenMap
 from services.catalog import Example
 
@@ -87,7 +87,7 @@ def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.T
 def validate(model: Any, head: ItemHead, tok: Any, sid: SemanticIDs, examples: Sequence[Example], bf16: bool,
              batch_size: int = 128, max_len: int = 320) -> dict[str, float]:
     """Item-head ranking over the whole catalogue: R@10, N@10 (and @5) on `examples` (direct prompt)."""
-    from model.evaluate import score
+    from model.metrics import score
     from model.think.decode import left_pad
 
     model.eval()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from model.think import tasks as T
+from model.think import align_data as T
 
 
 def tokenize(samples: list[T.Sample], tok: Any, max_len: int) -> list[tuple[list[int], int]]:

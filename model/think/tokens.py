@@ -18,7 +18,7 @@ Public API (other modules import these names):
 - ``save_think(model, tokenizer, tokmap, folder)`` / ``load_think(folder) -> (model, tokenizer, TokenMap)``:
   every folder carries ``itemic.json`` with ``num_levels`` and ``codebook_size``.
 
-Not here: prompt formats (`model.think.tasks`), training loops (`model.think.train`), decoding.
+Not here: prompt formats (`model.think.align_data`), training loops (`model.think.train`), decoding.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from model.semantic_ids import SemanticIDs, point_current
-from model.think import tasks as T
+from model.think import align_data as T
 from model.think.rows import batches, collate, tokenize
 from model.think.tokens import (
     TinyBaseConfig,
@@ -379,7 +379,7 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
 
 def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
     """Reasoning Activation: teacher rationales from pruned contexts, then LoRA SFT on full histories."""
-    from model.think.reasoning import ItemEmbeddings, activation_samples, make_teacher
+    from model.think.activate_data import ItemEmbeddings, activation_samples, make_teacher
 
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
@@ -422,9 +422,9 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
 
 def run_enhance(args: argparse.Namespace, ctx: Context) -> Path:
     """Reasoning Enhancement: GRPO with the Rollout-Beam reward and a KL penalty to the activated model."""
+    from model.think.activate_data import rl_cases
     from model.think.decode import Decoder
-    from model.think.reasoning import rl_cases
-    from model.think.rl import GRPOConfig, grpo_step
+    from model.think.enhance import GRPOConfig, grpo_step
 
     out = prepare_out(args.out, args.init, args.resume)
     policy, tok, tm = load_on(out, args)
