@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from model.metrics import evaluate, split_examples, subset
+from model.think.checkpoint import read_itemic
 from model.think.recommender import ThinkRecommender
-from model.think.tokens import read_itemic
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from model.semantic_ids import SemanticIDs
+from model.think.checkpoint import load_tokenizer, read_itemic
 from model.think.itemhead import HEAD_DIR
-from model.think.tokens import load_tokenizer, read_itemic
 from model.trie import CodeTrie
 from offline_worker.head_prefixes import PREFIX_SCORES, HeadPrefixes, Prefix
 from offline_worker.prompts import answer_ids

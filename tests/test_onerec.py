@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from model.onerec import DeadlineExceeded, OneRec, OneRecConfig, build_model
 from model.onerec.serving import ModuleNet
-from model.onerec.train import lr_lambda, train_epoch
+from model.onerec.train import train_epoch
 from model.semantic_ids import SemanticIDConfig, SemanticIDs, disambiguate
+from model.training import lr_lambda
 
 N_ITEMS = 40
 

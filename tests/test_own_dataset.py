@@ -76,7 +76,7 @@ def test_own_dataset_documented_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
                                      redis_server: RedisServer) -> None:
     from evaluation.__main__ import main as evaluation
     from model.onerec.__main__ import main as onerec
-    from model.semantic_ids import main as semantic_ids
+    from model.semantic_ids.__main__ import main as semantic_ids
 
     beauty = snapshot(ROOT / "artifacts", ROOT / "docs" / "results", ROOT / "docs" / "RESULTS.md")
     data = tmp_path / "shop"

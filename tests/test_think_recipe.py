@@ -12,12 +12,13 @@ import pytest
 import torch
 from think_fixtures import tiny_dataset, tiny_sid, write_dataset
 
+from model.think.__main__ import build_parser
+from model.think.__main__ import main as train_main
+from model.think.base_model import TinyBaseConfig
+from model.think.checkpoint import load_think
 from model.think.fit import FitConfig
 from model.think.itemhead import ItemHead, rerank, targets_at_item_begin
 from model.think.recommender import ThinkRecommender
-from model.think.tokens import TinyBaseConfig, load_think
-from model.think.train import build_parser
-from model.think.train import main as train_main
 from model.trie import TokenMap
 
 TINY = ["--bpe-vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
@@ -83,7 +84,7 @@ def test_selection_then_refit(root: Path, selected: Path) -> None:
 
 
 def test_refit_learns_from_validation_targets(root: Path, selected: Path) -> None:
-    from model.think.train import load_context, refit_source
+    from model.think.stages import load_context, refit_source
 
     args = build_parser().parse_args(recipe(root, root / "x", "--refit-of", str(selected)))
     ctx = load_context(root / "data", root / "sid", None)
@@ -149,7 +150,7 @@ def test_head_save_load_refuses_other_items(root: Path, tmp_path: Path) -> None:
 
 def _readme_commands(stage_name: str) -> list[list[str]]:
     out = []
-    for m in re.finditer(r"`python -m model\.think\.train ([^`]+)`", README.read_text()):
+    for m in re.finditer(r"`python -m model\.think ([^`]+)`", README.read_text()):
         argv = shlex.split(m.group(1))
         if argv[0] == stage_name:
             out.append(argv)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from think_fixtures import corpus, tiny_dataset, tiny_sid
 
-from model.think.tokens import TinyBaseConfig, build_tiny_base
+from model.think.base_model import TinyBaseConfig, build_tiny_base
 
 pytest.importorskip("vllm")
 

@@ -1,7 +1,7 @@
 """``python -m model.onerec train``: the lightweight OneRec's command line (the training is `model.onerec.train`).
 
 Evaluation is not here: ``python -m evaluation onerec`` (mode ``onerec``, ``onerec_quality.json``) and
-``python -m evaluation onerec-variants``; ``python -m model.onerec eval`` is gone.
+``python -m evaluation onerec-variants``; ``python -m evaluation onerec`` is gone.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,13 +32,8 @@ from model.onerec.config import OneRecConfig
 from model.onerec.decoding import OneRec, OneRecRecommender
 from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
 from model.semantic_ids import SemanticIDs, point_current
+from model.training import lr_lambda, seed_all
 from services.catalog import load_dataset
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_windows(train: dict[int, list[int]], row_of: dict[int, int], max_len: int) -> list[list[int]]:
@@ -79,20 +73,6 @@ def length_batches(seqs: list[list[int]], batch_size: int, rng: random.Random) -
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Multiplier of the base LR at optimiser step `step`: linear warm-up, then constant or cosine decay."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    return f
 
 
 def train_epoch(model: OneRecModel, opt: torch.optim.Optimizer, seqs: list[list[int]], batch_size: int,

@@ -51,6 +51,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def final_hidden(model: Any, rows: Sequence[Sequence[int]], pad: int, bf16: bool = False) -> torch.Tensor:
+    """(B, D) final (normed) hidden state at the last token of each row: the rows left-padded with `pad`,
+    positions counted from 0 per row, one forward of the trunk (no LM head, no cache); `bf16`: autocast on CPU."""
+    dev = model.get_input_embeddings().weight.device
+    ids, mask = left_pad(rows, pad)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and dev.type == "cpu"):
+        out = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+    return out.last_hidden_state[:, -1]
+
+
 class Decoder:
     """Decoding helpers around one causal LM + tokenizer with itemic tokens.
 

@@ -7,7 +7,7 @@ are normalised within each group of G; the loss is the on-policy policy gradient
 tokens (and the closing ``</think>``) plus ``beta * KL(policy || reference)`` (k3 estimator per token).
 TRL's GRPOTrainer is not used: its reward is computed on finished text, while this reward needs a
 constrained beam search that continues from the policy's own KV cache.
-Not here: data (`model.think.activate_data.rl_cases`), CLI and checkpoints (`model.think.train`).
+Not here: data (`model.think.activate_data.rl_cases`), CLI and checkpoints (`model.think.stages`).
 """
 
 from __future__ import annotations

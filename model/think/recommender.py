@@ -21,8 +21,8 @@ import torch
 from model.metrics import PrefixCodes
 from model.semantic_ids import SemanticIDs
 from model.think.align_data import direct_prefix, generation_prefix
+from model.think.checkpoint import load_think, read_itemic
 from model.think.decode import Decoder
-from model.think.tokens import load_think, read_itemic
 from model.trie import CodeTrie, TokenMap
 from services.catalog import Example
 
@@ -49,7 +49,7 @@ class ThinkRecommender:
     @classmethod
     def load(cls, folder: Path | str, beam: int = 10, think: bool | None = None, sid_dir: Path | None = None,
              device: str | None = None, item_weight: float | None = None, **kw: Any) -> ThinkRecommender:
-        """From an HF folder written by `model.think.train`; `think=None` follows the folder's last stage.
+        """From an HF folder written by `model.think.stages`; `think=None` follows the folder's last stage.
 
         The folder's item head (``item_head/weight.safetensors``), if any, re-ranks the beam's leaves with its
         saved weight; `item_weight` overrides it (0 = codes only).
