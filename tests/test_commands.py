@@ -1,5 +1,5 @@
-"""Every documented command runs as written: each ``python -m ...`` of the README's pipeline table and each
-results file's ``command`` (docs/results/**/*.json, the commands RESULTS.md shows) answers ``--help``.
+"""Every documented command runs as written: each ``python -m ...`` of the README's pipeline table, of
+docs/RESULTS.md and each results file's ``command`` (docs/results/**/*.json) answers ``--help``.
 
 Cheap on purpose: only the module and its sub-command words are kept (``python -m evaluation think run``),
 then ``--help``; a moved or renamed module, a dropped sub-command or a parser that crashes fails the test.
@@ -58,7 +58,8 @@ def readme_pipeline_commands() -> list[tuple[str, tuple[str, ...]]]:
 
 
 def results_commands() -> list[tuple[str, tuple[str, ...]]]:
-    heads = []
+    """The results files' commands and every other ``python -m`` that docs/RESULTS.md shows."""
+    heads = command_heads((ROOT / "docs" / "RESULTS.md").read_text())
     for f in sorted((ROOT / "docs" / "results").rglob("*.json")):
         heads += command_heads(json.loads(f.read_text()).get("command", ""))
     return heads
