@@ -7,7 +7,7 @@ redis-server unless ``--redis-url``) through the real refresh job; its wall time
 and ``bytes_per_user`` is the mean ``MEMORY USAGE`` of the written entries.
 
 Model: ``--model``, else ``artifacts/think/current`` when it exists, else a tiny random-init Qwen3 built
-by `model.think.tokens.build_tiny_base` over the dataset's titles (the result note says which).
+by `model.think.base_model.build_tiny_base` over the dataset's titles (the result note says which).
 
     python -m benchmarks.offline_throughput                # throughput + full refresh (long on 2 cores)
     python -m benchmarks.offline_throughput --no-full      # throughput only (no results file)
@@ -45,7 +45,7 @@ def pick_model(arg: Path | None, sid_dir: Path, data_dir: Path, artifacts: Path)
     if (current / "itemic.json").exists():
         return current, f"trained checkpoint artifacts/think/current -> {current.resolve().name}"
     from model.semantic_ids import SemanticIDs
-    from model.think.tokens import TinyBaseConfig, build_tiny_base
+    from model.think.base_model import TinyBaseConfig, build_tiny_base
     from services.catalog import dataset_name, load_items
 
     out = Path(tempfile.gettempdir()) / "onerec_bench_tiny_think"

@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from evaluation.think_ahead import StoreSource, ThinkAheadRecommender, train_popularity
-from model.evaluate import paired_comparison, rank, score, split_examples
+from model.metrics import paired_comparison, rank, score, split_examples
 from model.onerec import OneRec
 from model.policy import PolicyConfig
 from services.catalog import Example, dataset_name, load_dataset

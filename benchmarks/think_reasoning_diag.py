@@ -3,7 +3,7 @@
 For a fixed random subset of test users it measures, per checkpoint:
 - ``level_a@1``: the top-ranked item's first code equals the target's (direct or think mode, as evaluated);
 - ``reason_label_acc`` (think mode): the category label after ``next:`` in the greedy reasoning equals
-  the target's level-a label (labels from `model.think.tasks.category_labels`);
+  the target's level-a label (labels from `model.think.align_data.category_labels`);
 - ``item_follows_reason``: the top item's level-a label equals the label the reasoning named.
 
     python -m benchmarks.think_reasoning_diag artifacts/think/tiny-ia artifacts/think/tiny-act --users 500
@@ -18,8 +18,9 @@ import json
 import re
 from pathlib import Path
 
-from model.think.evaluate import ThinkRecommender, subset
-from model.think.tasks import category_labels, label_of
+from model.metrics import subset
+from model.think.align_data import category_labels, label_of
+from model.think.recommender import ThinkRecommender
 from services.catalog import load_dataset
 
 _NEXT = re.compile(r"next:\s*([^.]+)\.")

@@ -7,7 +7,7 @@
 #   TRAIN_ONEREC_ARGS   extra flags of `python -m model.onerec train` (e.g. "--max-minutes 10")
 #   TRAIN_THINK_STAGES  OneRec-Think stages to run, in order (default "base align activate enhance");
 #                       the last one becomes think/current
-#   TRAIN_THINK_ARGS    extra flags given to every `python -m model.think.train` stage (e.g. "--limit-users 500")
+#   TRAIN_THINK_ARGS    extra flags given to every `python -m model.think` stage (e.g. "--limit-users 500")
 set -eu
 
 PY="${PYTHON:-python3}"
@@ -53,7 +53,7 @@ for stage in $stages; do
     [ -n "$prev" ] && set -- "$@" --init "$prev"
     [ "$stage" = "$last" ] && set -- "$@" --current
     # shellcheck disable=SC2086
-    "$PY" -m model.think.train "$stage" "$@" ${TRAIN_THINK_ARGS:-}
+    "$PY" -m model.think "$stage" "$@" ${TRAIN_THINK_ARGS:-}
   fi
   prev="$out"
 done

@@ -1,7 +1,9 @@
-"""Evaluation commands above the models: every quality number's entry point.
+"""Evaluation commands above the models: every quality number's entry point, ``python -m evaluation COMMAND``.
 
-`python -m evaluation mostpop|onerec|think|think-ahead` (one command for each mode of the protocol in
-`model.evaluate`), `evaluation.think_ahead` (the served think-ahead policy measured on stale entries)
-and `evaluation.tune` (the policy's completion knobs chosen on validation). This package may read Redis
-(through `services.store`); the model layer below it never does.
+One module per command (`__main__` lists them): `mostpop`, `onerec` (``onerec`` and ``onerec-variants``),
+`think` (OneRec-Think ``run`` / ``ablation`` / ``recipe`` / ``vllm-check``), `think_ahead` (the served
+think-ahead policy measured on stale entries), `prefix_recall`, `repeats` (the consumed-item rule) and
+`tune` (the policy's completion knobs chosen on validation). The metrics and the recommenders they run
+are in the model layer (`model.metrics`, `model.onerec`, `model.think.recommender`). This package may
+read Redis (through `services.store`); the model layer below it never does.
 """

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evaluation.think_ahead import ThinkAheadRecommender, train_popularity
-from model.evaluate import paired_comparison, rank, score, split_examples
+from model.metrics import paired_comparison, rank, score, split_examples
 from model.onerec import OneRec
 from model.policy import PolicyConfig
 from services.catalog import Example, dataset_name, load_dataset

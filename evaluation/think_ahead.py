@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import redis
 
-    from model.evaluate import evaluate, paired_comparison, rank, score, split_examples
+    from model.metrics import evaluate, paired_comparison, rank, score, split_examples
     from model.onerec import OneRecRecommender
     from services.catalog import load_dataset
     from services.config import get_settings
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis-url", default=s.redis_url, help="Redis holding the entries")
     p.add_argument("--namespace", default=s.namespace, help="key namespace")
     p.add_argument("--think-json", type=Path, default=None,
-                   help="output of `python -m model.think.evaluate run --out-json` on the same users (think row)")
+                   help="output of `python -m evaluation think run --out-json` on the same users (think row)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--limit", type=int, default=None, help="first N users only")
     p.add_argument("--beam", type=int, default=s.beam, help="beam width (>= 10; default: the served ONEREC_BEAM)")

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m evaluation.tune``: grid over the completion knobs on validation users."""
     import redis
 
-    from model.evaluate import paired_comparison, rank, score, split_examples
+    from model.metrics import paired_comparison, rank, score, split_examples
     from services.catalog import load_dataset
     from services.config import get_settings
     from services.store import ThinkStore

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from model.semantic_ids import SemanticIDs
+from model.think.checkpoint import load_tokenizer, read_itemic
 from model.think.itemhead import HEAD_DIR
-from model.think.tokens import load_tokenizer, read_itemic
 from model.trie import CodeTrie
 from offline_worker.head_prefixes import PREFIX_SCORES, HeadPrefixes, Prefix
 from offline_worker.prompts import answer_ids
@@ -102,7 +102,7 @@ class EngineConfig:
 
 @dataclass
 class ThinkRequest:
-    """One user's prompt (token ids of `model.think.tasks.generation_prefix`)."""
+    """One user's prompt (token ids of `model.think.align_data.generation_prefix`)."""
 
     user_id: int
     prompt_ids: list[int]

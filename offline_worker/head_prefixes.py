@@ -57,7 +57,7 @@ class HeadPrefixes:
                                  "(model.think.fit) or use prefix_scores=codes")
             return None
         if model is None:
-            from model.think.tokens import load_think
+            from model.think.checkpoint import load_think
 
             model, _, _ = load_think(model_dir)
         return cls(model, head, sid, pad_id, batch_size)
@@ -65,17 +65,13 @@ class HeadPrefixes:
     @torch.no_grad()
     def hidden(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """(B, D) final normed hidden state at each context's last token (left-padded batches)."""
-        from model.think.decode import left_pad
+        from model.think.decode import final_hidden
 
-        dev = self.model.get_input_embeddings().weight.device
         out: list[torch.Tensor] = [torch.empty(0)] * len(contexts)
         order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
-            ids, mask = left_pad([list(contexts[i]) for i in rows], self.pad_id)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            h = self.model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                      position_ids=pos.to(dev)).last_hidden_state[:, -1]
+            h = final_hidden(self.model, [list(contexts[i]) for i in rows], self.pad_id)
             for j, i in enumerate(rows):
                 out[i] = h[j]
         return torch.stack(out)

@@ -28,7 +28,7 @@ class HFEngine(Engine):
     ) -> None:
         import torch
 
-        from model.think.tokens import load_think
+        from model.think.checkpoint import load_think
 
         super().__init__(model_dir, sid_dir, config)
         if threads:

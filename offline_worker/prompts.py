@@ -1,6 +1,6 @@
 """Prompts of the offline worker: a user's history -> the token ids both engines continue from.
 
-The text format belongs to `model.think.tasks` (``generation_prefix``: history items then ``<think>``;
+The text format belongs to `model.think.align_data` (``generation_prefix``: history items then ``<think>``;
 the model writes the rationale, ``</think>``, then ``<|item_begin|>`` and the codes). This module only
 caps the history, maps item ids to codes, tokenizes once (so vLLM and HF see identical ids) and
 provides the ids that close the reasoning and open the item block. It does not decode or touch Redis.
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.semantic_ids import ITEM_BEGIN, SemanticIDs
-from model.think.tasks import generation_prefix
+from model.think.align_data import generation_prefix
 from model.think.tokens import THINK_END
 from services.catalog import HISTORY_CAP
 

@@ -78,12 +78,12 @@ def build_models(p: Profile, art: Path, fresh: bool) -> None:
         step("3/6 OneRec-Think: base -> itemic alignment -> reasoning activation -> reasoning enhancement")
         limit = ["--limit-users", str(p.think_limit_users)] if p.think_limit_users else []
         common = ["--sid-dir", str(sid), "--threads", "2", *limit]
-        run([PY, "-m", "model.think.train", "base", "--out", str(think / "demo-base"), "--steps",
+        run([PY, "-m", "model.think", "base", "--out", str(think / "demo-base"), "--steps",
              str(p.think_steps["base"]), *common])
         prev = think / "demo-base"
         for stage in ("align", "activate", "enhance"):
             out = think / f"demo-{stage}"
-            run([PY, "-m", "model.think.train", stage, "--init", str(prev), "--out", str(out), "--steps",
+            run([PY, "-m", "model.think", stage, "--init", str(prev), "--out", str(out), "--steps",
                  str(p.think_steps[stage]), *common, *(["--current"] if stage == "enhance" else [])])
             prev = out
     else:

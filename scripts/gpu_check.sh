@@ -3,9 +3,9 @@
 #
 # Runs, each step on its own (a failed step is logged and the next one runs):
 #   1. versions (nvidia-smi, torch, transformers, peft)
-#   2. model.think.train base / align / activate / enhance on --device $DEV, short budgets, the
+#   2. model.think base / align / activate / enhance on --device $DEV, short budgets, the
 #      settings of the CPU run in docs/THINK.md (so tok/s compares), plus a larger base (512 x 8 layers)
-#   3. model.think.evaluate run on tiny-rl, 2,000 sampled test users (the CPU run of docs/think/eval_ia_r_2000.json)
+#   3. evaluation think run on tiny-rl, 2,000 sampled test users (the CPU run of docs/think/eval_ia_r_2000.json)
 #   4. the lightweight OneRec model (model.onerec) on $DEV: its CLI has no device option, so a short
 #      loop here moves the model and batches (training) and tries its decoder as is
 #   5. the offline HF engine: no device option (notes only)
@@ -71,27 +71,27 @@ if command -v nvidia-smi >/dev/null; then  # utilisation + memory once a second 
 fi
 
 # 2. training stages (same settings as the CPU run in docs/THINK.md, fewer steps)
-step base 150 $PY -m model.think.train base --out $WORK/base --hidden 128 --layers 4 --heads 4 --kv-heads 2 \
+step base 150 $PY -m model.think base --out $WORK/base --hidden 128 --layers 4 --heads 4 --kv-heads 2 \
   --head-dim 32 --intermediate 384 --bpe-vocab 2048 --steps $S_BASE --batch-size 64 --device $DEV $USERS $THR
-step align 150 $PY -m model.think.train align --init $T/tiny-base --out $WORK/ia --tasks persona,seq,caption,lm \
+step align 150 $PY -m model.think align --init $T/tiny-base --out $WORK/ia --tasks persona,seq,caption,lm \
   --warmup-steps $S_WARM --steps $S_ALIGN --w-seq 0.75 --w-persona 0.1 --w-caption 0.1 --w-lm 0.05 --batch-size 32 \
   --lr 1e-3 --device $DEV $USERS $THR
-step activate 150 $PY -m model.think.train activate --init $T/tiny-ia --out $WORK/act --teacher category \
+step activate 150 $PY -m model.think activate --init $T/tiny-ia --out $WORK/act --teacher category \
   --k-prune 3 --per-user 2 --steps $S_ACT --batch-size 32 --lr 1e-3 --lora-r 16 --cache-dir $T --device $DEV $USERS $THR
-step enhance 150 $PY -m model.think.train enhance --init $T/tiny-act --out $WORK/rl --steps $S_RL --batch-size 8 \
+step enhance 150 $PY -m model.think enhance --init $T/tiny-act --out $WORK/rl --steps $S_RL --batch-size 8 \
   --group 4 --beam 10 --max-think 32 --temperature 1.0 --kl-beta 0.04 --lr 1e-5 --device $DEV $USERS $THR
-step base_512x8 150 $PY -m model.think.train base --out $WORK/base512 --hidden 512 --layers 8 --heads 8 --kv-heads 4 \
+step base_512x8 150 $PY -m model.think base --out $WORK/base512 --hidden 512 --layers 8 --heads 8 --kv-heads 4 \
   --head-dim 64 --intermediate 1536 --bpe-vocab 2048 --steps $S_BIG --batch-size 64 --device $DEV $USERS $THR
 
 # 3. evaluation of tiny-rl (think mode, beam 10): batch 64 as on CPU, then 512
-step eval_b64 150 $PY -m model.think.evaluate run --checkpoint $T/tiny-rl --mode think $EVAL --show 0 \
+step eval_b64 150 $PY -m evaluation think run --checkpoint $T/tiny-rl --mode think $EVAL --show 0 \
   --batch-size 64 --device $DEV --out-json "$OUT/eval_tiny_rl_b64.json" $THR
-step eval_b512 150 $PY -m model.think.evaluate run --checkpoint $T/tiny-rl --mode think $EVAL_BIG --show 0 \
+step eval_b512 150 $PY -m evaluation think run --checkpoint $T/tiny-rl --mode think $EVAL_BIG --show 0 \
   --batch-size 512 --device $DEV --out-json "$OUT/eval_tiny_rl_b512.json" $THR
 # same-host CPU baselines (all of the host's cores): the CPU figures in docs/THINK.md come from a loaded 2-core host
-step base_hostcpu 120 $PY -m model.think.train base --out $WORK/base_cpu --hidden 128 --layers 4 --heads 4 --kv-heads 2 \
+step base_hostcpu 120 $PY -m model.think base --out $WORK/base_cpu --hidden 128 --layers 4 --heads 4 --kv-heads 2 \
   --head-dim 32 --intermediate 384 --bpe-vocab 2048 --steps $S_CPU --batch-size 64 --device cpu $USERS $THR
-step eval_hostcpu 120 $PY -m model.think.evaluate run --checkpoint $T/tiny-rl --mode think $EVAL_CPU --show 0 \
+step eval_hostcpu 120 $PY -m evaluation think run --checkpoint $T/tiny-rl --mode think $EVAL_CPU --show 0 \
   --batch-size 64 --device cpu --out-json "$OUT/eval_tiny_rl_hostcpu.json" $THR
 
 # 4. lightweight OneRec on $DEV (no device option in its CLI: the loop below moves model and batches)

@@ -1,7 +1,7 @@
 """Shared test data for the offline worker tests: a tiny catalogue, codes, sequences and think model.
 
 Everything is made in the test session's temporary folder (no downloads): 160 items with 4-level codes
-over a codebook of 16, 40 users, and a random-init Qwen3 from `model.think.tokens.build_tiny_base`
+over a codebook of 16, 40 users, and a random-init Qwen3 from `model.think.base_model.build_tiny_base`
 (2 layers, hidden 64: loads in vLLM's CPU build in seconds). Built once per session and shared.
 """
 
@@ -44,7 +44,7 @@ def _codes(n: int, levels: int, k: int, seed: int) -> np.ndarray:
 
 def build_world(root: Path, n_items: int = 160, n_users: int = 40, seed: int = 0) -> TinyWorld:
     """Write items.tsv, sequences.txt, a code table and a tiny think model under `root` (idempotent)."""
-    from model.think.tokens import TinyBaseConfig, build_tiny_base
+    from model.think.base_model import TinyBaseConfig, build_tiny_base
 
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)

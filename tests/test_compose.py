@@ -730,8 +730,8 @@ def test_train_script_skips_finished_stages_and_resumes_the_rest(tmp_path: Path)
     sid = f"{art}/sid/current"
     assert calls == [
         f"-m model.onerec train --sid {sid} --out {art}/onerec --name stack --resume",
-        f"-m model.think.train align --out {art}/think/align --sid-dir {sid} --resume --init {art}/think/base"
+        f"-m model.think align --out {art}/think/align --sid-dir {sid} --resume --init {art}/think/base"
         " --limit-users 5",
-        f"-m model.think.train activate --out {art}/think/activate --sid-dir {sid} --resume --init {art}/think/align"
+        f"-m model.think activate --out {art}/think/activate --sid-dir {sid} --resume --init {art}/think/align"
         " --current --limit-users 5",
     ]

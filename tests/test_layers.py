@@ -122,6 +122,44 @@ def test_served_code_never_imports_the_harness() -> None:
     assert users == []
 
 
+def _parses_arguments(source: str) -> bool:
+    """Does the code build a command-line parser (``argparse.ArgumentParser``, imported either way)?"""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "ArgumentParser":
+            return True
+        if isinstance(node, ast.Name) and node.id == "ArgumentParser":
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module == "argparse" and \
+                any(a.name == "ArgumentParser" for a in node.names):
+            return True
+    return False
+
+
+def _is_cli(module: str) -> bool:
+    return module.rpartition(".")[2] in ("__main__", "cli")
+
+
+def test_cli_detector_sees_both_spellings() -> None:
+    assert _parses_arguments("import argparse\np = argparse.ArgumentParser()")
+    assert _parses_arguments("from argparse import ArgumentParser\np = ArgumentParser()")
+    assert not _parses_arguments("import argparse\ndef f(args: argparse.Namespace) -> None: ...")
+    assert _is_cli("model.think.__main__") and _is_cli("model.cli") and not _is_cli("model.think.stages")
+
+
+def test_model_parses_arguments_only_in_cli_modules_nobody_imports() -> None:
+    """House rule 11: under `model/`, argument parsing sits in ``__main__.py`` / ``cli.py`` on top of the library
+    modules, and no library, service, benchmark or script module imports those (tests may drive them)."""
+    mods = _modules()
+    parsers = [m for m, f in mods.items() if m.startswith("model") and _parses_arguments(f.read_text())]
+    assert parsers and [m for m in parsers if not _is_cli(m)] == []
+    importers = {m: f for m, f in mods.items()} | {
+        ".".join(f.relative_to(ROOT).with_suffix("").parts): f
+        for d in ("benchmarks", "scripts") for f in (ROOT / d).rglob("*.py")}
+    cli_imports = [(m, t) for m, f in importers.items() for t in _imports(f)
+                   if t.startswith("model.") and any(_is_cli(p) for p in (t, t.rpartition(".")[0])) and t != m]
+    assert cli_imports == []
+
+
 def test_option_objects_agree_with_one_settings() -> None:
     """Defaults: every option object run without Settings equals the one built from default Settings; and a
     changed Settings reaches the online and the offline objects alike."""

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from model.evaluate import MostPopular, evaluate, ndcg_at_k, paired_comparison, recall_at_k, score
+from model.metrics import MostPopular, evaluate, ndcg_at_k, paired_comparison, recall_at_k, score
 from services.catalog import Example
 
 

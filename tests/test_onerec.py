@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from model.onerec import DeadlineExceeded, OneRec, OneRecConfig, build_model
 from model.onerec.serving import ModuleNet
-from model.onerec.train import lr_lambda, train_epoch
+from model.onerec.train import train_epoch
 from model.semantic_ids import SemanticIDConfig, SemanticIDs, disambiguate
+from model.training import lr_lambda
 
 N_ITEMS = 40
 
@@ -260,3 +261,22 @@ def test_complete_with_own_prefixes_adds_the_models_choice(trained: tuple[OneRec
     assert mixed[0][0] == 8
     # no cached prefix at all: own prefixes alone still answer
     assert onerec.complete([[5, 6, 7]], [[]], k=1, beam=5, own_prefixes=4, **SUM)[0][0][0] == 8
+
+
+def test_own_prefixes_are_the_prefixes_complete_adds(trained: tuple[OneRec, Path]) -> None:
+    """`own_prefixes` (what prefix recall measures) is the set `complete(own_prefixes=n)` completes under."""
+    onerec, _ = trained
+    hists = [[5, 6, 7], [1, 2], [30]]
+    own = onerec.own_prefixes(hists, 4)
+    valid = {tuple(int(x) for x in c[:2]) for c in onerec.sid.codes}
+    assert len(own) == 3
+    for o in own:
+        assert o and len(o) == len(set(o)) <= 4 and set(o) <= valid
+    served = onerec.complete(hists, [[], [], []], k=5, beam=20, own_prefixes=4, **SUM)
+    for o, items in zip(own, served, strict=True):
+        assert items and {tuple(onerec.sid.codes_of(i)[:2]) for i, _ in items} <= set(o)
+    # more pairs than there are level-a codes: the a-beam is capped at K, the pairs are not
+    wide = onerec.own_prefixes(hists[:1], onerec.K + 3)[0]
+    assert len(wide) == min(onerec.K + 3, len(valid)) and set(wide) <= valid
+    with pytest.raises(ValueError, match="n must be"):
+        onerec.own_prefixes(hists, 0)

@@ -75,8 +75,8 @@ def snapshot(*paths: Path) -> dict[str, str]:
 def test_own_dataset_documented_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      redis_server: RedisServer) -> None:
     from evaluation.__main__ import main as evaluation
-    from model.onerec.train import main as onerec
-    from model.semantic_ids import main as semantic_ids
+    from model.onerec.__main__ import main as onerec
+    from model.semantic_ids.__main__ import main as semantic_ids
 
     beauty = snapshot(ROOT / "artifacts", ROOT / "docs" / "results", ROOT / "docs" / "RESULTS.md")
     data = tmp_path / "shop"
@@ -110,7 +110,7 @@ def test_own_dataset_documented_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert refit.name.startswith("refit-"), refit.name
         assert refit_meta["epochs"] == sel_meta["best_epoch"] and refit_meta["selection"] == selection.name
         assert all("val_recall@10" not in c for c in json.loads((refit / "curve.json").read_text()))
-        onerec(["eval", "--split", "test", "--beam", "10", "--results", "onerec_quality"])
+        evaluation(["onerec", "--split", "test", "--beam", "10", "--results"])
         evaluation(["repeats", "--split", "valid", "--beam", "10", "--results"])
 
         # results: labelled, in the dataset's folder and RESULTS.md section, nothing at the top level

@@ -9,12 +9,12 @@ import pytest
 import torch
 from think_fixtures import tiny_dataset, tiny_sid, write_dataset
 
-from model.evaluate import evaluate
+from model.metrics import evaluate
+from model.think.__main__ import main as train_main
+from model.think.align_data import direct_prefix
+from model.think.checkpoint import load_think
 from model.think.decode import Decoder
-from model.think.evaluate import ThinkRecommender
-from model.think.tasks import direct_prefix
-from model.think.tokens import load_think
-from model.think.train import main as train_main
+from model.think.recommender import ThinkRecommender
 from model.trie import CodeTrie
 
 TINY = ["--bpe-vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",

@@ -12,12 +12,13 @@ import pytest
 import torch
 from think_fixtures import tiny_dataset, tiny_sid, write_dataset
 
-from model.think.evaluate import ThinkRecommender
+from model.think.__main__ import build_parser
+from model.think.__main__ import main as train_main
+from model.think.base_model import TinyBaseConfig
+from model.think.checkpoint import load_think
 from model.think.fit import FitConfig
 from model.think.itemhead import ItemHead, rerank, targets_at_item_begin
-from model.think.tokens import TinyBaseConfig, load_think
-from model.think.train import build_parser
-from model.think.train import main as train_main
+from model.think.recommender import ThinkRecommender
 from model.trie import TokenMap
 
 TINY = ["--bpe-vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
@@ -83,7 +84,7 @@ def test_selection_then_refit(root: Path, selected: Path) -> None:
 
 
 def test_refit_learns_from_validation_targets(root: Path, selected: Path) -> None:
-    from model.think.train import load_context, refit_source
+    from model.think.stages import load_context, refit_source
 
     args = build_parser().parse_args(recipe(root, root / "x", "--refit-of", str(selected)))
     ctx = load_context(root / "data", root / "sid", None)
@@ -149,7 +150,7 @@ def test_head_save_load_refuses_other_items(root: Path, tmp_path: Path) -> None:
 
 def _readme_commands(stage_name: str) -> list[list[str]]:
     out = []
-    for m in re.finditer(r"`python -m model\.think\.train ([^`]+)`", README.read_text()):
+    for m in re.finditer(r"`python -m model\.think ([^`]+)`", README.read_text()):
         argv = shlex.split(m.group(1))
         if argv[0] == stage_name:
             out.append(argv)
@@ -174,7 +175,7 @@ def test_readme_commands_use_the_recipe_defaults() -> None:
 
 
 def test_prefix_recall_by_hand() -> None:
-    from model.think.prefix_recall import prefix_hits, prefix_recall
+    from model.metrics import prefix_hits, prefix_recall
 
     cached = [[(1, 2), (3, 4)], [(1, 2)], [], [(5, 5), (5, 5), (0, 7)]]
     targets = [(3, 4), (2, 1), (1, 2), (0, 7)]
@@ -186,13 +187,11 @@ def test_prefix_recall_by_hand() -> None:
 
 
 def test_think_prefixes_are_valid_and_ranked(selected: Path) -> None:
-    from model.think.prefix_recall import think_prefixes
-
     rec = ThinkRecommender.load(selected, think=False)
     sid = tiny_sid()
     valid = {tuple(int(x) for x in c[:2]) for c in sid.codes}
     hists = [e.history for e in tiny_dataset(n_users=16).splits.test[:5]]
-    sets = think_prefixes(rec, hists, 6, batch_size=2)
+    sets = rec.top_prefixes(hists, 6, batch_size=2)
     assert set(sets) == {"codes", "item_head"}
     for name, per_user in sets.items():
         for c in per_user:

@@ -7,9 +7,8 @@ import pytest
 from think_fixtures import tiny_dataset, tiny_sid
 
 from model.semantic_ids import item_string
-from model.think.reasoning import CategoryTeacher, ItemEmbeddings, activation_samples, rl_cases
-from model.think.rl import group_advantages, rollout_beam_reward
-from model.think.tasks import (
+from model.think.activate_data import CategoryTeacher, ItemEmbeddings, activation_samples, rl_cases
+from model.think.align_data import (
     caption_samples,
     category_labels,
     generation_prefix,
@@ -18,6 +17,7 @@ from model.think.tasks import (
     rec_prompt,
     seq_samples,
 )
+from model.think.enhance import group_advantages, rollout_beam_reward
 from model.think.tokens import THINK_BEGIN
 
 CANARIES = (21, 22, 23, 24)  # only ever the validation / test targets of tiny_dataset
@@ -92,7 +92,7 @@ def test_rollout_beam_reward_hand_cases() -> None:
 def test_llm_teacher_over_openai_compatible_endpoint() -> None:
     import httpx
 
-    from model.think.reasoning import LLMTeacher, OpenAIChatBackend, TeacherInput
+    from model.think.activate_data import LLMTeacher, OpenAIChatBackend, TeacherInput
 
     ds, seen = tiny_dataset(), []
 

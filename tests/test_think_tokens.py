@@ -9,19 +9,10 @@ import pytest
 from think_fixtures import corpus, tiny_dataset, tiny_sid
 
 from model.semantic_ids import ITEM_BEGIN, ITEM_END, all_code_tokens, item_string, parse_codes
-from model.think.tasks import direct_prefix, generation_prefix, think_target
-from model.think.tokens import (
-    THINK_BEGIN,
-    THINK_END,
-    ItemicTokenError,
-    TinyBaseConfig,
-    add_itemic_tokens,
-    build_tiny_base,
-    load_think,
-    resize_for_items,
-    token_map,
-    train_bpe,
-)
+from model.think.align_data import direct_prefix, generation_prefix, think_target
+from model.think.base_model import TinyBaseConfig, build_tiny_base, train_bpe
+from model.think.checkpoint import load_think
+from model.think.tokens import THINK_BEGIN, THINK_END, ItemicTokenError, add_itemic_tokens, resize_for_items, token_map
 
 TINY = TinyBaseConfig(bpe_vocab=300, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
 
@@ -87,7 +78,7 @@ def test_resize_keeps_config_consistent(base_folder: Path) -> None:
 def test_extend_any_local_base_model(tmp_path: Path) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from model.think.tokens import extend_base_model
+    from model.think.base_model import extend_base_model
 
     tok = train_bpe(["plain text of some other model <think> reasoning </think>"] * 5, 270)
     tok.add_tokens(["<think>", "</think>"])  # e.g. Qwen3 ships its own think markers

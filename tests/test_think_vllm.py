@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from think_fixtures import corpus, tiny_dataset, tiny_sid
 
-from model.think.tokens import TinyBaseConfig, build_tiny_base
+from model.think.base_model import TinyBaseConfig, build_tiny_base
 
 pytest.importorskip("vllm")
 
 
 @pytest.mark.slow
 def test_tiny_folder_generates_reasoning_and_items_in_vllm(tmp_path: Path) -> None:
-    from model.think.evaluate import vllm_check
+    from evaluation.think import vllm_check
 
     ds, sid = tiny_dataset(), tiny_sid()
     folder = build_tiny_base(corpus(ds), sid, tmp_path / "tiny",

@@ -3,9 +3,10 @@
 - `config`: `OneRecConfig` (saved with each checkpoint) and `DeadlineExceeded`;
 - `modeling`: the network `OneRecModel`, `build_model`, `save_checkpoint`;
 - `serving`: the plain-tensor serving copy of trained weights (`FrozenOneRec`) and the module path;
-- `decoding`: `OneRec` (load a checkpoint, `decode_full`, `complete` under cached prefixes) and the
-  evaluation harness's `OneRecRecommender`;
-- `train`: training, refit and evaluation commands; `__main__`: ``python -m model.onerec train|eval``.
+- `decoding`: `OneRec` (load a checkpoint, `decode_full`, `complete` under cached prefixes, `own_prefixes`)
+  and the evaluation harness's `OneRecRecommender`;
+- `train`: training and refit (schedule and seeding from `model.training`); `__main__`: ``python -m model.onerec
+  train``. Quality is measured by ``python -m evaluation onerec``.
 Nothing here reads Redis or HTTP.
 """
 

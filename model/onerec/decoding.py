@@ -152,19 +152,46 @@ class OneRec:
             out.append(items)
         return out
 
-    def _own_prefixes(self, top_a: torch.Tensor, a: torch.Tensor, lb: torch.Tensor) -> list[list[tuple[int, int]]]:
-        """The model's top-n (a, b) per user by log p(a) + log p(b|a) over the trie (a-beam of width n).
+    def _best_pairs(self, top_a: torch.Tensor, a: torch.Tensor, lb: torch.Tensor, n: int
+                    ) -> list[list[tuple[int, int]]]:
+        """The model's top-n (a, b) per user by log p(a) + log p(b|a) over the trie (a-beam of width W): the
+        one rule behind `own_prefixes` and the own prefixes of `complete`.
 
-        top_a, a (B, n): the n best level-a log-probs and codes; lb (B, n, K): log p(b | a), -inf off the trie.
+        top_a, a (B, W): the W best level-a log-probs and codes; lb (B, W, K): log p(b | a), -inf off the trie.
         """
-        B, n = a.shape
-        total = (top_a[..., None] + lb).nan_to_num(nan=-math.inf).reshape(B, -1)  # (B, n*K)
+        B = a.shape[0]
+        # neginf too: nan_to_num would turn -inf (pairs off the trie) into a finite number that passes the filter
+        total = (top_a[..., None] + lb).nan_to_num(nan=-math.inf, neginf=-math.inf).reshape(B, -1)  # (B, W*K)
         top, idx = total.topk(min(n, total.shape[1]), dim=1)
         a_l, idx_l, top_l = a.tolist(), idx.tolist(), top.tolist()
         return [[(a_l[u][i // self.K], i % self.K) for i, t in zip(idx_l[u], top_l[u], strict=True) if t > -math.inf]
                 for u in range(B)]
 
+    def _level_a(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, D) -> log p(a) (B, K), renormalised over the level-a codes of the trie."""
+        la = self.net.level_logits(h, h.new_zeros(h.shape[0], 0, dtype=torch.long), 0)  # (B, K)
+        return torch.log_softmax(la.masked_fill_(self._no_root, -math.inf), -1)
+
+    def _level_b(self, h: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (U, D), a (U,) -> (log p(b | a) (U, K) renormalised over a's children, a's level-b node (U,))."""
+        node = self.child[0][0][a]  # (U,) level-b node of each a (-1: a not in the trie)
+        lb = self.net.level_logits(h, a[:, None], 1)  # (U, K)
+        return torch.log_softmax(lb.masked_fill_(self._child_pad[1][node] < 0, -math.inf), -1), node
+
     # ---------------------------------------------------------------- entry points
+    @torch.no_grad()
+    def own_prefixes(self, histories: Sequence[Sequence[int]], n: int) -> list[list[tuple[int, int]]]:
+        """The model's own top-`n` (a, b) per user under `histories`, best first: the top-n level-a codes,
+        then the best n pairs by log p(a) + log p(b|a) over the trie. `complete(own_prefixes=n)` adds
+        exactly these (n <= K); prefix recall (`evaluation.prefix_recall`) measures them."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        h = self._last_hidden(histories)  # (B, D)
+        B = h.shape[0]
+        top_a, a = self._level_a(h).topk(min(n, self.K), dim=1)  # (B, n)
+        lb, _ = self._level_b(h[:, None].expand(B, a.shape[1], -1).reshape(B * a.shape[1], -1), a.reshape(-1))
+        return self._best_pairs(top_a, a, lb.view(B, a.shape[1], -1), n)
+
     @torch.no_grad()
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None
@@ -206,8 +233,7 @@ class OneRec:
         h = self._last_hidden(histories)
         self._check(deadline)
         excl = self._exclusion(exclude, B)
-        la = self.net.level_logits(h, h.new_zeros(B, 0, dtype=torch.long), 0)  # (B, K)
-        la = torch.log_softmax(la.masked_fill_(self._no_root, -math.inf), -1)
+        la = self._level_a(h)  # (B, K)
         given: list[dict[tuple[int, int], float]] = []
         for plist in prefixes:
             best: dict[tuple[int, int], float] = {}  # duplicates keep their best offline score
@@ -221,12 +247,9 @@ class OneRec:
         top_a, own_a = la.topk(max(0, min(own_prefixes, self.K)), dim=1)  # (B, n), n = 0: no own prefixes
         keys = torch.tensor([u * self.K + a for u, best in enumerate(given) for a, _ in best], dtype=torch.long)
         pairs = torch.unique(torch.cat([keys, (own_a + self.K * user).flatten(), self.K * user[:, 0]]))  # (U,)
-        ua = pairs % self.K
-        node_ua = self.child[0][0][ua]  # (U,) level-b node of each a (-1: a not in the trie)
-        lb = self.net.level_logits(h[pairs // self.K], ua[:, None], 1)  # (U, K)
-        lb = torch.log_softmax(lb.masked_fill_(self._child_pad[1][node_ua] < 0, -math.inf), -1)
+        lb, node_ua = self._level_b(h[pairs // self.K], pairs % self.K)  # (U, K), (U,)
         own = ([[] for _ in range(B)] if own_prefixes <= 0 else
-               self._own_prefixes(top_a, own_a, lb[torch.searchsorted(pairs, own_a + self.K * user)]))
+               self._best_pairs(top_a, own_a, lb[torch.searchsorted(pairs, own_a + self.K * user)], own_a.shape[1]))
         P = max(1, max((len(p) + len(o) for p, o in zip(prefixes, own, strict=True)), default=1))
         la_rows: list[list[int]] = []
         lb_rows: list[list[int]] = []

@@ -1,4 +1,4 @@
-"""Training and evaluation CLI of the lightweight OneRec (``python -m model.onerec train|eval``).
+"""Training of the lightweight OneRec (``python -m model.onerec train``; the parser is in `model.onerec.__main__`).
 
 Trains on the training parts of the leave-one-out splits, learning from every position of each
 sequence in one pass (code cross-entropy + the tied next-item head; warm-up + cosine LR by default);
@@ -10,7 +10,7 @@ interruption. Two kinds of run, named by what they are:
 - *refit* (``--refit``, ``refit-<variant>-<time>``): the final test model, trained on train + validation
   interactions for the selection run's best epoch (``--selection FOLDER``, default ``<out>/current``),
   with no validation (the validation targets are training data).
-Does not serve requests.
+Does not serve requests, and does not measure test quality (``python -m evaluation onerec``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,18 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.evaluate import evaluate
+from model.metrics import evaluate
 from model.onerec.config import OneRecConfig
 from model.onerec.decoding import OneRec, OneRecRecommender
 from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
 from model.semantic_ids import SemanticIDs, point_current
-from services.catalog import HISTORY_CAP, Example, dataset_name, load_dataset
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from model.training import lr_lambda, seed_all
+from services.catalog import load_dataset
 
 
 def make_windows(train: dict[int, list[int]], row_of: dict[int, int], max_len: int) -> list[list[int]]:
@@ -80,20 +73,6 @@ def length_batches(seqs: list[list[int]], batch_size: int, rng: random.Random) -
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Multiplier of the base LR at optimiser step `step`: linear warm-up, then constant or cosine decay."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    return f
 
 
 def train_epoch(model: OneRecModel, opt: torch.optim.Optimizer, seqs: list[list[int]], batch_size: int,
@@ -217,127 +196,3 @@ def train(args: argparse.Namespace) -> Path:
         point_current(args.out, folder)
     print(f"best checkpoint: {folder}")
     return folder
-
-
-def run_eval(folder: Path, data_dir: Path, beam: int, split: str, results: str | None, limit: int | None,
-             item_score_weight: float | None = None) -> dict:
-    torch.set_num_threads(int(os.environ.get("ONEREC_EVAL_THREADS", "2")))
-    ds = load_dataset(data_dir)
-    examples: list[Example] = ds.splits.test if split == "test" else ds.splits.valid
-    examples = examples[:limit] if limit else examples
-    rec = OneRecRecommender.load(folder, beam=beam)
-    if item_score_weight is not None:
-        rec.onerec.cfg.item_score_weight = item_score_weight
-    t0 = time.perf_counter()
-    m = evaluate(rec, examples, k=10, desc=f"onerec {split}")
-    dt = time.perf_counter() - t0
-    isw = rec.onerec.cfg.item_score_weight
-    print(f"{folder} {split} beam={beam} item_score_weight={isw} ({len(examples)} users, {dt:.0f}s): {m}")
-    if results:
-        from services.results import write_result
-
-        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
-        sid_meta = rec.onerec.sid.config.variant
-        write_result(results, m | {"train_s": meta.get("train_s"), "params": meta.get("params"), "beam": beam},
-                     note=f"split={split}, checkpoint={folder.resolve().name}, sid={sid_meta}, item_score_weight={isw}",
-                     dataset=dataset_name(data_dir))
-    return m
-
-
-def run_variants(runs: list[str], data_dir: Path, beam: int, results: bool) -> dict:
-    """Semantic-ID variant table: per ``variant=folder`` run, its best validation R@10/N@10 (from
-    curve.json) and the test metrics of that checkpoint; ``--results`` writes onerec_sid_variants.json."""
-    table: dict[str, dict] = {}
-    for spec in runs:
-        variant, _, folder_s = spec.partition("=")
-        folder = Path(folder_s)
-        if not variant or not (folder / "curve.json").is_file():
-            raise SystemExit(f"--run {spec!r}: expected VARIANT=FOLDER of a `train` run (with curve.json)")
-        curve = [c for c in json.loads((folder / "curve.json").read_text()) if c.get("val_recall@10") is not None]
-        if not curve:
-            raise SystemExit(f"--run {spec!r}: no validated epoch (a refit run?); give selection runs")
-        best = max(curve, key=lambda c: c["val_recall@10"])
-        m = run_eval(folder, data_dir, beam, "test", None, None)
-        table[variant] = {**{k: round(v, 6) for k, v in m.items()}, "val_recall@10": best["val_recall@10"],
-                          "val_ndcg@10": best["val_ndcg@10"], "best_epoch": best["epoch"], "epochs": len(curve)}
-    print(json.dumps(table, indent=2))
-    if results:
-        from services.results import write_result
-
-        write_result("onerec_sid_variants", table, note="same model and recipe per variant (train part only, "
-                     "validation users identical); test metrics of each run's best-validation checkpoint",
-                     dataset=dataset_name(data_dir))
-    return table
-
-
-def main(argv: list[str] | None = None) -> None:
-    from services.config import get_settings
-
-    st = get_settings()
-    p = argparse.ArgumentParser(prog="python -m model.onerec", description="Train / evaluate the lightweight OneRec.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train on the leave-one-out training histories")
-    t.add_argument("--data-dir", type=Path, default=st.data_dir, help="dataset folder")
-    t.add_argument("--sid", type=Path, default=st.resolved("sid"), help="semantic-ID folder")
-    t.add_argument("--out", type=Path, default=st.artifacts_dir / "onerec", help="root of checkpoint folders")
-    t.add_argument("--name", default=None, help="checkpoint folder name (default: from sid variant and time)")
-    t.add_argument("--epochs", type=int, default=None,
-                   help=f"maximum epochs, the cosine schedule ends here (default {DEFAULT_EPOCHS}; with --refit: the "
-                        "selection run's best epoch)")
-    t.add_argument("--max-minutes", type=float, default=60.0, help="training time budget")
-    t.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping")
-    t.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    t.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
-                   help="LR after warm-up: constant, or cosine decay to --min-lr-ratio at --epochs")
-    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warm-up length")
-    t.add_argument("--min-lr-ratio", type=float, default=0.02, help="final LR / base LR of the cosine schedule")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    t.add_argument("--d-model", type=int, default=128, help="hidden size")
-    t.add_argument("--layers", type=int, default=2, help="transformer layers")
-    t.add_argument("--heads", type=int, default=2, help="attention heads")
-    t.add_argument("--dropout", type=float, default=0.3, help="dropout")
-    t.add_argument("--max-len", type=int, default=HISTORY_CAP, help="history length (the history cap)")
-    t.add_argument("--no-item-emb", action="store_true", help="items embedded by their codes only")
-    t.add_argument("--item-loss-weight", type=float, default=1.0,
-                   help="weight of the auxiliary next-item softmax (tied to the item embeddings)")
-    t.add_argument("--item-score-weight", type=float, default=1.0,
-                   help="decode: add this x the item head's log-prob to each complete item's score")
-    t.add_argument("--val-users", type=int, default=3000, help="validation users evaluated each epoch")
-    t.add_argument("--val-beam", type=int, default=10, help="beam width of validation decoding")
-    t.add_argument("--threads", type=int, default=2, help="torch threads")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/<name>/state.pt")
-    t.add_argument("--refit", action="store_true",
-                   help="final test model: train+validation interactions, for the --selection run's best epoch")
-    t.add_argument("--selection", type=Path, default=None,
-                   help="with --refit: the selection run whose best epoch is reused (default: <out>/current)")
-    t.add_argument("--no-current", action="store_true", help="do not point <out>/current at the result")
-    e = sub.add_parser("eval", help="evaluate a checkpoint (mode onerec)")
-    e.add_argument("--checkpoint", type=Path, default=st.resolved("onerec"), help="checkpoint folder")
-    e.add_argument("--data-dir", type=Path, default=st.data_dir, help="dataset folder")
-    e.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
-    e.add_argument("--split", choices=["valid", "test"], default="test")
-    e.add_argument("--limit", type=int, default=None, help="only the first N users")
-    e.add_argument("--results", default=None, help="write docs/results/<NAME>.json")
-    e.add_argument("--item-score-weight", type=float, default=None,
-                   help="override the checkpoint's decode-time item-head weight (tuning on --split valid)")
-    v = sub.add_parser("variants", help="semantic-ID variant table from finished train runs")
-    v.add_argument("--run", action="append", required=True, help="VARIANT=FOLDER of a train run, repeatable")
-    v.add_argument("--data-dir", type=Path, default=st.data_dir, help="dataset folder")
-    v.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
-    v.add_argument("--results", action="store_true", help="write docs/results/onerec_sid_variants.json")
-    args = p.parse_args(argv)
-    if args.cmd == "variants":
-        run_variants(args.run, args.data_dir, args.beam, args.results)
-    elif args.cmd == "train":
-        if args.refit and args.selection is None:
-            args.selection = args.out / "current"
-        if args.name is None:
-            variant = SemanticIDs.load(args.sid).config.variant
-            kind = "refit" if args.refit else "select"
-            args.name = f"{kind}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
-        train(args)
-    else:
-        run_eval(args.checkpoint, args.data_dir, args.beam, args.split, args.results, args.limit,
-                 args.item_score_weight)

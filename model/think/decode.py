@@ -5,7 +5,7 @@ the free text (greedy or sampled, code tokens masked out) until ``</think>``; `b
 ``</think><|item_begin|>`` (think mode) or starts right after ``<|item_begin|>`` (direct mode) and runs a
 beam of width W over the code levels, masked by `CodeTrie.level_mask`. Everything is batched over users
 (rows) and beams; finished rows keep stepping with masked-out pad tokens so the cache stays rectangular.
-Not here: prompt text (`model.think.tasks`), training, vLLM (the offline worker owns its engine).
+Not here: prompt text (`model.think.align_data`), training, vLLM (the offline worker owns its engine).
 """
 
 from __future__ import annotations
@@ -49,6 +49,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
         ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
         mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def final_hidden(model: Any, rows: Sequence[Sequence[int]], pad: int, bf16: bool = False) -> torch.Tensor:
+    """(B, D) final (normed) hidden state at the last token of each row: the rows left-padded with `pad`,
+    positions counted from 0 per row, one forward of the trunk (no LM head, no cache); `bf16`: autocast on CPU."""
+    dev = model.get_input_embeddings().weight.device
+    ids, mask = left_pad(rows, pad)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and dev.type == "cpu"):
+        out = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+    return out.last_hidden_state[:, -1]
 
 
 class Decoder:

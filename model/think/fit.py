@@ -1,6 +1,6 @@
 """Epoch training of OneRec-Think with the item head: validation each epoch, best-epoch selection, refit.
 
-The recipe of the ``align`` stage (`model.think.train`), in two runs named by what they are:
+The recipe of the ``align`` stage (`model.think.stages`), in two runs named by what they are:
 
 - **selection** (``run="selection"``): trains on the training part of every sequence for up to
   ``epochs`` epochs (warm-up + cosine LR over all of them), validates after each epoch on a fixed
@@ -14,12 +14,11 @@ Loss per batch: LM cross-entropy on target tokens + ``item_loss_weight`` x item 
 every ``<|item_begin|>`` (`model.think.itemhead`). bf16 autocast on by default (measured in
 ``benchmarks/think_train_speed.py``). Resumes after a kill from ``<out>/trainer_state.pt`` (written
 every ``save_every`` steps and at each epoch end) with the same batch order as an uninterrupted run.
-Not here: the data builders (`model.think.tasks`), the CLI (`model.think.train`).
+Not here: the data builders (`model.think.align_data`), the stage runner (`model.think.stages`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -33,13 +32,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.semantic_ids import SemanticIDs
+from model.think.align_data import direct_prefix
 from model.think.itemhead import ItemHead, item_loss, targets_at_item_begin
-from model.think.tasks import direct_prefix
+from model.think.sft import LOG, STATE
+from model.training import log_step, lr_multiplier
 from model.trie import TokenMap
 from services.catalog import Example
 
-STATE = "trainer_state.pt"
-LOG = "train_log.jsonl"
+MIN_LR_RATIO = 0.05  # the recipe's cosine ends at 0.05 x the peak LR
 Rows = list[tuple[list[int], int]]
 
 
@@ -62,14 +62,6 @@ class FitConfig:
     seed: int = 0
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine from 1 to 0.05."""
-    if step < warmup:
-        return (step + 1) / max(warmup, 1)
-    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor,
                      tm: TokenMap, row_of_codes: dict[tuple[int, ...], int], item_weight: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,32 +79,22 @@ def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.T
 def validate(model: Any, head: ItemHead, tok: Any, sid: SemanticIDs, examples: Sequence[Example], bf16: bool,
              batch_size: int = 128, max_len: int = 320) -> dict[str, float]:
     """Item-head ranking over the whole catalogue: R@10, N@10 (and @5) on `examples` (direct prompt)."""
-    from model.evaluate import score
-    from model.think.decode import left_pad
+    from model.metrics import score
+    from model.think.decode import final_hidden
 
     model.eval()
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].history))
     ranked: list[list[int]] = [[] for _ in examples]
-    dev = next(model.parameters()).device
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         texts = [direct_prefix([sid.codes_of(i) for i in examples[j].history if sid.has_item(i)]) for j in chunk]
         rows = [r[-max_len:] for r in tok(texts, add_special_tokens=False)["input_ids"]]
-        ids, mask = left_pad(rows, pad)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and dev.type == "cpu"):
-            h = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                 position_ids=pos.to(dev)).last_hidden_state[:, -1]
+        h = final_hidden(model, rows, pad, bf16)
         top = head.logits(h).topk(10, dim=-1).indices.cpu().numpy()
         for j, r in zip(chunk, top, strict=True):
             ranked[j] = [int(sid.item_ids[x]) for x in r]
     return score(ranked, [e.target for e in examples])
-
-
-def _log(out: Path, rec: dict) -> None:
-    with (out / LOG).open("a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, epoch_rows: Callable[[int], Rows],
@@ -123,7 +105,7 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
     `epoch_rows(e)` gives epoch e's tokenised texts (same count every epoch); `save()` writes the model
     and head into `out` (called for the best epoch in selection, at the end in refit).
     """
-    from model.think.rows import batches, collate
+    from model.think.sft import batches, collate
 
     if cfg.run not in ("selection", "refit"):
         raise ValueError(f"run must be 'selection' or 'refit', got {cfg.run!r}")
@@ -166,7 +148,7 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
         for s in range(state["step"], len(order)):
             g = e * spe + s
             for grp in opt.param_groups:
-                grp["lr"] = cfg.lr * lr_factor(g, total, warm)
+                grp["lr"] = cfg.lr * lr_multiplier(g, total, warm, MIN_LR_RATIO)
             ids, att, labels = (t.to(dev) for t in collate([rows[i] for i in order[s]], pad))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
                 lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight)
@@ -204,7 +186,7 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
         else:
             bar.write(f"epoch {e + 1}: lm {rec['lm_loss']:.3f} item {rec['item_loss']:.3f} (refit, no validation)")
         state["curve"].append(rec)
-        _log(out, {"stage": f"fit-{cfg.run}", **rec})
+        log_step(out / LOG, {"stage": f"fit-{cfg.run}", **rec})
         checkpoint()
     bar.close()
     if cfg.run == "refit":

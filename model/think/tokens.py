@@ -1,4 +1,4 @@
-"""Itemic tokens for a causal LM: extend a tokenizer + model, build the tiny default base, load a folder.
+"""Itemic tokens for a causal LM: add them to a tokenizer, find them again, size the embeddings for them.
 
 Public API (other modules import these names):
 
@@ -12,31 +12,23 @@ Public API (other modules import these names):
   (raises `ItemicTokenError` if the code tokens are missing or not contiguous).
 - ``resize_for_items(model, tokenizer, pad_to_multiple_of=64)``: resize embeddings (padded) and keep
   ``config.vocab_size`` equal to the embedding rows so vLLM loads the folder.
-- ``TinyBaseConfig`` + ``build_tiny_base(texts, sid, out_dir, cfg) -> Path``: byte-level BPE trained on
-  `texts`, a random-init ``Qwen3ForCausalLM``, itemic tokens added, saved as an HF folder.
-- ``extend_base_model(path, sid, out_dir)``: same for any local HF causal LM (``--base-model PATH``).
-- ``save_think(model, tokenizer, tokmap, folder)`` / ``load_think(folder) -> (model, tokenizer, TokenMap)``:
-  every folder carries ``itemic.json`` with ``num_levels`` and ``codebook_size``.
 
-Not here: prompt formats (`model.think.tasks`), training loops (`model.think.train`), decoding.
+Not here: the base-model builders (`model.think.base_model`), saving and loading folders
+(`model.think.checkpoint`), prompt formats (`model.think.align_data`), training, decoding.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from model.semantic_ids import ITEM_BEGIN, ITEM_END, SemanticIDs, all_code_tokens, level_token
+from model.semantic_ids import ITEM_BEGIN, ITEM_END, all_code_tokens, level_token
 from model.trie import TokenMap
 
 THINK_BEGIN = "<think>"
 THINK_END = "</think>"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-ITEMIC_JSON = "itemic.json"
 MARKERS = (ITEM_BEGIN, ITEM_END, THINK_BEGIN, THINK_END)
 
 
@@ -118,140 +110,3 @@ def resize_for_items(model: Any, tokenizer: Any, pad_to_multiple_of: int = 64) -
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     text_cfg.vocab_size = rows
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# the tiny default base
-
-
-@dataclass
-class TinyBaseConfig:
-    """A small Qwen3-architecture model trained from scratch (defaults: ~3M parameters)."""
-
-    bpe_vocab: int = 2048
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    head_dim: int = 64
-    intermediate: int = 512
-    max_positions: int = 1024
-    rope_theta: float = 10000.0
-    seed: int = 0
-
-
-def train_bpe(texts: list[str], vocab_size: int) -> Any:
-    """Byte-level BPE (HF `tokenizers`) trained on `texts`, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=4096)
-
-
-def build_tiny_base(texts: list[str], sid: SemanticIDs, out_dir: Path | str, cfg: TinyBaseConfig | None = None) -> Path:
-    """Train the BPE, build a random-init Qwen3ForCausalLM with itemic tokens, save it; returns `out_dir`."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = cfg or TinyBaseConfig()
-    torch.manual_seed(cfg.seed)
-    tokenizer = train_bpe(texts, cfg.bpe_vocab)
-    tokmap = add_itemic_tokens(tokenizer, sid.num_levels, sid.codebook_size)
-    vocab = int(math.ceil(len(tokenizer) / 64) * 64)
-    config = Qwen3Config(
-        vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype="float32",
-    )
-    model = Qwen3ForCausalLM(config)
-    resize_for_items(model, tokenizer)
-    out = Path(out_dir)
-    save_think(model, tokenizer, tokmap, out, extra={"base_model": "tiny-qwen3", "tiny_config": asdict(cfg)})
-    return out
-
-
-def extend_base_model(base: Path | str, sid: SemanticIDs, out_dir: Path | str) -> Path:
-    """Add itemic tokens to any local HF causal LM folder (``--base-model PATH``) and save it to `out_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = Path(base)
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"--base-model {base}: no config.json (need a local HF causal LM folder)")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokmap = add_itemic_tokens(tokenizer, sid.num_levels, sid.codebook_size)
-    resize_for_items(model, tokenizer)
-    out = Path(out_dir)
-    save_think(model, tokenizer, tokmap, out, extra={"base_model": str(base)})
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# folders
-
-
-def save_think(model: Any, tokenizer: Any, tokmap: TokenMap, folder: Path | str, extra: dict | None = None) -> Path:
-    """Save model + tokenizer + generation_config + ``itemic.json`` (merged with any existing extra keys)."""
-    from transformers import GenerationConfig
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    ids = special_ids(tokenizer)
-    eos = tokenizer.eos_token_id
-    gen = GenerationConfig(
-        eos_token_id=[eos, ids["item_end"]], pad_token_id=tokenizer.pad_token_id, bos_token_id=eos,
-        do_sample=False, max_new_tokens=64,
-    )
-    gen.save_pretrained(folder)
-    meta_path = folder / ITEMIC_JSON
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta.update(extra or {})
-    meta.update({"num_levels": tokmap.num_levels, "codebook_size": tokmap.codebook_size, "offset": tokmap.offset,
-                 "item_begin": tokmap.item_begin, "item_end": tokmap.item_end,
-                 "think_begin": ids["think_begin"], "think_end": ids["think_end"]})
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def read_itemic(folder: Path | str) -> dict:
-    path = Path(folder) / ITEMIC_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: {folder} is not a OneRec-Think folder (build one with "
-                                "`python -m model.think.train base`)")
-    return json.loads(path.read_text())
-
-
-def load_tokenizer(folder: Path | str) -> tuple[Any, TokenMap]:
-    from transformers import AutoTokenizer
-
-    meta = read_itemic(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"
-    return tokenizer, token_map(tokenizer, int(meta["num_levels"]), int(meta["codebook_size"]))
-
-
-def load_think(folder: Path | str, dtype: Any = None) -> tuple[Any, Any, TokenMap]:
-    """(model in eval mode, tokenizer with left padding, TokenMap) of a saved OneRec-Think folder."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    tokenizer, tokmap = load_tokenizer(folder)
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
-    model.eval()
-    rows = int(model.get_input_embeddings().weight.shape[0])
-    if rows < len(tokenizer):
-        raise ItemicTokenError(f"{folder}: model has {rows} embedding rows for {len(tokenizer)} tokens")
-    return model, tokenizer, tokmap

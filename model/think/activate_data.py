@@ -3,7 +3,7 @@
 For every training target, the k history items most related to it (cosine similarity of item text
 embeddings) form a *pruned context*; a teacher turns (pruned context, target) into a short rationale.
 The student is then fine-tuned on the *full, noisy* history -> ``<think> rationale </think>`` -> target
-codes (`activation_samples`, format from `model.think.tasks`).
+codes (`activation_samples`, format from `model.think.align_data`).
 
 Teachers (anything with ``rationales(list[TeacherInput]) -> list[str]``):
 - `CategoryTeacher` (default, the paper's choice on public data): readable category labels (keywords of
@@ -11,7 +11,7 @@ Teachers (anything with ``rationales(list[TeacherInput]) -> list[str]``):
 - `LLMTeacher` over a backend: `OpenAIChatBackend` (any OpenAI-compatible ``/v1/chat/completions``
   endpoint, e.g. ``vllm serve``) or `VLLMBackend` (a local model folder loaded with vLLM).
 Only ``Splits.train`` is read, so validation/test targets never reach a rationale.
-Not here: training loops, the RL reward (`model.think.rl`).
+Not here: training loops, the RL reward (`model.think.enhance`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.semantic_ids import SemanticIDs
-from model.think.tasks import Sample, generation_prefix, label_of, think_target
+from model.think.align_data import Sample, generation_prefix, label_of, think_target
 from services.catalog import HISTORY_CAP, Catalog, catalog_hash
 
 _WORD = re.compile(r"[a-z0-9]+")

@@ -19,7 +19,7 @@ interleaved user persona grounding, sequential preference modelling, itemic dens
 general language modelling. Builders that read interactions take ``Splits.train`` (the training part
 of every sequence) and nothing else, so no validation/test target can reach a training text.
 Captioning reads the catalogue only (item side information, no interactions).
-Not here: rationales (`model.think.reasoning`), training loops (`model.think.train`).
+Not here: rationales (`model.think.activate_data`), training loops (`model.think.stages`).
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
-"""CLI for the OneRec-Think stages; every stage reads an HF folder and writes one (loadable by vLLM).
+"""The OneRec-Think stages: each reads a OneRec-Think folder (none for ``base``) and writes one (loadable by vLLM).
 
-    python -m model.think.train base      --out artifacts/think/base      # tokenizer + tiny Qwen3 (+ LM steps)
-    python -m model.think.train align     --init .../base --out .../ia    # warm-up + multi-task
-    python -m model.think.train align     --init .../base --out .../seq --tasks seq --warmup-steps 0   # "Base"
-    python -m model.think.train activate  --init .../ia   --out .../act   # pruned-context rationales + LoRA SFT
-    python -m model.think.train enhance   --init .../act  --out .../rl    # GRPO, Rollout-Beam reward
-
-`--base-model PATH` (stage base) extends any local HF causal LM instead of building the tiny one.
+- `run_base`: tokenizer + tiny Qwen3 (`model.think.base_model`) or a local HF LM, then optional LM steps;
+- `run_align`: Itemic Alignment, token warm-up then multi-task integration: the epoch recipe
+  (`model.think.fit`, selection or refit) or the fixed-step loop (`model.think.sft`);
+- `run_activate`: Reasoning Activation, pruned-context rationales (`model.think.activate_data`) + LoRA SFT;
+- `run_enhance`: Reasoning Enhancement, GRPO with the Rollout-Beam reward (`model.think.enhance`).
 Every stage shows a progress bar, logs to ``<out>/train_log.jsonl``, checkpoints to ``<out>`` every
 ``--save-every`` steps (model + ``trainer_state.pt``) and continues from there with ``--resume``.
 Each folder holds ``itemic.json`` (code layout, stage history) and ``sid/`` (its semantic IDs).
-Not here: the prompt format (`tasks`), decoding (`decode`), evaluation (`model.think.evaluate`).
+The runners take the parsed options of ``python -m model.think`` (`model.think.__main__`, the parser).
+Not here: the parser, the data builders, decoding (`model.think.decode`), evaluation (`evaluation.think`).
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,126 +29,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.semantic_ids import SemanticIDs, point_current
-from model.think import tasks as T
-from model.think.rows import batches, collate, tokenize
-from model.think.tokens import (
-    TinyBaseConfig,
-    build_tiny_base,
-    extend_base_model,
-    load_think,
-    read_itemic,
-    save_think,
-)
+from model.semantic_ids import SemanticIDs
+from model.think import align_data as T
+from model.think.base_model import TinyBaseConfig, build_tiny_base, extend_base_model
+from model.think.checkpoint import load_think, read_itemic, save_think
+from model.think.sft import LOG, STATE, LoopConfig, sft_loop, tokenize
+from model.training import log_step
 from model.trie import CodeTrie, TokenMap
 from services.catalog import Dataset, leave_one_out, load_dataset
 
-STATE = "trainer_state.pt"
-LOG = "train_log.jsonl"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class LoopConfig:
-    """Optimisation settings shared by the supervised stages."""
-
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.05
-    max_len: int = 320
-    save_every: int = 200
-    seed: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# data plumbing
-
-
-
-def endless(rows: list[tuple[list[int], int]], batch_size: int, seed: int) -> Iterator[list[int]]:
-    epoch = 0
-    while True:
-        yield from batches(rows, batch_size, seed + epoch)
-        epoch += 1
-
-
-# --------------------------------------------------------------------------------------------
-# the supervised loop (resumable)
-
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / max(warmup, 1)
-    frac = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-
-def _log(out: Path, rec: dict) -> None:
-    with (out / LOG).open("a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def sft_loop(model: Any, tok: Any, rows: list[tuple[list[int], int]], cfg: LoopConfig, out: Path, desc: str,
-             params: list[torch.nn.Parameter] | None = None, grad_hook: Callable[[], None] | None = None,
-             save: Callable[[Any, Path], object] | None = None, resume: bool = False, step_offset: int = 0,
-             total_steps: int | None = None) -> dict[str, float]:
-    """Cross-entropy on target tokens for `cfg.steps` steps; checkpoints and resumes via ``<out>/trainer_state.pt``.
-
-    `step_offset`/`total_steps` let two sub-stages (warm-up, multi-task) share one folder and one bar.
-    """
-    total = total_steps or cfg.steps
-    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    state_path = out / STATE
-    if resume and state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
-        if int(st["step"]) >= step_offset + cfg.steps:  # this sub-stage finished before the interruption
-            return {"steps": 0, "resumed_past": True}
-        if st.get("desc") == desc:
-            opt.load_state_dict(st["optimizer"])
-            start = int(st["step"]) - step_offset
-    if start >= cfg.steps:
-        return {"steps": 0}
-    it = endless(rows, cfg.batch_size, cfg.seed)
-    for _ in range(start):  # same batch order as an uninterrupted run
-        next(it)
-    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    device = next(model.parameters()).device
-    warm = int(cfg.warmup_frac * cfg.steps)
-    bar = tqdm(total=total, initial=step_offset + start, desc=desc, unit="step")
-    model.train()
-    t0, tokens, ema = time.perf_counter(), 0, None
-    for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_at(step, cfg.steps, warm)
-        ids, att, labels = (t.to(device) for t in collate([rows[i] for i in next(it)], pad))
-        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_hook is not None:
-            grad_hook()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        tokens += int(att.sum().item())
-        lv = float(loss.detach())
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        done = step + 1 == cfg.steps
-        if (step + 1) % 50 == 0 or done:
-            _log(out, {"stage": desc, "step": step_offset + step + 1, "loss": round(ema, 4),
-                       "lr": opt.param_groups[0]["lr"], "tok_s": round(tokens / (time.perf_counter() - t0), 1)})
-        if save is not None and ((step + 1) % cfg.save_every == 0 or done):
-            save(model, out)
-            torch.save({"desc": desc, "step": step_offset + step + 1, "optimizer": opt.state_dict()}, state_path)
-    bar.close()
-    model.eval()
-    secs = time.perf_counter() - t0
-    return {"steps": cfg.steps - start, "loss": round(ema or 0.0, 4), "seconds": round(secs, 1),
-            "tok_s": round(tokens / max(secs, 1e-9), 1)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +266,7 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
 
 def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
     """Reasoning Activation: teacher rationales from pruned contexts, then LoRA SFT on full histories."""
-    from model.think.reasoning import ItemEmbeddings, activation_samples, make_teacher
+    from model.think.activate_data import ItemEmbeddings, activation_samples, make_teacher
 
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
@@ -422,9 +309,9 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
 
 def run_enhance(args: argparse.Namespace, ctx: Context) -> Path:
     """Reasoning Enhancement: GRPO with the Rollout-Beam reward and a KL penalty to the activated model."""
+    from model.think.activate_data import rl_cases
     from model.think.decode import Decoder
-    from model.think.reasoning import rl_cases
-    from model.think.rl import GRPOConfig, grpo_step
+    from model.think.enhance import GRPOConfig, grpo_step
 
     out = prepare_out(args.out, args.init, args.resume)
     policy, tok, tm = load_on(out, args)
@@ -453,7 +340,7 @@ def run_enhance(args: argparse.Namespace, ctx: Context) -> Path:
         curve.append(st)
         bar.update(1)
         bar.set_postfix(reward=f"{np.mean([c['reward'] for c in curve[-20:]]):.3f}", kl=f"{st['kl']:.4f}")
-        _log(out, {"stage": "enhance", "step": step + 1, **{k: round(v, 4) for k, v in st.items()}})
+        log_step(out / LOG, {"stage": "enhance", "step": step + 1, **{k: round(v, 4) for k, v in st.items()}})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_think(policy, tok, tm, out)
             torch.save({"desc": "enhance", "step": step + 1, "optimizer": opt.state_dict()}, out / STATE)
@@ -466,110 +353,3 @@ def run_enhance(args: argparse.Namespace, ctx: Context) -> Path:
              "reward_last": round(float(np.mean([c["reward"] for c in curve[-k:]])), 4) if curve else None}
     finish(policy, tok, tm, out, args.init, {"stage": "enhance", **stats}, ctx)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from model.think.fit import FitConfig
-    from services.config import get_settings
-
-    s = get_settings()
-    p = argparse.ArgumentParser(prog="python -m model.think.train", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="stage", required=True)
-
-    def common(q: argparse.ArgumentParser, steps: int, bs: int, lr: float) -> None:
-        q.add_argument("--out", type=Path, required=True, help="output HF folder")
-        q.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
-        q.add_argument("--sid-dir", type=Path, default=s.resolved("sid"), help="semantic-ID folder")
-        q.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-        q.add_argument("--batch-size", type=int, default=bs, help="sequences (or RL prompts) per step")
-        q.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-        q.add_argument("--max-len", type=int, default=320, help="max tokens per training text (prompt cut left)")
-        q.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
-        q.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-        q.add_argument("--seed", type=int, default=0, help="random seed")
-        q.add_argument("--limit-users", type=int, default=None, help="use only the first N users (smoke runs)")
-        q.add_argument("--lm-corpus", type=Path, default=None, help="text file for general LM (default: titles)")
-        q.add_argument("--current", action="store_true", help="point <out>/../current at the result")
-        q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-        q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-
-    b = sub.add_parser("base", help="build the base LLM with itemic tokens")
-    common(b, 600, 64, 2e-3)
-    b.add_argument("--base-model", type=Path, default=None, help="local HF causal LM to extend (default: tiny Qwen3)")
-    d = TinyBaseConfig()
-    b.add_argument("--bpe-vocab", type=int, default=d.bpe_vocab, help="BPE vocabulary (tiny base)")
-    b.add_argument("--hidden", type=int, default=d.hidden, help="hidden size (tiny base)")
-    b.add_argument("--layers", type=int, default=d.layers, help="decoder layers (tiny base)")
-    b.add_argument("--heads", type=int, default=d.heads, help="attention heads (tiny base)")
-    b.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads (tiny base)")
-    b.add_argument("--head-dim", type=int, default=d.head_dim, help="head dimension (tiny base)")
-    b.add_argument("--intermediate", type=int, default=d.intermediate, help="MLP size (tiny base)")
-
-    a = sub.add_parser("align", help="itemic alignment: token warm-up + multi-task integration")
-    common(a, 1000, FitConfig.batch_size, FitConfig.lr)
-    a.add_argument("--init", type=Path, required=True, help="folder from the base stage")
-    a.add_argument("--tasks", default="persona,seq,caption,lm", help="comma list of persona,seq,caption,lm")
-    a.add_argument("--warmup-steps", type=int, default=200, help="token warm-up steps (0 = skip)")
-    a.add_argument("--warmup-lr", type=float, default=5e-3, help="learning rate of the warm-up")
-    a.add_argument("--w-persona", type=float, default=0.15, help="mixture weight of persona grounding")
-    a.add_argument("--w-seq", type=float, default=0.6, help="mixture weight of sequential preference")
-    a.add_argument("--w-caption", type=float, default=0.15, help="mixture weight of itemic captioning")
-    a.add_argument("--w-lm", type=float, default=0.1, help="mixture weight of general language modelling")
-    f = FitConfig()
-    a.add_argument("--epochs", type=int, default=f.epochs,
-                   help="epochs over the sequence texts (the recipe; 0 = the fixed-step loop of --steps)")
-    a.add_argument("--patience", type=int, default=f.patience, help="selection: epochs without val gain before stop")
-    a.add_argument("--val-users", type=int, default=f.val_users, help="selection: validation users per epoch")
-    a.add_argument("--refit-of", type=Path, default=None,
-                   help="refit: selection folder whose best epoch to reuse; trains on train+valid, no validation")
-    a.add_argument("--item-loss-weight", type=float, default=f.item_loss_weight, help="item-head loss weight")
-    a.add_argument("--item-score-weight", type=float, default=1.0, help="item-head weight when re-ranking leaves")
-    a.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=f.bf16, help="bf16 autocast (CPU)")
-
-    r = sub.add_parser("activate", help="reasoning activation: pruned-context rationales + LoRA SFT")
-    common(r, 600, 32, 1e-3)
-    r.add_argument("--init", type=Path, required=True, help="folder from the align stage")
-    r.add_argument("--teacher", choices=["category", "openai", "vllm"], default="category", help="rationale teacher")
-    r.add_argument("--teacher-endpoint", default=None, help="OpenAI-compatible base URL (teacher openai)")
-    r.add_argument("--teacher-model", default=None, help="model name (openai) or local folder (vllm)")
-    r.add_argument("--k-prune", type=int, default=3, help="history items kept in the pruned context")
-    r.add_argument("--per-user", type=int, default=2, help="training targets per user")
-    r.add_argument("--embeddings", choices=["minilm", "bow"], default="minilm", help="item similarity for pruning")
-    r.add_argument("--cache-dir", type=Path, default=s.artifacts_dir / "think", help="item-embedding cache")
-    r.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0 = full fine-tuning)")
-
-    e = sub.add_parser("enhance", help="reasoning enhancement: GRPO with the Rollout-Beam reward")
-    common(e, 200, 8, 2e-5)
-    e.add_argument("--init", type=Path, required=True, help="folder from the activate stage (also the KL reference)")
-    e.add_argument("--group", type=int, default=4, help="rollouts per prompt (G)")
-    e.add_argument("--beam", type=int, default=10, help="beam width of the reward (K)")
-    e.add_argument("--max-think", type=int, default=32, help="max reasoning tokens")
-    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    e.add_argument("--kl-beta", type=float, default=0.04, help="KL weight")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    if args.stage != "base" and not (args.init / "itemic.json").is_file():
-        raise SystemExit(f"--init {args.init}: not a OneRec-Think folder (no itemic.json)")
-    ctx = load_context(args.data_dir, args.sid_dir, args.limit_users)
-    run = {"base": run_base, "align": run_align, "activate": run_activate, "enhance": run_enhance}[args.stage]
-    out = run(args, ctx)
-    (out / STATE).unlink(missing_ok=True)
-    if args.current:
-        point_current(out.parent, out)
-    print(f"{args.stage} -> {out} ({time.perf_counter() - t0:.1f}s)")
-    print(json.dumps(read_itemic(out).get("stages", [])[-1], indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@ are normalised within each group of G; the loss is the on-policy policy gradient
 tokens (and the closing ``</think>``) plus ``beta * KL(policy || reference)`` (k3 estimator per token).
 TRL's GRPOTrainer is not used: its reward is computed on finished text, while this reward needs a
 constrained beam search that continues from the policy's own KV cache.
-Not here: data (`model.think.reasoning.rl_cases`), CLI and checkpoints (`model.think.train`).
+Not here: data (`model.think.activate_data.rl_cases`), CLI and checkpoints (`model.think.stages`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from model.semantic_ids import SemanticIDs
+from model.think.align_data import generation_prefix
 from model.think.decode import Decoder
-from model.think.tasks import generation_prefix
 
 
 def rollout_beam_reward(beam_codes: Sequence[Sequence[int]], target: Sequence[int]) -> float:

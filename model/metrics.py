@@ -1,24 +1,28 @@
-"""Evaluation harness shared by every quality number: Recall@K / NDCG@K under leave-one-out.
+"""Metrics shared by every quality number: Recall@K / NDCG@K under leave-one-out, and prefix recall.
 
 Protocol: last item = test target, second to last = validation target, history
 capped at the last `services.catalog.HISTORY_CAP`, ranking over the whole catalogue. A recommender is anything with
 ``recommend(examples, k) -> list[list[int]]`` (batched). This module holds the metrics, the paired
-comparison, the batched ranking loop and the MostPopular baseline; it imports no model. The command line
-of every mode (``python -m evaluation mostpop|onerec|think|think-ahead``) sits above, in `evaluation`.
+comparison, the batched ranking loop, the user subsets and the MostPopular baseline; it imports no model.
+Prefix recall (`prefix_recall`) is the share of users whose target's (a, b) prefix is in a cached set.
+Not here: the commands (every one is under ``python -m evaluation``), the recommenders (`model.onerec`,
+`model.think.recommender`).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from services.catalog import Dataset, Example
 
 KS = (5, 10)
+PrefixCodes = tuple[int, int]  # an item's first two codes (a, b), without a score
 
 
 class Recommender(Protocol):
@@ -123,3 +127,28 @@ def split_examples(ds: Dataset, split: str, limit: int | None = None) -> list[Ex
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     ex = ds.splits.test if split == "test" else ds.splits.valid
     return ex[:limit] if limit else ex
+
+
+def subset(examples: list[Example], sample: int | None, seed: int) -> list[Example]:
+    """A fixed random subset of `sample` users (all when None or larger than the split)."""
+    if not sample or sample >= len(examples):
+        return examples
+    idx = sorted(random.Random(seed).sample(range(len(examples)), sample))
+    return [examples[i] for i in idx]
+
+
+def prefix_hits(cached: Sequence[Collection[PrefixCodes]], targets: Sequence[PrefixCodes]) -> list[bool]:
+    """Per user: is the target's (a, b) in the user's cached prefix set?"""
+    if len(cached) != len(targets):
+        raise ValueError(f"{len(cached)} prefix sets for {len(targets)} targets")
+    return [tuple(t) in {tuple(p) for p in c} for c, t in zip(cached, targets, strict=True)]
+
+
+def prefix_recall(cached: Sequence[Collection[PrefixCodes]], targets: Sequence[PrefixCodes]) -> dict[str, Any]:
+    """Share of users whose target prefix is cached, with the per-user hits and the mean set size."""
+    hits = prefix_hits(cached, targets)
+    if not hits:
+        raise ValueError("no users")
+    return {"users": len(hits), "hits": sum(hits), "recall": round(sum(hits) / len(hits), 6),
+            "mean_set_size": round(sum(len(set(map(tuple, c))) for c in cached) / len(hits), 2),
+            "per_user": hits}

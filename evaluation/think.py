@@ -1,15 +1,15 @@
-"""Evaluation mode ``think`` (and ``direct``) for OneRec-Think folders, on the shared harness.
+"""``python -m evaluation think run|ablation|recipe|vllm-check``: quality of OneRec-Think folders.
 
-`ThinkRecommender` implements the `model.evaluate.Recommender` protocol: per batch of users (sorted by
-history length so padding stays small) it prefills the prompt, writes the reasoning greedily (think
-mode), forces ``</think><|item_begin|>`` and runs a trie-constrained beam (width >= k) over all codes with
-a KV cache. ``direct`` mode skips the reasoning (the Base and +IA rows of the ablation).
+``run`` evaluates one folder in mode ``think`` (reasoning, then all codes) or ``direct`` (codes only: the
+Base and +IA rows of the ablation) with `model.think.recommender.ThinkRecommender` on the shared harness
+(`model.metrics`); ``ablation`` and ``recipe`` combine ``run`` outputs into docs/results/think_ablation.json
+and think_recipe.json; ``vllm-check`` loads a folder in vLLM and writes reasoning + one item per user:
 
-    python -m model.think.evaluate run --checkpoint artifacts/think/current --mode think --out-json /tmp/x.json
-    python -m model.think.evaluate ablation --base-json b.json --ia-json i.json --ia-r-json r.json
+    python -m evaluation think run --checkpoint artifacts/think/current --mode think --out-json /tmp/x.json
+    python -m evaluation think ablation --base-json b.json --ia-json i.json --ia-r-json r.json
 
 `--sample N` evaluates a fixed random subset of N users (seeded), which the output records.
-Not here: training, the metrics themselves (`model.evaluate`), the offline worker's vLLM engine.
+Not here: training, the recommender and the metrics (model layer), the offline worker's vLLM engine.
 """
 
 from __future__ import annotations
@@ -26,96 +26,12 @@ from typing import Any
 
 import torch
 
-from model.semantic_ids import SemanticIDs
-from model.think.decode import Decoder
-from model.think.tasks import direct_prefix, generation_prefix
-from model.think.tokens import load_think, read_itemic
-from model.trie import CodeTrie, TokenMap
-from services.catalog import Example
-
-
-class ThinkRecommender:
-    """OneRec-Think as a `Recommender`: reasoning (optional) then constrained beam over all codes."""
-
-    def __init__(self, model: Any, tokenizer: Any, tokmap: TokenMap, sid: SemanticIDs, beam: int = 10,
-                 think: bool = True, max_think: int = 32, batch_size: int = 64, max_len: int = 320,
-                 item_head: Any = None, bf16: bool = False, code_weight: float | None = None):
-        if beam < 1:
-            raise ValueError(f"beam must be >= 1, got {beam}")
-        self.sid = sid
-        self.trie = CodeTrie(sid.codes, sid.item_ids, sid.codebook_size)
-        self.decoder = Decoder(model, tokenizer, tokmap, self.trie, item_head=item_head)
-        self.beam, self.think, self.max_think = beam, think, max_think
-        self.batch_size, self.max_len = batch_size, max_len
-        self.bf16 = bf16  # bf16 autocast on CPU while decoding (scores in float32)
-        # with an item head: None = re-rank the code beam's leaves; a number = rank the head's top-`beam`
-        # items over the whole catalogue by item log-prob + code_weight * code log-prob
-        self.code_weight = code_weight
-        self.reasoning: dict[int, str] = {}  # user -> last reasoning text written for them
-
-    @classmethod
-    def load(cls, folder: Path | str, beam: int = 10, think: bool | None = None, sid_dir: Path | None = None,
-             device: str | None = None, item_weight: float | None = None, **kw: Any) -> ThinkRecommender:
-        """From an HF folder written by `model.think.train`; `think=None` follows the folder's last stage.
-
-        The folder's item head (``item_head/weight.safetensors``), if any, re-ranks the beam's leaves with its
-        saved weight; `item_weight` overrides it (0 = codes only).
-        """
-        from model.think.itemhead import ItemHead
-
-        folder = Path(folder)
-        model, tok, tm = load_think(folder)
-        if device:
-            model = model.to(device)
-        meta = read_itemic(folder)
-        if sid_dir is None:
-            if (folder / "sid" / "codes.tsv").is_file():
-                sid_dir = folder / "sid"
-            else:
-                from services.config import get_settings
-
-                sid_dir = get_settings().resolved("sid")
-        sid = SemanticIDs.load(sid_dir)
-        head = ItemHead.load(folder, sid)
-        if head is not None and item_weight is not None:
-            head.cfg.score_weight = item_weight
-        if head is not None and head.cfg.score_weight == 0:
-            head = None
-        return cls(model, tok, tm, sid, beam, bool(meta.get("think", False)) if think is None else think,
-                   item_head=head, **kw)
-
-    def prefix(self, history: Sequence[int]) -> str:
-        codes = [self.sid.codes_of(i) for i in history if self.sid.has_item(i)]
-        return generation_prefix(codes) if self.think else direct_prefix(codes)
-
-    def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
-        if k > self.beam:
-            raise ValueError(f"k={k} is larger than the beam width {self.beam}")
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].history))
-        out: list[list[int]] = [[] for _ in examples]
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s : s + self.batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                beams, texts = self.decoder.recommend([self.prefix(examples[i].history) for i in chunk], self.beam,
-                                                      self.think, self.max_think, self.max_len,
-                                                      code_weight=self.code_weight)
-            for j, i in enumerate(chunk):
-                out[i] = beams.items[j][:k]
-                if self.think:
-                    self.reasoning[examples[i].user_id] = texts[j]
-        return out
-
-
-def subset(examples: list[Example], sample: int | None, seed: int) -> list[Example]:
-    """A fixed random subset of `sample` users (all when None or larger than the split)."""
-    if not sample or sample >= len(examples):
-        return examples
-    idx = sorted(random.Random(seed).sample(range(len(examples)), sample))
-    return [examples[i] for i in idx]
+from model.metrics import evaluate, split_examples, subset
+from model.think.checkpoint import read_itemic
+from model.think.recommender import ThinkRecommender
 
 
 def run(args: argparse.Namespace) -> dict:
-    from model.evaluate import evaluate, split_examples
     from services.catalog import load_dataset
 
     ds = load_dataset(args.data_dir)
@@ -136,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
         "users_per_s": round(len(examples) / secs, 2),
         "params": meta.get("params"), "base_model": meta.get("base_model"),
         "stages": [s.get("stage") for s in meta.get("stages", [])],
-        "command": "python -m model.think.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": args.command,
     }
     if rec.think and args.show:
         cat = ds.catalog
@@ -267,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.config import get_settings
 
     s = get_settings()
-    p = argparse.ArgumentParser(prog="python -m model.think.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evaluation think", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="evaluate one checkpoint")
     r.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think HF folder")
@@ -298,13 +214,15 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("recipe", help="write docs/results/think_recipe.json from selection/refit run outputs")
     c.add_argument("--selection-json", type=Path, required=True, help="run output of the selection (train-only) model")
     c.add_argument("--refit-json", type=Path, default=None, help="run output of the refit model")
-    c.add_argument("--prefix-json", type=Path, default=None, help="output of python -m model.think.prefix_recall")
+    c.add_argument("--prefix-json", type=Path, default=None, help="output of python -m evaluation prefix-recall")
     v = sub.add_parser("vllm-check", help="load a checkpoint in vLLM and generate reasoning + item codes")
     v.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think HF folder")
     v.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
     v.add_argument("--users", type=int, default=3, help="test users to run (first N)")
     v.add_argument("--out-json", type=Path, default=None, help="write the records here")
-    args = p.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(raw)
+    args.command = "python -m evaluation think " + " ".join(shlex.quote(a) for a in raw)
     if args.cmd == "vllm-check":
         from services.catalog import load_dataset
 

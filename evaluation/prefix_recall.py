@@ -1,0 +1,100 @@
+"""``python -m evaluation prefix-recall``: does the (a, b) prefix set the offline tier caches contain the
+target's prefix?
+
+Think-Ahead can only serve items under the cached prefixes (plus, by the serving default, the online
+model's own top prefixes), so the share of users whose target prefix is cached bounds what the
+offline tier adds. The command measures it (`model.metrics.prefix_recall`) per test user for the
+OneRec-Think model (`ThinkRecommender.top_prefixes`: its top-P prefixes from the constrained two-level
+code beam, and from the item head's probability mass per prefix) and for the online OneRec's own top-P
+(`OneRec.own_prefixes`, the rule of `OneRec.complete(own_prefixes=P)`), with the paired comparison of
+`model.metrics`:
+
+    python -m evaluation prefix-recall --checkpoint artifacts/think/seq-refit \
+        --onerec artifacts/onerec/current --p 16,32,64 --sample 2000 --out-json docs/think/prefix_recall.json
+
+`--stale` feeds the think model the history without its newest item (what the offline tier saw at
+refresh time); the online model always reads the fresh history. Not here: the offline engine, the metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.metrics import PrefixCodes, paired_comparison, prefix_recall, subset
+from model.onerec import OneRec
+from model.think.recommender import ThinkRecommender
+from services.catalog import load_dataset
+
+
+def onerec_prefixes(onerec: OneRec, histories: Sequence[Sequence[int]], p_max: int, batch_size: int = 256
+                    ) -> list[list[PrefixCodes]]:
+    """`OneRec.own_prefixes` over all users, `batch_size` users at a time (bounded memory)."""
+    out: list[list[PrefixCodes]] = []
+    for s in range(0, len(histories), batch_size):
+        out += onerec.own_prefixes(histories[s : s + batch_size], p_max)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from services.config import get_settings
+
+    s = get_settings()
+    p = argparse.ArgumentParser(prog="python -m evaluation prefix-recall", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think folder")
+    p.add_argument("--onerec", type=Path, default=s.resolved("onerec"), help="online OneRec checkpoint ('' = skip)")
+    p.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
+    p.add_argument("--split", choices=["valid", "test"], default="test", help="held-out item")
+    p.add_argument("--p", default="16,32,64", help="comma list of cached set sizes P (served: T x m = 2 x 16)")
+    p.add_argument("--mode", choices=["think", "direct", "auto"], default="auto", help="think model mode")
+    p.add_argument("--stale", action="store_true", help="think model reads the history without its newest item")
+    p.add_argument("--sample", type=int, default=None, help="fixed random subset of N users (default all)")
+    p.add_argument("--seed", type=int, default=0, help="subset seed")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--out-json", type=Path, default=None, help="write the summary here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ps = sorted(int(x) for x in args.p.split(","))
+    ds = load_dataset(args.data_dir)
+    ex = subset(ds.splits.test if args.split == "test" else ds.splits.valid, args.sample, args.seed)
+    rec = ThinkRecommender.load(args.checkpoint, think={"think": True, "direct": False, "auto": None}[args.mode])
+    K = rec.sid.codebook_size
+    targets: list[PrefixCodes] = [(int(rec.sid.codes_of(e.target)[0]), int(rec.sid.codes_of(e.target)[1])) for e in ex]
+    t0 = time.perf_counter()
+    hists = [e.history[:-1] if args.stale and len(e.history) > 1 else e.history for e in ex]
+    sets = {f"think_{k}": v for k, v in rec.top_prefixes(hists, max(ps)).items()}
+    secs = {"think": round(time.perf_counter() - t0, 1)}
+    if str(args.onerec):
+        t0 = time.perf_counter()
+        sets["onerec"] = onerec_prefixes(OneRec.load(args.onerec), [e.history for e in ex], max(ps))
+        secs["onerec"] = round(time.perf_counter() - t0, 1)
+    flat = [a * K + b for a, b in targets]
+    doc: dict[str, Any] = {"checkpoint": str(args.checkpoint), "onerec": str(args.onerec), "split": args.split,
+                           "users": len(ex), "sample": args.sample, "stale": args.stale,
+                           "think_mode": "think" if rec.think else "direct", "seconds": secs, "recall": {},
+                           "paired": {}}
+    for P in ps:
+        for name, v in sets.items():
+            doc["recall"][f"{name}@{P}"] = {k: x for k, x in prefix_recall([c[:P] for c in v], targets).items()
+                                            if k != "per_user"}
+        if "onerec" in sets:
+            for name in (n for n in sets if n != "onerec"):
+                ranked_a = [[a * K + b for a, b in c[:P]] for c in sets[name]]
+                ranked_b = [[a * K + b for a, b in c[:P]] for c in sets["onerec"]]
+                pc = paired_comparison(ranked_a, ranked_b, flat, k=P)
+                doc["paired"][f"{name}_vs_onerec@{P}"] = {k: v for k, v in pc.items() if not k.startswith("ndcg")}
+    print(json.dumps(doc, indent=2))
+    if args.out_json:
+        args.out_json.parent.mkdir(parents=True, exist_ok=True)
+        args.out_json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
