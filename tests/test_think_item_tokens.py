@@ -1,0 +1,109 @@
+"""A think model that reads items like the online OneRec: one token per item, tied to the item head.
+
+Checks the whole path on tiny data: the align stage adds the item tokens (contiguous, recorded in itemic.json),
+warm-starts their rows from a OneRec checkpoint (dot products kept), trains them as the item head (the head's
+logits are the LM's logits on the item rows), prompts carry each history item's token, and the offline
+engine ranks prefixes with the tied head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from think_fixtures import tiny_dataset, tiny_sid, write_dataset
+
+from model.onerec.config import OneRecConfig
+from model.onerec.modeling import build_model, save_checkpoint
+from model.semantic_ids import item_id_token
+from model.think.itemhead import TiedItemHead, load_head
+from model.think.tasks import direct_prefix
+from model.think.tokens import load_think
+from model.think.train import main as train_main
+from model.think.warm_start import onerec_item_table, project_items
+
+TINY = ["--bpe-vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+        "--head-dim", "16", "--intermediate", "64"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("items")
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    write_dataset(ds, root / "data")
+    sid.save(root / "sid")
+    common = ["--data-dir", str(root / "data"), "--sid-dir", str(root / "sid")]
+    torch.manual_seed(0)
+    train_main(["base", "--out", str(root / "base"), "--steps", "1", "--batch-size", "4", *TINY, *common])
+    onerec = build_model(OneRecConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32), sid, seed=0)
+    save_checkpoint(onerec, sid, root / "onerec")
+    train_main(["align", "--init", str(root / "base"), "--out", str(root / "items"), "--tasks", "seq",
+                "--warmup-steps", "0", "--refit-epochs", "2", "--batch-size", "4", "--save-every", "2",
+                "--item-tokens", "--item-init", str(root / "onerec"), "--max-len", "400", *common])
+    return root
+
+
+def test_item_tokens_are_recorded_and_tied(world: Path) -> None:
+    model, tok, tm = load_think(world / "items")
+    sid = tiny_sid()
+    assert tm.has_items and tm.num_items == len(sid)
+    meta = json.loads((world / "items" / "itemic.json").read_text())
+    assert meta["item_offset"] == tm.item_offset and meta["num_items"] == len(sid)
+    assert meta["stages"][-1]["fit"]["run"] == "refit"
+    ids = tok.convert_tokens_to_ids([item_id_token(c) for c in sid.codes])
+    assert ids == list(range(int(tm.item_offset or 0), int(tm.item_offset or 0) + len(sid)))
+    head = load_head(world / "items", sid, model, tm)
+    assert isinstance(head, TiedItemHead)
+    h = torch.randn(3, model.config.hidden_size)
+    lm = model.get_output_embeddings()(h)[:, ids]  # the LM head on the item rows ...
+    assert torch.allclose(head.logits(h), lm, atol=1e-5)  # ... is the item head
+    assert not (world / "items" / "item_head" / "weight.safetensors").exists()  # no second copy of the rows
+
+
+def test_prompt_reads_each_history_item_token(world: Path) -> None:
+    _, tok, tm = load_think(world / "items")
+    sid = tiny_sid()
+    hist = [sid.codes_of(i) for i in (3, 5, 7)]
+    text = direct_prefix(hist, item_ids=True)
+    got = tok(text, add_special_tokens=False)["input_ids"]
+    items = [t for t in got if tm.item_offset <= t < tm.item_offset + tm.num_items]  # type: ignore[operator]
+    assert items == [int(tm.item_offset or 0) + sid._row[i] for i in (3, 5, 7)]
+    assert got[-1] == tm.item_begin  # the answer still starts with the code block
+
+
+def test_warm_start_keeps_the_online_models_geometry(world: Path) -> None:
+    sid = tiny_sid()
+    table = onerec_item_table(world / "onerec", sid)
+    out = project_items(table, 32, target_norm=2.0)
+    assert out.shape == (len(sid), 32)
+    assert abs(float(out.norm(dim=1).mean()) - 2.0) < 1e-4
+    scale = float(out.norm(dim=1).mean() / table.norm(dim=1).mean())
+    assert torch.allclose(out @ out.T, scale**2 * (table @ table.T), atol=1e-4)
+    from model.semantic_ids import SemanticIDs
+
+    other = SemanticIDs(sid.item_ids, np.asarray(sid.codes)[::-1].copy(), sid.config)  # same items, other codes
+    with pytest.raises(ValueError, match="other semantic IDs"):
+        onerec_item_table(world / "onerec", other)
+
+
+def test_offline_engine_ranks_prefixes_with_the_tied_head(world: Path) -> None:
+    from offline_worker.engine import EngineConfig, ThinkRequest
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+
+    opts = dict(samples=1, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=4, greedy=True)
+    eng = HFEngine(world / "items", world / "sid", EngineConfig(prefix_scores="auto", **opts), batch_size=2,
+                   threads=1)
+    assert eng.head_prefixes is not None and isinstance(eng.head_prefixes.head, TiedItemHead)
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    pb = PromptBuilder(eng.tokenizer, sid)
+    assert pb.item_ids
+    reqs = [ThinkRequest(u, ids) for u, ids in pb.build((u, ds.sequences[u]) for u in sorted(ds.sequences)[:3])]
+    for res in eng.think(reqs):
+        pairs = [p[:2] for p in res.prefixes]
+        assert len(pairs) == 4 and len(set(pairs)) == 4
+        valid = {(int(c[0]), int(c[1])) for c in np.asarray(sid.codes)}
+        assert set(pairs) <= valid
