@@ -107,3 +107,30 @@ def test_offline_engine_ranks_prefixes_with_the_tied_head(world: Path) -> None:
         assert len(pairs) == 4 and len(set(pairs)) == 4
         valid = {(int(c[0]), int(c[1])) for c in np.asarray(sid.codes)}
         assert set(pairs) <= valid
+
+
+def test_direct_mode_serves_a_model_without_reasoning(world: Path) -> None:
+    """`auto` resolves to direct for an align-only model; direct results carry no reasoning and the prefixes
+    of the direct prompt (history -> <|item_begin|>), the same as ranking that context by hand."""
+    from offline_worker.engine import EngineConfig, ThinkRequest, served_mode
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+
+    assert served_mode("auto", world / "items") == "direct" and served_mode("think", world / "items") == "think"
+    opts = dict(samples=2, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=4, greedy=True)
+    eng = HFEngine(world / "items", world / "sid", EngineConfig(mode="auto", **opts), batch_size=2, threads=1)
+    assert eng.config.mode == "direct"
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    users = sorted(ds.sequences)[:3]
+    reqs = [ThinkRequest(u, ids) for u, ids in PromptBuilder(eng.tokenizer, sid).build((u, ds.sequences[u])
+                                                                                        for u in users)]
+    res = eng.think(reqs)
+    assert all(r.reasoning == "" and r.closed and r.truncated == 0 for r in res)
+    _, tok, _ = load_think(world / "items")
+    for u, r in zip(users, res, strict=True):
+        hist = [sid.codes_of(i) for i in ds.sequences[u]]
+        ctx = tok(direct_prefix(hist, item_ids=True), add_special_tokens=False)["input_ids"]
+        assert eng.head_prefixes is not None
+        assert [p[:2] for p in r.prefixes] == [p[:2] for p in eng.head_prefixes.top([ctx], 4)[0]]
+    with pytest.raises(ValueError, match="mode"):
+        EngineConfig(mode="fast")
