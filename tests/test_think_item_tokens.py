@@ -134,3 +134,39 @@ def test_direct_mode_serves_a_model_without_reasoning(world: Path) -> None:
         assert [p[:2] for p in r.prefixes] == [p[:2] for p in eng.head_prefixes.top([ctx], 4)[0]]
     with pytest.raises(ValueError, match="mode"):
         EngineConfig(mode="fast")
+
+
+def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None:
+    """The ahead term asks position k for target k+1 within one text, never across texts."""
+    import torch.nn.functional as F
+
+    from model.think.fit import lm_and_item_loss
+    from model.think.itemhead import item_loss, targets_at_item_begin
+    from model.think.rows import collate
+    from model.think.tasks import HISTORY_TAG
+
+    model, tok, tm = load_think(world / "items")
+    sid = tiny_sid()
+    row_of = {tuple(int(x) for x in c): r for r, c in enumerate(sid.codes)}
+    texts = [[3, 5, 7], [2, 9]]
+    rows = []
+    for t in texts:
+        prompt = tok(HISTORY_TAG, add_special_tokens=False)["input_ids"]
+        body = tok(direct_prefix([sid.codes_of(i) for i in t], item_ids=True)[len(HISTORY_TAG):-len("<|item_begin|>")],
+                   add_special_tokens=False)["input_ids"]
+        rows.append((prompt + body, len(prompt)))
+    ids, att, labels = collate(rows, int(tok.pad_token_id))
+    head = load_head(world / "items", sid, model, tm)
+    assert head is not None
+    with torch.no_grad():
+        _, plain = lm_and_item_loss(model, head, ids, att, labels, tm, row_of, 1.0, 0.0)
+        _, both = lm_and_item_loss(model, head, ids, att, labels, tm, row_of, 1.0, 0.5)
+        h = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state
+        pos, tgt = targets_at_item_begin(ids, labels, tm, row_of)
+        assert tgt.tolist() == [sid._row[i] for t in texts for i in t]
+        pairs = [0, 1, 3]  # 3 -> 5, 5 -> 7 and 2 -> 9; 7 -> 2 would cross texts
+        want = [sid._row[i] for i in (5, 7, 9)]
+        logits = head.logits(h[pos[pairs, 0], pos[pairs, 1]])
+        ahead = F.cross_entropy(logits, torch.tensor(want))
+    assert torch.allclose(plain, item_loss(head, h, pos, tgt))
+    assert torch.allclose(both, plain + 0.5 * ahead, atol=1e-5)

@@ -54,6 +54,7 @@ class FitConfig:
     warmup_frac: float = 0.03
     bf16: bool = True
     item_loss_weight: float = 1.0
+    ahead_weight: float = 0.0  # item loss on the item after next too (`lm_and_item_loss`)
     val_users: int = 2000
     patience: int = 3  # selection: stop after this many epochs without a better val R@10
     stop_after: int | None = None  # refit: the selection run's best epoch
@@ -72,9 +73,13 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor,
-                     tm: TokenMap, row_of_codes: dict[tuple[int, ...], int], item_weight: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LM cross-entropy on labelled tokens, item cross-entropy at each labelled ``<|item_begin|>``)."""
+                     tm: TokenMap, row_of_codes: dict[tuple[int, ...], int], item_weight: float,
+                     ahead_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM cross-entropy on labelled tokens, item cross-entropy at each labelled ``<|item_begin|>``).
+
+    With `ahead_weight` > 0 the item loss also asks each ``<|item_begin|>`` for the item *after* the next one
+    (its next labelled item block in the same text): the offline tier's prefixes are read one or more
+    interactions later, so a head trained on both horizons caches what the user buys next *and* after."""
     h = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, D)
     if tm.has_items:
         # the LM softmax covers the text and code vocabulary only: an item token follows its codes
@@ -89,7 +94,12 @@ def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.T
     if item_weight <= 0:
         return lm, lm.new_zeros(())
     pos, rows = targets_at_item_begin(ids, labels, tm, row_of_codes)
-    return lm, item_loss(head, h, pos, rows)
+    loss = item_loss(head, h, pos, rows)
+    if ahead_weight > 0 and rows.numel() > 1:
+        same = pos[1:, 0] == pos[:-1, 0]  # consecutive targets of one text (nonzero is row-major)
+        if bool(same.any()):
+            loss = loss + ahead_weight * item_loss(head, h, pos[:-1][same], rows[1:][same.cpu()])
+    return lm, loss
 
 
 @torch.no_grad()
@@ -180,7 +190,8 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
                 grp["lr"] = cfg.lr * lr_factor(g, total, warm)
             ids, att, labels = (t.to(dev) for t in collate([rows[i] for i in order[s]], pad))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
-                lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight)
+                lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight,
+                                          cfg.ahead_weight)
                 loss = lm + cfg.item_loss_weight * il
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -383,7 +383,7 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
                     val_users=0 if refit else args.val_users, patience=args.patience,
                     stop_after=int(selection["best_epoch"]) if refit else None,
                     run="refit" if refit else "selection", save_every=args.save_every, max_len=args.max_len,
-                    seed=args.seed)
+                    ahead_weight=args.ahead_weight, seed=args.seed)
     hcfg = ItemHeadConfig(args.item_loss_weight, args.item_score_weight)
     head = TiedItemHead(model, tm, hcfg) if tm.has_items else ItemHead.from_codes(model, tm, ctx.sid, hcfg)
 
@@ -552,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit: selection folder whose best epoch to reuse; trains on train+valid, no validation")
     a.add_argument("--refit-epochs", type=int, default=0,
                    help="refit on train+valid for this many epochs without a selection run (0 = off)")
+    a.add_argument("--ahead-weight", type=float, default=0.0,
+                   help="item loss on the item after next too, at this weight (prefixes read after more interactions)")
     a.add_argument("--item-tokens", action="store_true",
                    help="give the model one token per item, read after each history item and tied to the item head")
     a.add_argument("--item-init", type=Path, default=None,
