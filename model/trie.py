@@ -146,6 +146,14 @@ class TokenMap:
     codebook_size: int
     item_begin: int | None = None
     item_end: int | None = None
+    # item-level tokens (`model.semantic_ids.item_id_token`), one per catalogue item in SID row order,
+    # contiguous from `item_offset`; None when the vocabulary has none
+    item_offset: int | None = None
+    num_items: int = 0
+
+    @property
+    def has_items(self) -> bool:
+        return self.item_offset is not None and self.num_items > 0
 
     def token_id(self, level: int, code: int) -> int:
         if not (0 <= level < self.num_levels and 0 <= code < self.codebook_size):

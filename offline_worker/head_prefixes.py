@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from model.semantic_ids import SemanticIDs
-from model.think.itemhead import ItemHead, prefix_groups, prefix_mass
+from model.think.itemhead import ItemHead, load_head, prefix_groups, prefix_mass
 
 PREFIX_SCORES = ("auto", "codes", "item_head")
 Prefix = tuple[int, int, float]  # (a, b, log prefix probability); the engine's Prefix
@@ -49,17 +49,19 @@ class HeadPrefixes:
             raise ValueError(f"prefix_scores: expected one of {PREFIX_SCORES}, got {mode!r}")
         if mode == "codes":
             return None
-        head = ItemHead.load(model_dir, sid)
-        if head is None:
+        from model.think.checkpoint import load_think, load_tokenizer
+
+        _, tm = load_tokenizer(model_dir)
+        if not tm.has_items and ItemHead.load(model_dir, sid) is None:
             if mode == "item_head":
                 raise ValueError(f"prefix_scores=item_head but {model_dir} has no item head "
-                                 "(item_head/weight.safetensors); train the align stage with epochs "
+                                 "(item tokens or item_head/weight.safetensors); train the align stage with epochs "
                                  "(model.think.fit) or use prefix_scores=codes")
             return None
         if model is None:
-            from model.think.checkpoint import load_think
-
             model, _, _ = load_think(model_dir)
+        head = load_head(model_dir, sid, model, tm)  # a model with item tokens: its tied rows (`TiedItemHead`)
+        assert head is not None
         return cls(model, head, sid, pad_id, batch_size)
 
     @torch.no_grad()

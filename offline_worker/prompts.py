@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.semantic_ids import ITEM_BEGIN, SemanticIDs
+from model.semantic_ids import ITEM_BEGIN, SemanticIDs, item_id_token
 from model.think.align_data import generation_prefix
 from model.think.tokens import THINK_END
 from services.catalog import HISTORY_CAP
@@ -36,10 +36,12 @@ class PromptBuilder:
     history_cap: int = HISTORY_CAP
     skipped_items: int = 0
     empty_users: list[int] = field(default_factory=list)
+    item_ids: bool = field(init=False, default=False)  # the model reads item tokens (`TokenMap.has_items`)
 
     def __post_init__(self) -> None:
         if self.history_cap < 1:
             raise ValueError(f"history_cap: expected >= 1, got {self.history_cap}")
+        self.item_ids = len(self.sid) > 0 and item_id_token(self.sid.codes[0]) in self.tokenizer.get_vocab()
 
     def history_codes(self, history: Sequence[int]) -> list[tuple[int, ...]]:
         """Codes of the last `history_cap` items that have codes (oldest first)."""
@@ -48,7 +50,7 @@ class PromptBuilder:
         return [self.sid.codes_of(i) for i in known[-self.history_cap :]]
 
     def text(self, history: Sequence[int]) -> str:
-        return generation_prefix(self.history_codes(history))
+        return generation_prefix(self.history_codes(history), item_ids=self.item_ids)
 
     def ids(self, history: Sequence[int]) -> list[int]:
         return list(self.tokenizer(self.text(history), add_special_tokens=False)["input_ids"])
@@ -61,5 +63,6 @@ class PromptBuilder:
             codes = self.history_codes(history)
             if not codes:
                 self.empty_users.append(user)
-            out.append((user, list(self.tokenizer(generation_prefix(codes), add_special_tokens=False)["input_ids"])))
+            text = generation_prefix(codes, item_ids=self.item_ids)
+            out.append((user, list(self.tokenizer(text, add_special_tokens=False)["input_ids"])))
         return out

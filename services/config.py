@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         "auto", pattern="^(auto|codes|item_head)$",
         description="offline prefix ranking: item head mass (auto: when the checkpoint has one) or the code beam",
     )
+    offline_mode: str = Field(
+        "auto", pattern="^(auto|think|direct)$",
+        description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "
+                    "auto (think for a model with reasoning training, else direct); recorded in the version's meta",
+    )
     refresh_chunk: int = Field(256, ge=1, description="users per engine call")
     prefix_beam_a: int | None = Field(
         8, ge=1, description="level-a codes expanded per path (None: m); level b costs one request per code"

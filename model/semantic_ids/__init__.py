@@ -1,7 +1,8 @@
 """Semantic IDs: item text (+ optional collaborative vector) -> residual k-means -> unique codes.
 
 Owns the code table format and the itemic token strings (`<a_N> <b_N> <c_N> <d_N>` wrapped in
-`<|item_begin|>` ... `<|item_end|>`). Three variants: ``text`` (MiniLM embeddings of the item text), ``text_cf``
+`<|item_begin|>` ... `<|item_end|>`, and the item-level token ``<i_a_b_c_d>`` of think models that read items).
+Three variants: ``text`` (MiniLM embeddings of the item text), ``text_cf``
 (text fused with an item2vec-style vector from the *training* parts of the sequences) and
 ``reference`` (the published `reference_sid` column). The item text is the `text_columns` of items.tsv
 joined (default the title only; ``--text-columns title,description`` where a catalogue has descriptions).
@@ -78,6 +79,18 @@ def all_code_tokens(num_levels: int, codebook_size: int) -> list[str]:
 def item_string(codes: tuple[int, ...] | list[int] | np.ndarray) -> str:
     """``<|item_begin|><a_1><b_2><c_3><d_4><|item_end|>``."""
     return ITEM_BEGIN + "".join(level_token(lv, int(c)) for lv, c in enumerate(codes)) + ITEM_END
+
+
+def item_id_token(codes: tuple[int, ...] | list[int] | np.ndarray) -> str:
+    """The item-level token of one item, ``<i_1_2_3_4>``: named by the item's full (unique) code, so a prompt
+    can be written from codes alone. A think model with item tokens reads one after every history item block
+    (``<|item_begin|>...<|item_end|><i_1_2_3_4>``); its embedding row is the item's row of the item head."""
+    return "<i_" + "_".join(str(int(c)) for c in codes) + ">"
+
+
+def item_id_tokens(sid: SemanticIDs) -> list[str]:
+    """Every catalogue item's `item_id_token`, in SID row order (the order of the item head's rows)."""
+    return [item_id_token(c) for c in sid.codes]
 
 
 def parse_codes(text: str) -> list[tuple[int, ...]]:

@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--val-users", type=int, default=f.val_users, help="selection: validation users per epoch")
     a.add_argument("--refit-of", type=Path, default=None,
                    help="refit: selection folder whose best epoch to reuse; trains on train+valid, no validation")
+    a.add_argument("--refit-epochs", type=int, default=0,
+                   help="refit on train+valid for this many epochs without a selection run (0 = off)")
+    a.add_argument("--ahead-weight", type=float, default=0.0,
+                   help="item loss on the item after next too, at this weight (prefixes read after more interactions)")
+    a.add_argument("--item-tokens", action="store_true",
+                   help="give the model one token per item, read after each history item and tied to the item head")
+    a.add_argument("--item-init", type=Path, default=None,
+                   help="with --item-tokens: OneRec checkpoint folder whose item embeddings initialise the rows")
     a.add_argument("--item-loss-weight", type=float, default=f.item_loss_weight, help="item-head loss weight")
     a.add_argument("--item-score-weight", type=float, default=1.0, help="item-head weight when re-ranking leaves")
     a.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=f.bf16, help="bf16 autocast (CPU)")

@@ -206,7 +206,7 @@ def make_teacher(kind: str, catalog: Catalog, sid: SemanticIDs, labels: dict[int
 
 def activation_samples(train: dict[int, list[int]], sid: SemanticIDs, teacher: Teacher, emb: ItemEmbeddings,
                        k_prune: int = 3, per_user: int = 2, cap: int = HISTORY_CAP, seed: int = 0,
-                       batch: int = 256) -> list[Sample]:
+                       batch: int = 256, item_ids: bool = False) -> list[Sample]:
     """Think-format SFT samples from training parts only: full history -> rationale(pruned) -> target.
 
     For each user, up to `per_user` target positions are drawn from the training part (the last one
@@ -229,7 +229,7 @@ def activation_samples(train: dict[int, list[int]], sid: SemanticIDs, teacher: T
         part = cases[s : s + batch]
         inputs = [TeacherInput(emb.prune(h, t, k_prune), t) for h, t in part]
         for (h, t), r in zip(part, teacher.rationales(inputs), strict=True):
-            prompt = generation_prefix([sid.codes_of(i) for i in h])
+            prompt = generation_prefix([sid.codes_of(i) for i in h], item_ids=item_ids)
             out.append(Sample(prompt, think_target(r, sid.codes_of(t)), "think"))
     return out
 

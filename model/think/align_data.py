@@ -12,6 +12,8 @@ Prompt format (the offline worker imports these):
   one code token per level (``<a_*><b_*><c_*><d_*>``) and ``<|item_end|>``. Engines should stop the free
   text at ``</think>`` and force ``<|item_begin|>`` before constrained code decoding.
 - ``direct_prefix(history_codes)`` = ``rec_prompt(...) + "<|item_begin|>"``: no reasoning (Base / +IA).
+- ``item_ids=True`` (a model with item tokens, ``TokenMap.has_items``): every history block is followed by
+  the item's own token ``<i_a_b_c_d>`` (`model.semantic_ids.item_id_token`); the answer block is unchanged.
 - ``think_target(rationale, codes)`` = `` <rationale> </think><|item_begin|>...<|item_end|>``.
 
 Alignment tasks (paper section 3.2), each a list of `Sample` (prompt without loss, target with loss):
@@ -31,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from model.semantic_ids import ITEM_BEGIN, SemanticIDs, item_string
+from model.semantic_ids import ITEM_BEGIN, SemanticIDs, item_id_token, item_string
 from model.think.tokens import THINK_BEGIN, THINK_END
 from services.catalog import HISTORY_CAP, Catalog
 
@@ -44,24 +46,29 @@ PERSONA_TAG = "persona:"
 # prompt format
 
 
-def items_text(history_codes: Iterable[Sequence[int]]) -> str:
+def items_text(history_codes: Iterable[Sequence[int]], item_ids: bool = False) -> str:
+    """History items as item blocks; with `item_ids` (a model with item tokens, `TokenMap.has_items`) each
+    block is followed by the item's own token: ``<|item_begin|>...<|item_end|><i_a_b_c_d>``."""
+    if item_ids:
+        return "".join(item_string(tuple(c)) + item_id_token(tuple(c)) for c in history_codes)
     return "".join(item_string(tuple(c)) for c in history_codes)
 
 
-def rec_prompt(history_codes: Sequence[Sequence[int]], persona: str | None = None) -> str:
+def rec_prompt(history_codes: Sequence[Sequence[int]], persona: str | None = None, item_ids: bool = False) -> str:
     """Text the model is conditioned on for recommendation (history oldest first, already capped)."""
     head = f"{PERSONA_TAG} {persona.strip()}\n" if persona else ""
-    return head + HISTORY_TAG + items_text(history_codes)
+    return head + HISTORY_TAG + items_text(history_codes, item_ids)
 
 
-def generation_prefix(history_codes: Sequence[Sequence[int]], persona: str | None = None) -> str:
+def generation_prefix(history_codes: Sequence[Sequence[int]], persona: str | None = None,
+                      item_ids: bool = False) -> str:
     """Think mode: the engine continues from here with `` rationale </think>``, then the item block."""
-    return rec_prompt(history_codes, persona) + THINK_BEGIN
+    return rec_prompt(history_codes, persona, item_ids) + THINK_BEGIN
 
 
-def direct_prefix(history_codes: Sequence[Sequence[int]], persona: str | None = None) -> str:
+def direct_prefix(history_codes: Sequence[Sequence[int]], persona: str | None = None, item_ids: bool = False) -> str:
     """No-reasoning mode: the next tokens are the target's codes."""
-    return rec_prompt(history_codes, persona) + ITEM_BEGIN
+    return rec_prompt(history_codes, persona, item_ids) + ITEM_BEGIN
 
 
 def think_target(rationale: str, target_codes: Sequence[int]) -> str:
@@ -122,7 +129,8 @@ def _check_train(train: dict[int, list[int]]) -> None:
         raise TypeError(f"pass Splits.train (user -> training items), got {type(train).__name__}")
 
 
-def seq_samples(train: dict[int, list[int]], sid: SemanticIDs, cap: int = HISTORY_CAP) -> list[Sample]:
+def seq_samples(train: dict[int, list[int]], sid: SemanticIDs, cap: int = HISTORY_CAP,
+                item_ids: bool = False) -> list[Sample]:
     """Sequential preference modelling: every training sequence as one text, chunked to cap+1 items.
 
     The loss on each item given the items before it covers every sliding-window target at once, in
@@ -135,7 +143,7 @@ def seq_samples(train: dict[int, list[int]], sid: SemanticIDs, cap: int = HISTOR
         for s in range(0, max(len(seq) - 1, 1), cap):
             chunk = seq[s : s + cap + 1]
             if len(chunk) >= 2:
-                out.append(Sample(HISTORY_TAG, items_text(sid.codes_of(i) for i in chunk), "seq"))
+                out.append(Sample(HISTORY_TAG, items_text((sid.codes_of(i) for i in chunk), item_ids), "seq"))
     return out
 
 

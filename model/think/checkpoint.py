@@ -40,7 +40,8 @@ def save_think(model: Any, tokenizer: Any, tokmap: TokenMap, folder: Path | str,
     meta.update(extra or {})
     meta.update({"num_levels": tokmap.num_levels, "codebook_size": tokmap.codebook_size, "offset": tokmap.offset,
                  "item_begin": tokmap.item_begin, "item_end": tokmap.item_end,
-                 "think_begin": ids["think_begin"], "think_end": ids["think_end"]})
+                 "think_begin": ids["think_begin"], "think_end": ids["think_end"],
+                 "item_offset": tokmap.item_offset, "num_items": tokmap.num_items})
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -59,7 +60,9 @@ def load_tokenizer(folder: Path | str) -> tuple[Any, TokenMap]:
     meta = read_itemic(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
-    return tokenizer, token_map(tokenizer, int(meta["num_levels"]), int(meta["codebook_size"]))
+    item_offset = meta.get("item_offset")
+    return tokenizer, token_map(tokenizer, int(meta["num_levels"]), int(meta["codebook_size"]),
+                                None if item_offset is None else int(item_offset), int(meta.get("num_items") or 0))
 
 
 def load_think(folder: Path | str, dtype: Any = None) -> tuple[Any, Any, TokenMap]:

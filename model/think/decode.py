@@ -87,6 +87,8 @@ class Decoder:
         allowed = torch.zeros(rows, dtype=torch.bool)
         allowed[: len(tokenizer)] = True
         allowed[tokmap.offset : tokmap.offset + tokmap.num_levels * tokmap.codebook_size] = False
+        if tokmap.has_items:  # item tokens are read after history items, never written as text
+            allowed[int(tokmap.item_offset or 0) : int(tokmap.item_offset or 0) + tokmap.num_items] = False
         for t in (self.think_begin, self.item_begin, int(tokmap.item_end or 0), self.pad):
             allowed[t] = False
         if tokenizer.eos_token_id is not None:

@@ -85,7 +85,9 @@ def grpo_step(policy: Any, ref: Any, decoder: Decoder, optimizer: torch.optim.Op
               generator: torch.Generator | None = None) -> dict[str, float]:
     """Sample, reward, and apply one policy-gradient update; returns step statistics."""
     tok = decoder.tok
-    prompts = [generation_prefix([sid.codes_of(i) for i in h]) for h, _ in cases for _ in range(cfg.group)]
+    items = decoder.tm.has_items
+    prompts = [generation_prefix([sid.codes_of(i) for i in h], item_ids=items)
+               for h, _ in cases for _ in range(cfg.group)]
     targets = [sid.codes_of(t) for _, t in cases for _ in range(cfg.group)]
     policy.eval()
     decoder.model = policy

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from model.semantic_ids import SemanticIDs
 from model.think.align_data import direct_prefix
-from model.think.itemhead import ItemHead, item_loss, targets_at_item_begin
+from model.think.itemhead import ItemHead, TiedItemHead, item_loss, targets_at_item_begin
 from model.think.sft import LOG, STATE
 from model.training import log_step, lr_multiplier
 from model.trie import TokenMap
@@ -59,25 +59,44 @@ class FitConfig:
     stop_after: int | None = None  # refit: the selection run's best epoch
     run: str = "selection"  # or "refit"
     save_every: int = 100
+    max_len: int = 320  # validation prompt tokens (the training texts' cap)
+    ahead_weight: float = 0.0  # item loss on the item after next too (`lm_and_item_loss`)
     seed: int = 0
 
 
 def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor,
-                     tm: TokenMap, row_of_codes: dict[tuple[int, ...], int], item_weight: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LM cross-entropy on labelled tokens, item cross-entropy at each labelled ``<|item_begin|>``)."""
+                     tm: TokenMap, row_of_codes: dict[tuple[int, ...], int], item_weight: float,
+                     ahead_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM cross-entropy on labelled tokens, item cross-entropy at each labelled ``<|item_begin|>``).
+
+    With `ahead_weight` > 0 the item loss also asks each ``<|item_begin|>`` for the item *after* the next one
+    (its next labelled item block in the same text): the offline tier's prefixes are read one or more
+    interactions later, so a head trained on both horizons caches what the user buys next *and* after."""
     h = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, D)
-    logits = model.get_output_embeddings()(h)  # (B, T, V)
+    if tm.has_items:
+        # the LM softmax covers the text and code vocabulary only: an item token follows its codes
+        # deterministically (nothing to learn) and the item rows are trained by the item loss below; this keeps
+        # the output layer as cheap as without item tokens ((B, T, item_offset) instead of (B, T, V))
+        cut = int(tm.item_offset or 0)
+        logits = h @ model.get_output_embeddings().weight[:cut].T  # (B, T, cut)
+        labels = labels.masked_fill(labels >= cut, -100)
+    else:
+        logits = model.get_output_embeddings()(h)  # (B, T, V)
     lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     if item_weight <= 0:
         return lm, lm.new_zeros(())
     pos, rows = targets_at_item_begin(ids, labels, tm, row_of_codes)
-    return lm, item_loss(head, h, pos, rows)
+    loss = item_loss(head, h, pos, rows)
+    if ahead_weight > 0 and rows.numel() > 1:
+        same = pos[1:, 0] == pos[:-1, 0]  # consecutive targets of one text (nonzero is row-major)
+        if bool(same.any()):
+            loss = loss + ahead_weight * item_loss(head, h, pos[:-1][same], rows[1:][same.cpu()])
+    return lm, loss
 
 
 @torch.no_grad()
 def validate(model: Any, head: ItemHead, tok: Any, sid: SemanticIDs, examples: Sequence[Example], bf16: bool,
-             batch_size: int = 128, max_len: int = 320) -> dict[str, float]:
+             batch_size: int = 128, max_len: int = 320, item_ids: bool = False) -> dict[str, float]:
     """Item-head ranking over the whole catalogue: R@10, N@10 (and @5) on `examples` (direct prompt)."""
     from model.metrics import score
     from model.think.decode import final_hidden
@@ -88,7 +107,8 @@ def validate(model: Any, head: ItemHead, tok: Any, sid: SemanticIDs, examples: S
     ranked: list[list[int]] = [[] for _ in examples]
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
-        texts = [direct_prefix([sid.codes_of(i) for i in examples[j].history if sid.has_item(i)]) for j in chunk]
+        texts = [direct_prefix([sid.codes_of(i) for i in examples[j].history if sid.has_item(i)],
+                               item_ids=item_ids) for j in chunk]
         rows = [r[-max_len:] for r in tok(texts, add_special_tokens=False)["input_ids"]]
         h = final_hidden(model, rows, pad, bf16)
         top = head.logits(h).topk(10, dim=-1).indices.cpu().numpy()
@@ -134,7 +154,8 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
                     "state": state, "config": asdict(cfg)}, out / STATE)
 
     best_weights: dict[str, Any] | None = None
-    best_head = head.weight.detach().clone()
+    tied = isinstance(head, TiedItemHead)  # its rows are model weights: saved and restored with the model
+    best_head = None if tied else head.weight.detach().clone()
 
     def stop_early() -> bool:
         return cfg.run == "selection" and state["epoch"] - state["best_epoch"] >= cfg.patience
@@ -151,7 +172,8 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
                 grp["lr"] = cfg.lr * lr_multiplier(g, total, warm, MIN_LR_RATIO)
             ids, att, labels = (t.to(dev) for t in collate([rows[i] for i in order[s]], pad))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
-                lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight)
+                lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight,
+                                          cfg.ahead_weight)
                 loss = lm + cfg.item_loss_weight * il
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,14 +195,14 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
         state["epoch"], state["step"] = e + 1, 0
         if cfg.run == "selection":
             tv = time.perf_counter()
-            m = validate(model, head, tok, sid, val, cfg.bf16)
+            m = validate(model, head, tok, sid, val, cfg.bf16, max_len=cfg.max_len, item_ids=tm.has_items)
             rec |= {"val_recall@10": m["recall@10"], "val_ndcg@10": m["ndcg@10"],
                     "val_s": round(time.perf_counter() - tv, 1)}
             if m["recall@10"] > state["best"]:
                 state["best"], state["best_epoch"] = m["recall@10"], e + 1
                 save()
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best_head = head.weight.detach().clone()
+                best_head = None if tied else head.weight.detach().clone()
             bar.write(f"epoch {e + 1}: val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f} "
                       f"(best epoch {state['best_epoch']})")
         else:
@@ -193,14 +215,16 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
         save()
     elif best_weights is not None:  # the caller saves `model` again: hand it the best epoch's weights
         model.load_state_dict(best_weights)
-        head.weight.data.copy_(best_head)
+        if best_head is not None:
+            head.weight.data.copy_(best_head)
     elif state["best_epoch"] > 0:  # resumed after the last epoch: the folder holds the best weights
         from safetensors.torch import load_file
 
         from model.think.itemhead import HEAD_FILE
 
         model.load_state_dict(load_file(out / "model.safetensors"), strict=False)
-        head.weight.data.copy_(load_file(out / HEAD_FILE)["weight"])
+        if not tied:
+            head.weight.data.copy_(load_file(out / HEAD_FILE)["weight"])
     model.eval()
     return {"run": cfg.run, "epochs": cfg.epochs, "epochs_trained": state["epoch"],
             "best_epoch": state["best_epoch"] if cfg.run == "selection" else cfg.stop_after,

@@ -110,6 +110,47 @@ class ItemHead(torch.nn.Module):
         return head
 
 
+class TiedItemHead(ItemHead):
+    """The item head of a model with item tokens: the item-token rows of its (tied) embedding table.
+
+    ``logits(h) = h . E[item_offset : item_offset + N]``: the rows the history positions read
+    (`model.think.tokens.add_item_id_tokens`), so input and output item vectors are one, as in the online
+    OneRec. It owns no parameter and no file: the rows are model weights, saved in the HF folder and loaded by
+    vLLM with it; only ``item_head/head.json`` (config, ``tied: true``) is written.
+    """
+
+    def __init__(self, model: Any, tm: TokenMap, cfg: ItemHeadConfig | None = None):
+        torch.nn.Module.__init__(self)
+        if not tm.has_items:
+            raise ValueError("TiedItemHead: the model has no item tokens (TokenMap.item_offset is None)")
+        self.cfg = cfg or ItemHeadConfig()
+        self._model = [model]  # a list: not registered as a submodule (its parameters stay the model's)
+        self.start, self.n = int(tm.item_offset or 0), int(tm.num_items)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self._model[0].get_input_embeddings().weight[self.start : self.start + self.n]
+
+    def save(self, folder: Path | str, sid: SemanticIDs) -> None:
+        folder = Path(folder)
+        (folder / HEAD_DIR).mkdir(parents=True, exist_ok=True)
+        (folder / HEAD_JSON).write_text(json.dumps({**asdict(self.cfg), "num_items": self.n, "tied": True,
+                                                    "items_hash": items_hash(sid)}, indent=2) + "\n")
+
+
+def load_head(folder: Path | str, sid: SemanticIDs, model: Any, tm: TokenMap) -> ItemHead | None:
+    """The head a folder's model scores items with: the tied item-token rows when it has item tokens (config
+    from ``item_head/head.json`` when present), else the stored `ItemHead`, else None."""
+    if tm.has_items:
+        path = Path(folder) / HEAD_JSON
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+        if meta.get("items_hash", items_hash(sid)) != items_hash(sid):
+            raise ValueError(f"{path}: built for another item order/codes than the given SIDs")
+        keys = ItemHeadConfig.__dataclass_fields__
+        return TiedItemHead(model, tm, ItemHeadConfig(**{k: v for k, v in meta.items() if k in keys}))
+    return ItemHead.load(folder, sid)
+
+
 def code_token_ids(tm: TokenMap, sid: SemanticIDs) -> torch.Tensor:
     """(N, L) token id of each item's code at each level."""
     codes = torch.as_tensor(np.asarray(sid.codes), dtype=torch.long)

@@ -54,7 +54,7 @@ class ThinkRecommender:
         The folder's item head (``item_head/weight.safetensors``), if any, re-ranks the beam's leaves with its
         saved weight; `item_weight` overrides it (0 = codes only).
         """
-        from model.think.itemhead import ItemHead
+        from model.think.itemhead import load_head
 
         folder = Path(folder)
         model, tok, tm = load_think(folder)
@@ -69,7 +69,7 @@ class ThinkRecommender:
 
                 sid_dir = get_settings().resolved("sid")
         sid = SemanticIDs.load(sid_dir)
-        head = ItemHead.load(folder, sid)
+        head = load_head(folder, sid, model, tm)
         if head is not None and item_weight is not None:
             head.cfg.score_weight = item_weight
         if head is not None and head.cfg.score_weight == 0:
@@ -79,7 +79,8 @@ class ThinkRecommender:
 
     def prefix(self, history: Sequence[int]) -> str:
         codes = [self.sid.codes_of(i) for i in history if self.sid.has_item(i)]
-        return generation_prefix(codes) if self.think else direct_prefix(codes)
+        items = self.decoder.tm.has_items
+        return generation_prefix(codes, item_ids=items) if self.think else direct_prefix(codes, item_ids=items)
 
     def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
         if k > self.beam:

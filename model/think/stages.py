@@ -140,12 +140,31 @@ def run_base(args: argparse.Namespace, ctx: Context) -> Path:
     return out
 
 
+def with_item_tokens(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm: TokenMap
+                     ) -> tuple[Any, TokenMap]:
+    """``--item-tokens``: one item-level token per item (tied to the item head), initialised from the online
+    OneRec's item embeddings when ``--item-init ONEREC_FOLDER`` is given (`model.think.warm_start`)."""
+    from model.think.tokens import add_item_id_tokens
+    from model.think.warm_start import onerec_item_init
+
+    init = onerec_item_init(args.item_init, ctx.sid, model, args.seed) if args.item_init else None
+    tm = add_item_id_tokens(model, tok, tm, ctx.sid, init)
+    print(f"item tokens: {tm.num_items} from id {tm.item_offset}"
+          + (f", rows from OneRec {args.item_init}" if args.item_init else ", rows from the code tokens"))
+    return model.to(device_of(args)), tm
+
+
 def refit_source(args: argparse.Namespace, ctx: Context) -> tuple[dict[int, list[int]], dict]:
     """Interactions the align stage learns from, and the selection run's record when refitting.
 
     Selection: the training part of every sequence. Refit (``--refit-of SEL``): train + valid (all but
     the test item), for the selection run's best epoch of the same schedule.
     """
+    if args.refit_epochs:  # a fixed schedule on train + valid, no selection run (its length chosen beforehand)
+        if args.refit_of is not None:
+            raise SystemExit("--refit-epochs and --refit-of exclude each other")
+        return {u: s[:-1] for u, s in ctx.ds.sequences.items()}, {"epochs": args.refit_epochs,
+                                                                  "best_epoch": args.refit_epochs}
     if args.refit_of is None:
         return ctx.train, {}
     sel = [st for st in read_itemic(args.refit_of).get("stages", []) if st.get("run") == "selection"]
@@ -163,6 +182,8 @@ def run_align(args: argparse.Namespace, ctx: Context) -> Path:
     """
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
+    if args.item_tokens and not tm.has_items:
+        model, tm = with_item_tokens(args, ctx, model, tok, tm)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"persona", "seq", "caption", "lm"}
     if unknown:
@@ -173,7 +194,7 @@ def run_align(args: argparse.Namespace, ctx: Context) -> Path:
     if "persona" in tasks or args.warmup_steps > 0:
         groups["persona"] = T.persona_samples(source, cat, sid, ctx.labels)
     if "seq" in tasks:
-        groups["seq"] = T.seq_samples(source, sid)
+        groups["seq"] = T.seq_samples(source, sid, item_ids=tm.has_items)
     if "caption" in tasks:
         groups["caption"] = T.caption_samples(cat, sid, ctx.labels)
     if "lm" in tasks:
@@ -227,7 +248,7 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
                groups: dict[str, list[T.Sample]], tasks: list[str], selection: dict, out: Path) -> dict[str, Any]:
     """The epoch recipe: every sequence text once per epoch plus the other tasks in proportion to their weights."""
     from model.think.fit import FitConfig, fit, val_subset
-    from model.think.itemhead import ItemHead, ItemHeadConfig
+    from model.think.itemhead import ItemHead, ItemHeadConfig, TiedItemHead
 
     if "seq" not in tasks:
         raise ValueError("--epochs counts passes over the sequence task: --tasks must include seq")
@@ -248,8 +269,10 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
                     batch_size=args.batch_size, lr=args.lr, bf16=args.bf16, item_loss_weight=args.item_loss_weight,
                     val_users=0 if refit else args.val_users, patience=args.patience,
                     stop_after=int(selection["best_epoch"]) if refit else None,
-                    run="refit" if refit else "selection", save_every=args.save_every, seed=args.seed)
-    head = ItemHead.from_codes(model, tm, ctx.sid, ItemHeadConfig(args.item_loss_weight, args.item_score_weight))
+                    run="refit" if refit else "selection", save_every=args.save_every, max_len=args.max_len,
+                    ahead_weight=args.ahead_weight, seed=args.seed)
+    hcfg = ItemHeadConfig(args.item_loss_weight, args.item_score_weight)
+    head = TiedItemHead(model, tm, hcfg) if tm.has_items else ItemHead.from_codes(model, tm, ctx.sid, hcfg)
 
     def save() -> None:
         save_think(model, tok, tm, out)
@@ -260,7 +283,7 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
     head.save(out, ctx.sid)
     rec["texts_per_epoch"] = {"seq": len(seq_rows), **counts}
     if refit:
-        rec["refit_of"] = str(args.refit_of)
+        rec["refit_of"] = str(args.refit_of) if args.refit_of else f"fixed {args.refit_epochs} epochs"
     return rec
 
 
@@ -274,7 +297,8 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
     teacher = make_teacher(args.teacher, ctx.ds.catalog, ctx.sid, ctx.labels, args.teacher_endpoint,
                            args.teacher_model, os.environ.get("ONEREC_TEACHER_API_KEY"))
     t0 = time.perf_counter()
-    samples = activation_samples(ctx.train, ctx.sid, teacher, emb, args.k_prune, args.per_user, seed=args.seed)
+    samples = activation_samples(ctx.train, ctx.sid, teacher, emb, args.k_prune, args.per_user, seed=args.seed,
+                                 item_ids=tm.has_items)
     teach_s = time.perf_counter() - t0
     with (out / "rationales_sample.jsonl").open("w") as f:
         for s in samples[:50]:

@@ -10,6 +10,8 @@ Public API (other modules import these names):
   ``.text`` keep them; still, read token ids where you can (``TokenMap.level_code``).
 - ``token_map(tokenizer, num_levels, codebook_size) -> TokenMap`` for an already extended tokenizer
   (raises `ItemicTokenError` if the code tokens are missing or not contiguous).
+- ``add_item_id_tokens(model, tokenizer, tokmap, sid, init=None) -> TokenMap``: one item-level token per
+  catalogue item (tied rows = the item head), for think models that read items like the online OneRec.
 - ``resize_for_items(model, tokenizer, pad_to_multiple_of=64)``: resize embeddings (padded) and keep
   ``config.vocab_size`` equal to the embedding rows so vLLM loads the folder.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from model.semantic_ids import ITEM_BEGIN, ITEM_END, all_code_tokens, level_token
+from model.semantic_ids import ITEM_BEGIN, ITEM_END, SemanticIDs, all_code_tokens, item_id_tokens, level_token
 from model.trie import TokenMap
 
 THINK_BEGIN = "<think>"
@@ -66,8 +68,10 @@ def add_itemic_tokens(tokenizer: Any, num_levels: int, codebook_size: int) -> To
     return token_map(tokenizer, num_levels, codebook_size)
 
 
-def token_map(tokenizer: Any, num_levels: int, codebook_size: int) -> TokenMap:
-    """`TokenMap` of a tokenizer extended by `add_itemic_tokens`; checks contiguity of every code token."""
+def token_map(tokenizer: Any, num_levels: int, codebook_size: int, item_offset: int | None = None,
+              num_items: int = 0) -> TokenMap:
+    """`TokenMap` of a tokenizer extended by `add_itemic_tokens` (and `add_item_id_tokens` when `item_offset` is
+    given); checks contiguity of every code token."""
     vocab = tokenizer.get_vocab()
     for m in (ITEM_BEGIN, ITEM_END):
         if m not in vocab:
@@ -85,7 +89,54 @@ def token_map(tokenizer: Any, num_levels: int, codebook_size: int) -> TokenMap:
                     f"code token {tok!r} has id {vocab.get(tok)}, expected {want} (offset {offset}, level-major layout "
                     f"with num_levels={num_levels}, codebook_size={codebook_size})"
                 )
-    return TokenMap(offset, num_levels, codebook_size, int(vocab[ITEM_BEGIN]), int(vocab[ITEM_END]))
+    if item_offset is not None and (num_items <= 0 or len(tokenizer) < item_offset + num_items):
+        raise ItemicTokenError(f"item tokens at {item_offset} (+{num_items}) are not in a tokenizer "
+                               f"of {len(tokenizer)}")
+    return TokenMap(offset, num_levels, codebook_size, int(vocab[ITEM_BEGIN]), int(vocab[ITEM_END]),
+                    item_offset, num_items if item_offset is not None else 0)
+
+
+def add_item_id_tokens(model: Any, tokenizer: Any, tokmap: TokenMap, sid: SemanticIDs,
+                       init: Any = None) -> TokenMap:
+    """Give the model one item-level token per catalogue item (`model.semantic_ids.item_id_token`, SID row order,
+    contiguous) and return the extended `TokenMap`.
+
+    With tied word embeddings (the tiny base) each item token's input row is also its output row, so the LM
+    head restricted to these rows is the item head (`model.think.itemhead.TiedItemHead`): the item a history
+    position reads and the item the answer position scores share one vector, as in the online OneRec. `init`
+    (N, D) sets the rows (e.g. `model.think.warm_start.onerec_item_init`); default: the scaled sum of the item's
+    code-token rows. The tokens are ordinary vocabulary entries, so the folder loads in transformers and vLLM.
+    """
+    import torch
+
+    if tokmap.has_items:
+        raise ItemicTokenError("the tokenizer already holds item tokens")
+    if not getattr(model.config, "tie_word_embeddings", False):
+        raise ItemicTokenError("item tokens need tied word embeddings (input row = item-head row)")
+    names = item_id_tokens(sid)
+    vocab = tokenizer.get_vocab()
+    clash = [t for t in names[:5] if t in vocab]
+    if clash:
+        raise ItemicTokenError(f"tokenizer already has {clash[0]!r}")
+    start = len(tokenizer)
+    tokenizer.add_tokens([_added(t) for t in names])
+    got = tokenizer.convert_tokens_to_ids([names[0], names[-1]])
+    if got != [start, start + len(names) - 1]:
+        raise ItemicTokenError(f"item tokens not contiguous from {start}: got {got}")
+    resize_for_items(model, tokenizer)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        if init is None:
+            from model.think.itemhead import code_token_ids
+
+            ids = code_token_ids(tokmap, sid)  # (N, L)
+            init = emb[ids].sum(1) / ids.shape[1] ** 0.5
+        init = torch.as_tensor(init, dtype=emb.dtype)
+        if tuple(init.shape) != (len(names), emb.shape[1]):
+            raise ValueError(f"item token init: expected shape {(len(names), emb.shape[1])}, got {tuple(init.shape)}")
+        emb[start : start + len(names)] = init.to(emb.device)
+    return TokenMap(tokmap.offset, tokmap.num_levels, tokmap.codebook_size, tokmap.item_begin, tokmap.item_end,
+                    start, len(names))
 
 
 def special_ids(tokenizer: Any) -> dict[str, int]:

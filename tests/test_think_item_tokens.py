@@ -1,0 +1,172 @@
+"""A think model that reads items like the online OneRec: one token per item, tied to the item head.
+
+Checks the whole path on tiny data: the align stage adds the item tokens (contiguous, recorded in itemic.json),
+warm-starts their rows from a OneRec checkpoint (dot products kept), trains them as the item head (the head's
+logits are the LM's logits on the item rows), prompts carry each history item's token, and the offline
+engine ranks prefixes with the tied head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from think_fixtures import tiny_dataset, tiny_sid, write_dataset
+
+from model.onerec.config import OneRecConfig
+from model.onerec.modeling import build_model, save_checkpoint
+from model.semantic_ids import item_id_token
+from model.think.__main__ import main as train_main
+from model.think.align_data import direct_prefix
+from model.think.checkpoint import load_think
+from model.think.itemhead import TiedItemHead, load_head
+from model.think.warm_start import onerec_item_table, project_items
+
+TINY = ["--bpe-vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+        "--head-dim", "16", "--intermediate", "64"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("items")
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    write_dataset(ds, root / "data")
+    sid.save(root / "sid")
+    common = ["--data-dir", str(root / "data"), "--sid-dir", str(root / "sid")]
+    torch.manual_seed(0)
+    train_main(["base", "--out", str(root / "base"), "--steps", "1", "--batch-size", "4", *TINY, *common])
+    onerec = build_model(OneRecConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32), sid, seed=0)
+    save_checkpoint(onerec, sid, root / "onerec")
+    train_main(["align", "--init", str(root / "base"), "--out", str(root / "items"), "--tasks", "seq",
+                "--warmup-steps", "0", "--refit-epochs", "2", "--batch-size", "4", "--save-every", "2",
+                "--item-tokens", "--item-init", str(root / "onerec"), "--max-len", "400", *common])
+    return root
+
+
+def test_item_tokens_are_recorded_and_tied(world: Path) -> None:
+    model, tok, tm = load_think(world / "items")
+    sid = tiny_sid()
+    assert tm.has_items and tm.num_items == len(sid)
+    meta = json.loads((world / "items" / "itemic.json").read_text())
+    assert meta["item_offset"] == tm.item_offset and meta["num_items"] == len(sid)
+    assert meta["stages"][-1]["fit"]["run"] == "refit"
+    ids = tok.convert_tokens_to_ids([item_id_token(c) for c in sid.codes])
+    assert ids == list(range(int(tm.item_offset or 0), int(tm.item_offset or 0) + len(sid)))
+    head = load_head(world / "items", sid, model, tm)
+    assert isinstance(head, TiedItemHead)
+    h = torch.randn(3, model.config.hidden_size)
+    lm = model.get_output_embeddings()(h)[:, ids]  # the LM head on the item rows ...
+    assert torch.allclose(head.logits(h), lm, atol=1e-5)  # ... is the item head
+    assert not (world / "items" / "item_head" / "weight.safetensors").exists()  # no second copy of the rows
+
+
+def test_prompt_reads_each_history_item_token(world: Path) -> None:
+    _, tok, tm = load_think(world / "items")
+    sid = tiny_sid()
+    hist = [sid.codes_of(i) for i in (3, 5, 7)]
+    text = direct_prefix(hist, item_ids=True)
+    got = tok(text, add_special_tokens=False)["input_ids"]
+    items = [t for t in got if tm.item_offset <= t < tm.item_offset + tm.num_items]  # type: ignore[operator]
+    assert items == [int(tm.item_offset or 0) + sid._row[i] for i in (3, 5, 7)]
+    assert got[-1] == tm.item_begin  # the answer still starts with the code block
+
+
+def test_warm_start_keeps_the_online_models_geometry(world: Path) -> None:
+    sid = tiny_sid()
+    table = onerec_item_table(world / "onerec", sid)
+    out = project_items(table, 32, target_norm=2.0)
+    assert out.shape == (len(sid), 32)
+    assert abs(float(out.norm(dim=1).mean()) - 2.0) < 1e-4
+    scale = float(out.norm(dim=1).mean() / table.norm(dim=1).mean())
+    assert torch.allclose(out @ out.T, scale**2 * (table @ table.T), atol=1e-4)
+    from model.semantic_ids import SemanticIDs
+
+    other = SemanticIDs(sid.item_ids, np.asarray(sid.codes)[::-1].copy(), sid.config)  # same items, other codes
+    with pytest.raises(ValueError, match="other semantic IDs"):
+        onerec_item_table(world / "onerec", other)
+
+
+def test_offline_engine_ranks_prefixes_with_the_tied_head(world: Path) -> None:
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+
+    opts = dict(samples=1, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=4, greedy=True)
+    eng = HFEngine(world / "items", world / "sid", EngineConfig(prefix_scores="auto", **opts), batch_size=2,
+                   threads=1)
+    assert eng.head_prefixes is not None and isinstance(eng.head_prefixes.head, TiedItemHead)
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    pb = PromptBuilder(eng.tokenizer, sid)
+    assert pb.item_ids
+    reqs = [ThinkRequest(u, ids) for u, ids in pb.build((u, ds.sequences[u]) for u in sorted(ds.sequences)[:3])]
+    for res in eng.think(reqs):
+        pairs = [p[:2] for p in res.prefixes]
+        assert len(pairs) == 4 and len(set(pairs)) == 4
+        valid = {(int(c[0]), int(c[1])) for c in np.asarray(sid.codes)}
+        assert set(pairs) <= valid
+
+
+def test_direct_mode_serves_a_model_without_reasoning(world: Path) -> None:
+    """`auto` resolves to direct for an align-only model; direct results carry no reasoning and the prefixes
+    of the direct prompt (history -> <|item_begin|>), the same as ranking that context by hand."""
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest, served_mode
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+
+    assert served_mode("auto", world / "items") == "direct" and served_mode("think", world / "items") == "think"
+    opts = dict(samples=2, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=4, greedy=True)
+    eng = HFEngine(world / "items", world / "sid", EngineConfig(mode="auto", **opts), batch_size=2, threads=1)
+    assert eng.config.mode == "direct"
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    users = sorted(ds.sequences)[:3]
+    reqs = [ThinkRequest(u, ids) for u, ids in PromptBuilder(eng.tokenizer, sid).build((u, ds.sequences[u])
+                                                                                        for u in users)]
+    res = eng.think(reqs)
+    assert all(r.reasoning == "" and r.closed and r.truncated == 0 for r in res)
+    _, tok, _ = load_think(world / "items")
+    for u, r in zip(users, res, strict=True):
+        hist = [sid.codes_of(i) for i in ds.sequences[u]]
+        ctx = tok(direct_prefix(hist, item_ids=True), add_special_tokens=False)["input_ids"]
+        assert eng.head_prefixes is not None
+        assert [p[:2] for p in r.prefixes] == [p[:2] for p in eng.head_prefixes.top([ctx], 4)[0]]
+    with pytest.raises(ValueError, match="mode"):
+        EngineConfig(mode="fast")
+
+
+def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None:
+    """The ahead term asks position k for target k+1 within one text, never across texts."""
+    import torch.nn.functional as F
+
+    from model.think.align_data import HISTORY_TAG
+    from model.think.fit import lm_and_item_loss
+    from model.think.itemhead import item_loss, targets_at_item_begin
+    from model.think.sft import collate
+
+    model, tok, tm = load_think(world / "items")
+    sid = tiny_sid()
+    row_of = {tuple(int(x) for x in c): r for r, c in enumerate(sid.codes)}
+    texts = [[3, 5, 7], [2, 9]]
+    rows = []
+    for t in texts:
+        prompt = tok(HISTORY_TAG, add_special_tokens=False)["input_ids"]
+        body = tok(direct_prefix([sid.codes_of(i) for i in t], item_ids=True)[len(HISTORY_TAG):-len("<|item_begin|>")],
+                   add_special_tokens=False)["input_ids"]
+        rows.append((prompt + body, len(prompt)))
+    ids, att, labels = collate(rows, int(tok.pad_token_id))
+    head = load_head(world / "items", sid, model, tm)
+    assert head is not None
+    with torch.no_grad():
+        _, plain = lm_and_item_loss(model, head, ids, att, labels, tm, row_of, 1.0, 0.0)
+        _, both = lm_and_item_loss(model, head, ids, att, labels, tm, row_of, 1.0, 0.5)
+        h = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state
+        pos, tgt = targets_at_item_begin(ids, labels, tm, row_of)
+        assert tgt.tolist() == [sid._row[i] for t in texts for i in t]
+        pairs = [0, 1, 3]  # 3 -> 5, 5 -> 7 and 2 -> 9; 7 -> 2 would cross texts
+        want = [sid._row[i] for i in (5, 7, 9)]
+        logits = head.logits(h[pos[pairs, 0], pos[pairs, 1]])
+        ahead = F.cross_entropy(logits, torch.tensor(want))
+    assert torch.allclose(plain, item_loss(head, h, pos, tgt))
+    assert torch.allclose(both, plain + 0.5 * ahead, atol=1e-5)
