@@ -140,13 +140,16 @@ class _Path:
 
 
 def served_mode(mode: str, model_dir: Path | str) -> str:
-    """The concrete offline mode: ``auto`` serves the mode the model was trained for (``think`` after the
-    reasoning stages, which set ``think: true`` in itemic.json; else ``direct``)."""
+    """The concrete offline mode: ``auto`` serves the mode the model was trained for: ``direct`` when its last
+    stage is Itemic Alignment (history -> item, no reasoning learned), ``think`` after the reasoning stages
+    (itemic.json ``think: true``) and for any other folder (a base model, an external one: the full path)."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if mode != "auto":
         return mode
-    return "think" if read_itemic(model_dir).get("think") else "direct"
+    meta = read_itemic(model_dir)
+    stages = [st.get("stage") for st in meta.get("stages", [])]
+    return "direct" if not meta.get("think") and stages and stages[-1] == "align" else "think"
 
 
 def _path_seed(base: int, user: int, t: int) -> int:

@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     offline_mode: str = Field(
         "auto", pattern="^(auto|think|direct)$",
         description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "
-                    "auto (think for a model with reasoning training, else direct); recorded in the version's meta",
+                    "auto (direct for an align-only model, think otherwise); recorded in the version's meta",
     )
     refresh_chunk: int = Field(256, ge=1, description="users per engine call")
     prefix_beam_a: int | None = Field(
