@@ -22,6 +22,7 @@ import torch
 
 from model.onerec import OneRec
 from model.onerec.serving import ModuleNet
+from model.policy import PolicyConfig
 from services.catalog import load_dataset
 from services.config import get_settings
 from services.results import write_result
@@ -59,10 +60,11 @@ def main(argv: list[str] | None = None) -> None:
         return hist, pre
 
     cases = [user() for _ in range(args.calls)]
-    # the served completion weights, with the flags on top
-    weights = {"prefix_weight": args.prefix_weight, "own_prefixes": args.own_prefixes, "own_floor": st.own_prefix_floor}
+    # the served policy, with the flags on top
+    policy = PolicyConfig.from_settings(st, beam=args.beam, prefix_weight=args.prefix_weight,
+                                        own_prefixes=args.own_prefixes)
     for h, pre in cases[:20]:  # warm-up
-        onerec.complete([h], [pre], k=10, beam=args.beam, **weights)
+        onerec.complete([h], [pre], k=10, policy=policy)
         onerec.decode_full([h], k=10, beam=args.beam)
 
     def timed(fn) -> list[float]:
@@ -75,11 +77,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.no_grad():
         trunk = timed(lambda h, pre: onerec._last_hidden([h]))
-    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, **weights))
+    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
     full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
     # baseline in the same run: the same calls through the nn.Modules instead of the serving copy
     frozen, onerec.net = onerec.net, ModuleNet(onerec.model)
-    complete_modules = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, **weights))
+    complete_modules = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
     onerec.net = frozen
     batches = [cases[s : s + 16] for s in range(0, min(len(cases), 640), 16)]
     t0 = time.perf_counter()
