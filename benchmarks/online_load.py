@@ -655,11 +655,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.results and not args.quick:
         from services.results import write_result
 
-        note = (f"API: uvicorn 1 worker; entries: {args.prefixes} prefixes from the OneRec beam over the staler "
-                f"history; full model: {args.full_engine} engine"
-                f"{' (eager)' if args.full_eager else ' (compiled)' if args.full_engine == 'vllm' else ''}, "
-                f"{args.max_reasoning_tokens} reasoning tokens, one request at a time; details: "
-                f"{args.log_dir}/online_load_full.json")
+        entries = ("a real offline refresh (vLLM) over the staler histories" if args.entries == "think" else
+                   f"{args.prefixes} prefixes from the OneRec beam over the staler history")
+        mode = " (eager)" if args.full_eager else " (compiled)" if args.full_engine == "vllm" else ""
+        full = ("none" if args.full_engine == "none" else f"{args.full_engine} engine{mode}, "
+                f"{args.max_reasoning_tokens} reasoning tokens, one request at a time")
+        note = (f"API: uvicorn 1 worker; entries: {entries}; full model: {full}; sweep limit p99 <= "
+                f"{args.p99_limit_ms:g} ms; every step's details: online_load_full.json in the run's --log-dir")
         write_result("online_load", metrics, note=note)
 
 
