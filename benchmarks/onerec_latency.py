@@ -3,24 +3,32 @@
 Measures, for one user with a 50-item history: completion under 32 allowed (a, b) prefixes and full
 decode, p50/p99 over >= 1000 calls each; plus users/s of full decode at batch 16. Beam, own prefixes
 and prefix weight default to the API's settings (`services.config`), so the numbers are the served ones.
-Baseline in the same run: the trunk forward alone (the floor any decode pays). Writes
-docs/results/onerec_latency.json.
+Baseline in the same run: the trunk forward alone (the floor any decode pays). Also the CPU time of one
+completion (thread CPU, steadier than wall time on a shared machine) and, with ``--process``, of the same
+calls through the API's model process (`online_api.model_process.ProcessModel`: the child's CPU from /proc
+and the calling thread's), whose difference to the in-process CPU is the hand-off's cost; ``--profile N``
+prints the top N frames of the completion (cProfile, thread CPU). Writes docs/results/onerec_latency.json.
 
     python -m benchmarks.onerec_latency --calls 1000
+    python -m benchmarks.onerec_latency --calls 400 --process --profile 25 --no-results
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from model.onerec import OneRec
 from model.onerec.serving import ModuleNet
+from model.policy import PolicyConfig
 from services.catalog import load_dataset
 from services.config import get_settings
 from services.harness import percentile
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--own-prefixes", type=int, default=st.own_prefixes, help="own prefixes (default: the API's)")
     p.add_argument("--prefix-weight", type=float, default=st.prefix_weight, help="offline prefix weight")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the online tier uses 1)")
+    p.add_argument("--process", action="store_true", help="also the CPU of the calls through the API's model process")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N frames of the completion")
     p.add_argument("--no-results", action="store_true", help="do not write the results file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -60,10 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         return hist, pre
 
     cases = [user() for _ in range(args.calls)]
-    # the served completion weights, with the flags on top
-    weights = {"prefix_weight": args.prefix_weight, "own_prefixes": args.own_prefixes, "own_floor": st.own_prefix_floor}
+    # the served policy, with the flags on top
+    policy = PolicyConfig.from_settings(st, beam=args.beam, prefix_weight=args.prefix_weight,
+                                        own_prefixes=args.own_prefixes)
     for h, pre in cases[:20]:  # warm-up
-        onerec.complete([h], [pre], k=10, beam=args.beam, **weights)
+        onerec.complete([h], [pre], k=10, policy=policy)
         onerec.decode_full([h], k=10, beam=args.beam)
 
     def timed(fn) -> list[float]:
@@ -76,11 +87,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.no_grad():
         trunk = timed(lambda h, pre: onerec._last_hidden([h]))
-    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, **weights))
+    complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
     full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
     # baseline in the same run: the same calls through the nn.Modules instead of the serving copy
     frozen, onerec.net = onerec.net, ModuleNet(onerec.model)
-    complete_modules = timed(lambda h, pre: onerec.complete([h], [pre], k=10, beam=args.beam, **weights))
+    complete_modules = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
     onerec.net = frozen
     batches = [cases[s : s + 16] for s in range(0, min(len(cases), 640), 16)]
     t0 = time.perf_counter()
@@ -89,6 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     batch_rate = sum(len(b) for b in batches) / (time.perf_counter() - t0)
     c, f, tr = percentiles(complete), percentiles(full), percentiles(trunk)
     cm = percentiles(complete_modules)
+    cpu = {"complete_cpu_ms": round(cpu_ms(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy,
+                                                                         exclude=[set(h)]), cases), 3)}
+    if args.process:
+        cpu |= process_cpu(args.checkpoint, st, policy, cases, cpu["complete_cpu_ms"])
+    if args.profile:
+        profile(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy, exclude=[set(h)]), cases, args.profile)
     metrics = {
         "complete_p50_ms": round(c["p50"], 3), "complete_p99_ms": round(c["p99"], 3),
         "full_p50_ms": round(f["p50"], 3), "full_p99_ms": round(f["p99"], 3),
@@ -97,11 +114,62 @@ def main(argv: list[str] | None = None) -> None:
         "complete_over_trunk_p50": round(c["p50"] / tr["p50"], 2),
         "complete_modules_p50_ms": round(cm["p50"], 3), "serving_copy_speedup_p50": round(cm["p50"] / c["p50"], 2),
         "calls": args.calls, "prefixes": args.prefixes, "beam": args.beam, "threads": args.threads,
-        "own_prefixes": args.own_prefixes, "prefix_weight": args.prefix_weight,
+        "own_prefixes": args.own_prefixes, "prefix_weight": args.prefix_weight, **cpu,
     }
     print(metrics, f"(mean complete {statistics.mean(complete) * 1000:.2f} ms)")
     if not args.no_results:
         write_result("onerec_latency", metrics, note=f"checkpoint={args.checkpoint.resolve().name}")
+
+
+Case = tuple[list[int], list[tuple[int, int, float]]]
+
+
+def cpu_ms(fn: Callable[[list[int], list[tuple[int, int, float]]], object], cases: list[Case]) -> float:
+    """Mean thread CPU milliseconds of `fn` over `cases` (after 20 untimed calls)."""
+    with torch.inference_mode():
+        for h, pre in cases[:20]:
+            fn(h, pre)
+        t = time.thread_time()
+        for h, pre in cases:
+            fn(h, pre)
+        return (time.thread_time() - t) * 1000 / len(cases)
+
+
+def process_cpu(checkpoint: Path, settings: object, policy: PolicyConfig, cases: list[Case],
+                in_process_ms: float) -> dict[str, float]:
+    """The same completions through the API's model process: CPU of the child and of the calling thread per
+    call, and the hand-off's share (both minus the in-process CPU of the same calls)."""
+    from benchmarks.online_load import cpu_split
+    from online_api.model_process import ProcessModel
+
+    pm = ProcessModel(checkpoint, settings, policy)  # type: ignore[arg-type]  # a services.config.Settings
+    pm.start()
+    try:
+        def call(h: list[int], pre: list[tuple[int, int, float]]) -> object:
+            return pm.complete([h], [pre], 10, policy, [set(h)], time.perf_counter() + 5.0)
+
+        assert pm.pid is not None
+        child0 = cpu_split(pm.pid)
+        parent = cpu_ms(call, cases)
+        child1 = cpu_split(pm.pid)
+    finally:
+        pm.close()
+    assert child0 is not None and child1 is not None
+    child = (child1[0] - child0[0]) * 1000 / (len(cases) + 20)  # cpu_ms's 20 warm-up calls ran in the child too
+    return {"process_child_cpu_ms": round(child, 3), "process_caller_cpu_ms": round(parent, 3),
+            "handoff_cpu_ms": round(child + parent - in_process_ms, 3)}
+
+
+def profile(fn: Callable[[list[int], list[tuple[int, int, float]]], object], cases: list[Case], top: int) -> None:
+    """Print the top frames of `fn` over `cases` by own time (cProfile with a thread-CPU clock)."""
+    prof = cProfile.Profile(time.thread_time)
+    with torch.inference_mode():
+        prof.enable()
+        for h, pre in cases:
+            fn(h, pre)
+        prof.disable()
+    print(f"top {top} frames by own CPU over {len(cases)} completions:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 One run (about 5 minutes with the defaults) measures on this machine:
 1. the API (uvicorn, 1 worker, uvloop/httptools) over a private redis-server seeded with the test users'
    fresh histories and think-ahead entries computed from histories one interaction *staler*;
-   100 requests/s for 60 s, then a short sweep of higher rates for the largest one with p99 <= 100 ms;
-2. the floor: a trivial FastAPI endpoint doing one Redis GET of the same entry, same server settings;
+   100 requests/s for 60 s, then a short sweep of higher rates for the largest one with p99 within the
+   request budget (``--p99-limit-ms``, default ``ONEREC_DEFAULT_BUDGET_MS``);
+2. the floor: a trivial FastAPI endpoint doing one Redis GET of the same entry, same server settings, at the
+   main step's rate (its CPU per answer) and over its own sweep;
 3. the full OneRec-Think model answering one request at a time the way a user would otherwise serve it:
    reasoning then trie-constrained codes (vLLM engine of the offline worker, compiled: its fastest setting on
    CPU; ``--full-eager`` for eager mode, ``--full-engine hf`` for the transformers reference, ``none`` to skip).
@@ -12,6 +14,9 @@ One run (about 5 minutes with the defaults) measures on this machine:
 The load generator is a separate process (aiohttp, not httpx-bound) that sends request i at
 ``t0 + i / rate`` whatever happened before (open loop) and times each answer from that *scheduled* send
 time, so a stalled server shows up as latency instead of as fewer requests (coordinated omission).
+CPU per answer (``cpu_ms_per_answer``) is the server process's plus its model process's CPU seconds over the
+answers of the main step (/proc, Linux), and ``cpu_ratio_to_floor`` divides it by the floor's at the same rate
+in the same run: on a shared machine these hold up where latency does not.
 Results: ``docs/results/online_load.json`` (`services.results`). Not a test; never run by CI.
 
     python -m benchmarks.online_load --results            # full run
@@ -221,34 +226,44 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` and its live children, e.g. the API's model process
-    (Linux /proc; None elsewhere)."""
+def cpu_split(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds of process `pid`, CPU seconds of its live children, e.g. the API's model process), user +
+    system (Linux /proc; None elsewhere)."""
     try:
-        total = _proc_stat(pid)[1]
+        own = _proc_stat(pid)[1]
     except OSError:
         return None
+    children = 0.0
     for child in child_pids(pid):
         try:
-            total += _proc_stat(child)[1]
+            children += _proc_stat(child)[1]
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return own, children
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` and its live children (Linux /proc; None elsewhere)."""
+    split = cpu_split(pid)
+    return None if split is None else split[0] + split[1]
 
 
 def client_step(url: str, rate: float, duration_s: float, users: list[int], k: int,
                 metrics_url: str | None = None, pid: int | None = None) -> dict:
     """`run_client`, plus why answers fell back during the step (delta of the API's counters) and the
-    server's CPU milliseconds per answered request (`server_cpu_ms_per_request`), when given."""
+    server's CPU milliseconds per answered request, when given: `server_cpu_ms_per_request` (server process
+    + its model process), split into `api_cpu_ms_per_request` and `model_cpu_ms_per_request`."""
     before = fallback_counts(metrics_url) if metrics_url else {}
-    cpu0 = cpu_seconds(pid) if pid else None
+    cpu0 = cpu_split(pid) if pid else None
     res = run_client(url, rate, duration_s, users, k)
-    cpu1 = cpu_seconds(pid) if pid else None
+    cpu1 = cpu_split(pid) if pid else None
     if metrics_url:
         after = fallback_counts(metrics_url)
         res["fallback_reasons"] = {r: int(v - before.get(r, 0)) for r, v in after.items() if v > before.get(r, 0)}
     if cpu0 is not None and cpu1 is not None and res["ok"]:
-        res["server_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / res["ok"], 3)
+        api, model = (cpu1[0] - cpu0[0]) * 1000 / res["ok"], (cpu1[1] - cpu0[1]) * 1000 / res["ok"]
+        res["server_cpu_ms_per_request"] = round(api + model, 3)
+        res["api_cpu_ms_per_request"], res["model_cpu_ms_per_request"] = round(api, 3), round(model, 3)
     return res
 
 
@@ -424,7 +439,7 @@ def run(args: argparse.Namespace) -> dict:
     ns, version = "bench", "bench"
     # other jobs on a shared machine change every number: record how busy it was
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "load_avg_1m_start": round(os.getloadavg()[0], 2),
-                           "cpu_probe_ms_start": cpu_probe_ms()}
+                           "cpu_probe_ms_start": cpu_probe_ms(), "p99_limit_ms": args.p99_limit_ms}
     with redis_server() as server:
         redis_url = server.url
         users = seed_redis(redis_url, ns, checkpoint, args.users, args.prefixes, version, args.entries, args.think_dir)
@@ -439,14 +454,18 @@ def run(args: argparse.Namespace) -> dict:
             main = client_step(url, args.rate, args.duration, users, args.k, metrics_url, api.pid)
             print(f"[api] {args.rate}/s for {args.duration}s: {json.dumps(main)}", flush=True)
             out["api_main"] = main
-            best, steps = sweep(url, args.sweep, args.sweep_duration, users, args.k, 100.0, "api", metrics_url, api.pid)
+            best, steps = sweep(url, args.sweep, args.sweep_duration, users, args.k, args.p99_limit_ms, "api",
+                                metrics_url, api.pid)
             out["api_max_rps"], out["api_sweep"] = best, steps
         port = free_port()
         with process(uvicorn_cmd("benchmarks.online_load:floor_app", port), env, logdir / "floor.log") as floor:
             wait_http(f"http://127.0.0.1:{port}/readyz", 60, floor)
             url = f"http://127.0.0.1:{port}/v1/recommend"
             run_client(url, 50, 2, users, args.k)
-            best, steps = sweep(url, args.floor_sweep, args.sweep_duration, users, args.k, 100.0, "floor",
+            # the floor's CPU per answer at the main step's rate (same run): the denominator of the CPU ratio
+            out["floor_main"] = client_step(url, args.rate, min(args.duration, 20.0), users, args.k, pid=floor.pid)
+            print(f"[floor] {args.rate}/s: {json.dumps(out['floor_main'])}", flush=True)
+            best, steps = sweep(url, args.floor_sweep, args.sweep_duration, users, args.k, args.p99_limit_ms, "floor",
                                 pid=floor.pid)
             out["floor_max_rps"], out["floor_sweep"] = best, steps
     out["load_avg_1m_end"], out["cpu_probe_ms_end"] = round(os.getloadavg()[0], 2), cpu_probe_ms()
@@ -475,11 +494,19 @@ def metrics_of(out: dict) -> dict[str, Any]:
         "p50_ms": main["p50_ms"], "p90_ms": main["p90_ms"], "p99_ms": main["p99_ms"], "errors": main["errors"],
         "think_ahead_share": round(main["sources"].get("think-ahead", 0) / total, 4),
         "offered_rps": main["offered_rps"], "achieved_rps": main["achieved_rps"],
-        "max_rps_p99_under_100ms": out["api_max_rps"], "floor_max_rps": out["floor_max_rps"],
+        "p99_limit_ms": out["p99_limit_ms"],
+        "max_rps_p99_under_limit": out["api_max_rps"], "floor_max_rps": out["floor_max_rps"],
         "ratio_to_floor": round(out["api_max_rps"] / out["floor_max_rps"], 3) if out["floor_max_rps"] else None,
+        # CPU of one answer: server process + model process CPU seconds / answers of the main step
+        "cpu_ms_per_answer": main.get("server_cpu_ms_per_request"),
+        "api_cpu_ms_per_answer": main.get("api_cpu_ms_per_request"),
+        "model_cpu_ms_per_answer": main.get("model_cpu_ms_per_request"),
+        "floor_cpu_ms_per_answer": out["floor_main"].get("server_cpu_ms_per_request"),
         "load_avg_1m_start": out["load_avg_1m_start"], "load_avg_1m_end": out["load_avg_1m_end"],
         "cpu_probe_ms_start": out["cpu_probe_ms_start"], "cpu_probe_ms_end": out["cpu_probe_ms_end"],
     }  # fmt: skip
+    if m["cpu_ms_per_answer"] and m["floor_cpu_ms_per_answer"]:
+        m["cpu_ratio_to_floor"] = round(m["cpu_ms_per_answer"] / m["floor_cpu_ms_per_answer"], 2)
     if "full_model" in out:
         m["full_model_p50_ms"] = out["full_model"]["p50_ms"]
         m["speedup_p50"] = round(out["full_model"]["p50_ms"] / main["p50_ms"], 1)
@@ -514,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
                    default=[100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000],
                    help="floor rates (comma-separated, increasing)")
     p.add_argument("--sweep-duration", type=float, default=15.0, help="seconds per sweep step")
+    p.add_argument("--p99-limit-ms", type=float, default=None,
+                   help="a sweep rate passes with p99 at most this (default: the API's ONEREC_DEFAULT_BUDGET_MS)")
     p.add_argument("--full-engine", choices=["vllm", "hf", "none"], default="vllm", help="full-model baseline engine")
     p.add_argument("--full-requests", type=int, default=20, help="requests answered by the full model")
     p.add_argument("--full-eager", action="store_true",
@@ -535,6 +564,10 @@ def main(argv: list[str] | None = None) -> None:
 
         full_model_step(args, (args.checkpoint or get_settings().resolved("onerec")).resolve())
         return
+    if args.p99_limit_ms is None:
+        from services.config import get_settings
+
+        args.p99_limit_ms = get_settings().default_budget_ms
     if args.quick:
         args.duration, args.sweep, args.floor_sweep, args.sweep_duration = 5.0, [200.0], [300.0], 3.0
         args.users, args.full_engine = 300, "none"
@@ -545,11 +578,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.results and not args.quick:
         from services.results import write_result
 
-        note = (f"API: uvicorn 1 worker; entries: {args.prefixes} prefixes from the OneRec beam over the staler "
-                f"history; full model: {args.full_engine} engine"
-                f"{' (eager)' if args.full_eager else ' (compiled)' if args.full_engine == 'vllm' else ''}, "
-                f"{args.max_reasoning_tokens} reasoning tokens, one request at a time; details: "
-                "online_load_full.json in the run's --log-dir (a scratch folder, not kept)")
+        entries = ("a real offline refresh (vLLM) over the staler histories" if args.entries == "think" else
+                   f"{args.prefixes} prefixes from the OneRec beam over the staler history")
+        mode = " (eager)" if args.full_eager else " (compiled)" if args.full_engine == "vllm" else ""
+        full = ("none" if args.full_engine == "none" else f"{args.full_engine} engine{mode}, "
+                f"{args.max_reasoning_tokens} reasoning tokens, one request at a time")
+        note = (f"API: uvicorn 1 worker; entries: {entries}; full model: {full}; sweep limit p99 <= "
+                f"{args.p99_limit_ms:g} ms; every step's details: online_load_full.json in the run's --log-dir")
         write_result("online_load", metrics, note=note)
 
 

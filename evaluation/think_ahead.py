@@ -105,14 +105,11 @@ class InProcessModel:
 
     async def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
                        exclude: Sequence[set[int]]) -> list[Scored | None]:
-        p = self.policy
-        return list(self.onerec.complete(histories, prefixes, k, max(p.beam, k), exclude=list(exclude),
-                                         prefix_weight=p.prefix_weight, own_prefixes=p.own_prefixes,
-                                         own_floor=p.own_floor))
+        return list(self.onerec.complete(histories, prefixes, k, self.policy, exclude=list(exclude)))
 
     async def full(self, histories: Sequence[Sequence[int]], k: int,
                    exclude: Sequence[set[int]]) -> list[Scored | None]:
-        return list(self.onerec.decode_full(histories, k, max(self.policy.beam, k), exclude=list(exclude)))
+        return list(self.onerec.decode_full(histories, k, self.policy.beam_for(k), exclude=list(exclude)))
 
 
 class ThinkAheadRecommender:
@@ -218,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         source = OneRecPrefixSource(onerec)
     # the served policy (Settings), with the flags' overrides; "protocol": the same with consumed items allowed
     served = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
-                                        own_prefixes=args.own_prefixes, own_floor=args.own_floor)
+                                        own_prefixes=args.own_prefixes, own_prefix_floor=args.own_floor)
     plain = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
-                                       own_prefixes=args.own_prefixes, own_floor=args.own_floor,
+                                       own_prefixes=args.own_prefixes, own_prefix_floor=args.own_floor,
                                        exclude_consumed=False)
     popularity = train_popularity(ds.sequences, args.split, {int(i) for i in onerec.sid.item_ids})
 
@@ -253,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         metrics["think_ahead_strict"] = evaluate(ThinkAheadRecommender(onerec, source, strict, popularity), examples,
                                                  desc="think-ahead (cached prefixes only)")
         # ablation: what the cached prefixes add over the online model's own ones (a = think-ahead, b = own only)
-        _, ranked_own = run(PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
-                                                       own_prefixes=args.own_prefixes, own_floor=args.own_floor,
-                                                       use_cached=False), source, "own prefixes only (ablation)")
+        own_only = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
+                                              own_prefixes=args.own_prefixes, own_prefix_floor=args.own_floor,
+                                              use_cached=False)
+        _, ranked_own = run(own_only, source, "own prefixes only (ablation)")
         metrics["own_prefixes_only"] = score(ranked_own, targets)
         metrics["think_ahead_vs_own_prefixes_only"] = paired_comparison(ranked_ta, ranked_own, targets)
     for wide in args.wide_beams:  # the lightweight model alone with a wider beam (a reference, not a mode)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     for n, w, f in grid(args.own, args.weights, args.floors):
         t0 = time.perf_counter()
         # the served policy (consumed-item rule and fill included) with this grid point's completion knobs
-        policy = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=w, own_prefixes=n, own_floor=f)
+        policy = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=w, own_prefixes=n, own_prefix_floor=f)
         ranked.append(rank(ThinkAheadRecommender(onerec, source, policy, popularity), examples,
                            desc=f"own={n} w={w} floor={f}"))  # fmt: skip
         rows.append({"own_prefixes": n, "prefix_weight": w, "own_floor": f, "metrics": score(ranked[-1], targets),

@@ -13,8 +13,10 @@ Given a user's fresh history (already capped), the usable cached (a, b) prefixes
 
 The API (`online_api.complete.Completer`) calls it with a batch of one through its micro-batcher and a
 deadline; the evaluation (`evaluation.think_ahead`) calls it over whole batches of users with the model
-in process. Both build `PolicyConfig` from the one `Settings` (`PolicyConfig.from_settings`), so a
-think-ahead quality number is the served system's number. Nothing here reads Redis or HTTP.
+in process. Both build `PolicyConfig` from the one `Settings` (`PolicyConfig.from_settings`), once, and pass that
+object on: the API through its micro-batcher and model process to `OneRec.complete`, so a think-ahead quality
+number is the served system's number. `Prefix` and `Scored` below are the shapes every layer imports from here.
+Nothing here reads Redis or HTTP.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class PolicyConfig:
     beam: int  # beam width of the online decoding (at least k is used)
     prefix_weight: float  # weight of the offline (a, b) log-prob in the completion score
     own_prefixes: int  # also complete under the online model's own top-N (a, b); 0: cached prefixes only
-    own_floor: float  # offline score of an own prefix: the weakest cached one + this
+    own_prefix_floor: float  # offline score of an own prefix: the weakest cached one + this
     exclude_consumed: bool  # never list an item of the user's history
     use_cached: bool = True  # False: ablation, users with an entry completed under own prefixes only
 
@@ -55,8 +57,12 @@ class PolicyConfig:
     def from_settings(cls, settings: Settings, **overrides: Any) -> PolicyConfig:
         """The served options (`ONEREC_BEAM`, `ONEREC_PREFIX_WEIGHT`, ...), with `overrides` on top."""
         cfg = cls(beam=settings.beam, prefix_weight=settings.prefix_weight, own_prefixes=settings.own_prefixes,
-                  own_floor=settings.own_prefix_floor, exclude_consumed=settings.exclude_consumed)
+                  own_prefix_floor=settings.own_prefix_floor, exclude_consumed=settings.exclude_consumed)
         return replace(cfg, **overrides)
+
+    def beam_for(self, k: int) -> int:
+        """The beam width a request for `k` items decodes with: `beam`, at least k."""
+        return max(self.beam, k)
 
     def consumed(self, history: Sequence[int]) -> set[int]:
         """The consumed-item rule: what may not be listed for this history."""

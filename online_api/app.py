@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, *, loader: ModelLoader | None =
 
         async def load() -> None:
             try:
-                loaded = await asyncio.to_thread(load_model, settings)
+                loaded = await asyncio.to_thread(load_model, settings, state.policy)
             except Exception as e:  # noqa: BLE001 - reported by /readyz; the API keeps answering by fallback
                 log.exception("model load failed")
                 state.load_error = f"model load failed: {e}"

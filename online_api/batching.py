@@ -8,11 +8,13 @@ future with the job's deadline. The model thread takes the first job and everyth
 queued; when the previous batch held several jobs it also waits at most ``wait_ms`` for more (up to
 ``batch_max``). Jobs whose caller gave up or whose deadline passed are dropped before the model runs;
 the rest are grouped by kind (``full`` = `decode_full`, ``complete`` = think-ahead completion) and
-answered with one model call per group. A job whose remaining budget is below the model time the
-batcher expects (a running average per kind, at least one measured batch) is failed at once with
-`BelowExpected`: under overload the model then spends no time on answers that would arrive after
-their caller gave up, and those callers fall back at once instead of at their deadline. A kind's job
-with the most budget left always runs, so the estimate keeps following the model after a slow spell.
+policy (the `model.policy.PolicyConfig` each job carries: the API builds one, so in practice one group per
+kind) and answered with one model call per group; the batcher keeps no policy options of its own. A job
+whose remaining budget is below the model time the batcher expects (a running average per kind, at least
+one measured batch) is failed at once with `BelowExpected`: under overload the model then spends no time on
+answers that would arrive after their caller gave up, and those callers fall back at once instead of at their
+deadline. A kind's job with the most budget left always runs, so the estimate keeps following the model
+after a slow spell.
 Torch threads are set explicitly once, on start. This module knows nothing about HTTP or Redis.
 """
 
@@ -29,13 +31,12 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from model.onerec import DeadlineExceeded
-from model.policy import PolicyConfig
+from model.policy import PolicyConfig, Prefix, Scored
 from services.config import Settings
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["full", "complete"]
-Scored = list[tuple[int, float]]
 
 
 class OnlineModel(Protocol):
@@ -44,9 +45,9 @@ class OnlineModel(Protocol):
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]: ...
 
-    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
-                 k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 *, prefix_weight: float, own_prefixes: int, own_floor: float) -> list[Scored]: ...
+    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
+                 policy: PolicyConfig, exclude: Sequence[set[int]] | None = None,
+                 deadline: float | None = None) -> list[Scored]: ...
 
 
 class BelowExpected(DeadlineExceeded):
@@ -65,7 +66,8 @@ class Overloaded(RuntimeError):
 class _Job:
     kind: Kind
     history: list[int]
-    prefixes: list[tuple[int, int, float]] | None
+    prefixes: list[Prefix] | None
+    policy: PolicyConfig
     k: int
     exclude: set[int]
     deadline: float  # time.perf_counter() seconds
@@ -93,14 +95,13 @@ class MicroBatcher:
     its own child, so they can run at once) one more thread per extra model, all taking jobs from the
     same queue."""
 
-    def __init__(self, model: OnlineModel, policy: PolicyConfig, batch_max: int, wait_ms: float, torch_threads: int,
+    def __init__(self, model: OnlineModel, batch_max: int, wait_ms: float, torch_threads: int,
                  queue_max: int, admit_by_expected: bool, on_batch: BatchHook | None = None,
                  on_wait: WaitHook | None = None, extra_models: Sequence[OnlineModel] = ()) -> None:
         if batch_max < 1 or queue_max < 1 or torch_threads < 1 or wait_ms < 0:
             raise ValueError(f"bad batcher settings: batch_max={batch_max} queue_max={queue_max} "
                              f"torch_threads={torch_threads} wait_ms={wait_ms}")
         self.models = [model, *extra_models]
-        self.policy = policy  # beam and completion weights (`model.policy`)
         self.batch_max = batch_max
         self.wait_s = wait_ms / 1000.0
         self.torch_threads = torch_threads
@@ -119,7 +120,7 @@ class MicroBatcher:
                       on_wait: WaitHook | None = None, extra_models: Sequence[OnlineModel] = ()) -> MicroBatcher:
         """The batcher the API runs: every option from the one `Settings`."""
         s = settings
-        return cls(model, PolicyConfig.from_settings(s), batch_max=s.batch_max, wait_ms=s.batch_wait_ms,
+        return cls(model, batch_max=s.batch_max, wait_ms=s.batch_wait_ms,
                    torch_threads=s.torch_threads, queue_max=s.batch_queue_max, admit_by_expected=s.batch_admit_expected,
                    on_batch=on_batch, on_wait=on_wait, extra_models=extra_models)
 
@@ -164,10 +165,10 @@ class MicroBatcher:
         return self._q.qsize()
 
     # ---------------------------------------------------------------- caller side (event loop)
-    async def submit(self, kind: Kind, history: list[int], k: int, deadline: float,
-                     prefixes: list[tuple[int, int, float]] | None = None,
-                     exclude: set[int] | None = None) -> Scored:
-        """Run one user through the model; raises `DeadlineExceeded`, `Overloaded` or the model's error."""
+    async def submit(self, kind: Kind, history: list[int], k: int, deadline: float, policy: PolicyConfig,
+                     prefixes: list[Prefix] | None = None, exclude: set[int] | None = None) -> Scored:
+        """Run one user through the model with `policy` (beam, completion weights); raises
+        `DeadlineExceeded`, `Overloaded` or the model's error."""
         if kind == "complete" and not prefixes:
             raise ValueError("prefixes: required (non-empty) for kind='complete'")
         if not self.running:
@@ -177,7 +178,7 @@ class MicroBatcher:
             raise DeadlineExceeded("no budget left for the model")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Scored] = loop.create_future()
-        job = _Job(kind, history, prefixes, k, exclude or set(), deadline, loop, fut)
+        job = _Job(kind, history, prefixes, policy, k, exclude or set(), deadline, loop, fut)
         try:
             self._q.put_nowait(job)
         except queue.Full:
@@ -245,10 +246,11 @@ class MicroBatcher:
                 live.append(job)
             if self.admit_by_expected:
                 live = self._admit(live, now)
-            for kind in ("complete", "full"):
-                group = [j for j in live if j.kind == kind]
-                if group:
-                    self._run_group(model, kind, group)  # type: ignore[arg-type]
+            groups: dict[tuple[Kind, PolicyConfig], list[_Job]] = {}
+            for job in live:  # "complete" jobs first (think-ahead answers), then "full"
+                groups.setdefault((job.kind, job.policy), []).append(job)
+            for (kind, policy), group in sorted(groups.items(), key=lambda kv: kv[0][0] != "complete"):
+                self._run_group(model, kind, policy, group)
             if stop or self._stopping:
                 return
 
@@ -272,9 +274,8 @@ class MicroBatcher:
             keep += ok
         return keep
 
-    def _run_group(self, model: OnlineModel, kind: Kind, jobs: list[_Job]) -> None:
+    def _run_group(self, model: OnlineModel, kind: Kind, policy: PolicyConfig, jobs: list[_Job]) -> None:
         k = max(j.k for j in jobs)
-        beam = max(self.policy.beam, k)
         deadline = max(j.deadline for j in jobs)  # each caller enforces its own; one late job must not fail all
         histories = [j.history for j in jobs]
         exclude = [j.exclude for j in jobs]
@@ -282,13 +283,9 @@ class MicroBatcher:
         try:
             with self._inference():
                 if kind == "complete":
-                    prefixes = [j.prefixes or [] for j in jobs]
-                    pol = self.policy
-                    out = model.complete(histories, prefixes, k, beam, exclude, deadline,
-                                         prefix_weight=pol.prefix_weight, own_prefixes=pol.own_prefixes,
-                                         own_floor=pol.own_floor)
+                    out = model.complete(histories, [j.prefixes or [] for j in jobs], k, policy, exclude, deadline)
                 else:
-                    out = model.decode_full(histories, k, beam, exclude, deadline)
+                    out = model.decode_full(histories, k, policy.beam_for(k), exclude, deadline)
         except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back
             if isinstance(e, ModelUnavailable):
                 log.warning("model %s unavailable for a batch of %d: %s", kind, len(jobs), e)

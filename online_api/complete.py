@@ -114,7 +114,8 @@ class Answer:
 class Completer:
     """Think-ahead / online-only / fallback logic shared by every request of the app."""
 
-    def __init__(self, settings: Settings, reader: AsyncThinkReader, known_items: set[int], trie: CodeTrie | None,
+    def __init__(self, settings: Settings, policy: PolicyConfig, reader: AsyncThinkReader, known_items: set[int],
+                 trie: CodeTrie | None,
                  batcher: MicroBatcher | None, popularity: Popularity, metrics: Metrics,
                  pending: PendingEvents, breaker: RedisBreaker) -> None:
         self.s = settings
@@ -126,7 +127,7 @@ class Completer:
         self.m = metrics
         self.pending = pending
         self.breaker = breaker
-        self.policy = PolicyConfig.from_settings(settings)
+        self.policy = policy  # built once by the app (`AppState.policy`); every model call carries it
         self._prefixes_of: CodeTrie | None = None  # the trie `_prefix_set` was built from
         self._prefix_set: frozenset[tuple[int, ...]] = frozenset()
 
@@ -189,7 +190,7 @@ class Completer:
         cached = frozenset((a, b) for a, b, _ in prefixes) if source == THINK else frozenset()
         return Answer(ranked.items, source, degraded, reasoning, version, unknown, reasons, cached)
 
-    def _usable_prefixes(self, entry: ThinkEntry) -> list[tuple[int, int, float]]:
+    def _usable_prefixes(self, entry: ThinkEntry) -> list[Prefix]:
         """The entry's prefixes that exist in the trie (a foreign or outdated entry may hold others)."""
         valid = self._valid_prefixes()
         return [(a, b, lp) for a, b, lp in entry.prefixes if (a, b) in valid]
@@ -215,7 +216,8 @@ class Completer:
             return []
         try:
             given = list(prefixes) if prefixes is not None else None
-            return await self.batcher.submit(kind, list(history), k, deadline, prefixes=given, exclude=consumed)
+            return await self.batcher.submit(kind, list(history), k, deadline, self.policy, prefixes=given,
+                                             exclude=consumed)
         except BelowExpected:  # failed before the model: its recent batches took longer than the budget left
             reasons.append("below_expected")
         except DeadlineExceeded:

@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.policy import PolicyConfig
+from model.policy import PolicyConfig, Prefix, Scored
 from online_api.batching import ModelUnavailable, OnlineModel
 from services.config import Settings
 
@@ -49,13 +49,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Scored = list[tuple[int, float]]
 _ROOT = str(Path(__file__).resolve().parent.parent)
 _METHODS = ("complete", "decode_full")
 
 
-def warm_up(onerec: OneRec, settings: Settings, calls: int = 3) -> None:
-    """A few completions and full decodes with the served settings before the API reports ready: the
+def warm_up(onerec: OneRec, settings: Settings, policy: PolicyConfig, calls: int = 3) -> None:
+    """A few completions and full decodes with the served policy before the API reports ready: the
     first calls of a fresh process are several times slower (allocator, kernel selection) and would
     otherwise miss the first users' budgets."""
     import torch
@@ -63,13 +62,11 @@ def warm_up(onerec: OneRec, settings: Settings, calls: int = 3) -> None:
     torch.set_num_threads(settings.torch_threads)  # what the model thread will use
     items = [int(i) for i in onerec.sid.item_ids[:20].tolist()]
     prefixes = [(int(a), int(b), -1.0) for a, b in onerec.trie.codes[:8, :2].tolist()]
-    pol = PolicyConfig.from_settings(settings)
-    beam = max(pol.beam, settings.default_k)
+    k = settings.default_k
     with torch.inference_mode():
         for _ in range(calls):
-            onerec.complete([items], [prefixes], settings.default_k, beam, [set(items[:5])], None,
-                            prefix_weight=pol.prefix_weight, own_prefixes=pol.own_prefixes, own_floor=pol.own_floor)
-            onerec.decode_full([items], settings.default_k, beam, [set(items[:5])])
+            onerec.complete([items], [prefixes], k, policy, [set(items[:5])], None)
+            onerec.decode_full([items], k, policy.beam_for(k), [set(items[:5])])
 
 
 def _sendable(exc: BaseException) -> BaseException:
@@ -81,7 +78,7 @@ def _sendable(exc: BaseException) -> BaseException:
     return exc
 
 
-def _serve(conn: Connection, folder: str, settings: Settings) -> None:
+def _serve(conn: Connection, folder: str, settings: Settings, policy: PolicyConfig) -> None:
     """Child process: load and warm up the checkpoint, say ready, then answer calls until the pipe closes
     (or breaks: the API process died mid-call)."""
     import torch
@@ -91,7 +88,7 @@ def _serve(conn: Connection, folder: str, settings: Settings) -> None:
     try:
         torch.set_num_threads(settings.torch_threads)
         onerec = OneRec.load(folder)
-        warm_up(onerec, settings)
+        warm_up(onerec, settings, policy)
         gc.collect()
         gc.freeze()  # no full-collection pauses over the model and its tables (see `online_api.app.freeze_heap`)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which reports it on /readyz
@@ -120,11 +117,12 @@ def _serve(conn: Connection, folder: str, settings: Settings) -> None:
 class ProcessModel:
     """`OnlineModel` whose calls run in a child process; one caller at a time (the batcher's thread)."""
 
-    def __init__(self, folder: Path | str, settings: Settings, start_timeout_s: float = 120.0,
+    def __init__(self, folder: Path | str, settings: Settings, policy: PolicyConfig, start_timeout_s: float = 120.0,
                  restart_backoff_s: float = 1.0, hang_s: float = 2.0,
                  standby: OnlineModel | None = None) -> None:
         self.folder = str(folder)
         self.settings = settings
+        self.policy = policy  # the served policy, for the child's warm-up (each call carries its own)
         # the same model loaded in this process (a `model.onerec.OneRec`), run on the caller's thread while
         # no child is up: answers stay personalised during a restart, at the old GIL-sharing speed
         self.standby = standby
@@ -155,7 +153,7 @@ class ProcessModel:
             theirs.close()  # the child holds its end: its recv sees EOF when this process goes
         parent = Connection(ours.detach())
         try:
-            parent.send((self.folder, self.settings))
+            parent.send((self.folder, self.settings, self.policy))
             if not parent.poll(self.start_timeout_s):
                 raise RuntimeError(f"model process did not get ready within {self.start_timeout_s:.0f} s")
             status, payload = parent.recv()
@@ -271,11 +269,10 @@ class ProcessModel:
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]:
         return self._call("decode_full", deadline, histories, k, beam, exclude, deadline)
 
-    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
-                 k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 *, prefix_weight: float, own_prefixes: int, own_floor: float) -> list[Scored]:
-        return self._call("complete", deadline, histories, prefixes, k, beam, exclude, deadline,
-                          prefix_weight=prefix_weight, own_prefixes=own_prefixes, own_floor=own_floor)
+    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
+                 policy: PolicyConfig, exclude: Sequence[set[int]] | None = None,
+                 deadline: float | None = None) -> list[Scored]:
+        return self._call("complete", deadline, histories, prefixes, k, policy, exclude, deadline)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,10 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     conn = Connection(int(args[0]))
     try:
-        folder, settings = conn.recv()
+        folder, settings, policy = conn.recv()
     except (EOFError, OSError):
         return
-    _serve(conn, folder, settings)
+    _serve(conn, folder, settings, policy)
 
 
 if __name__ == "__main__":

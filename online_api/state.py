@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from model.policy import Popularity
+from model.policy import PolicyConfig, Popularity
 from model.semantic_ids import SemanticIDs
 from model.trie import CodeTrie
 from online_api.batching import MicroBatcher, OnlineModel
@@ -56,26 +56,26 @@ class LoadedModel:
             p.close()
 
 
-ModelLoader = Callable[[Settings], LoadedModel]
+ModelLoader = Callable[[Settings, PolicyConfig], "LoadedModel"]
 
 
-def load_onerec(settings: Settings) -> LoadedModel:
-    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with, warmed up:
-    in `settings.model_processes` child processes (`settings.model_process`, see `online_api.model_process`)
-    or in this one."""
+def load_onerec(settings: Settings, policy: PolicyConfig) -> LoadedModel:
+    """The checkpoint at `settings.resolved("onerec")`, with the code table it was trained with, warmed up with
+    the served `policy`: in `settings.model_processes` child processes (`settings.model_process`, see
+    `online_api.model_process`) or in this one."""
     from model.onerec import OneRec
 
     folder = settings.resolved("onerec")
     name = Path(folder).resolve().name
     onerec = OneRec.load(folder)
-    warm_up(onerec, settings)
+    warm_up(onerec, settings, policy)
     if not settings.model_process:
         return LoadedModel(onerec, onerec.sid, onerec.trie, name)
     # `onerec` stays here as the standby, run only while a child restarts
     procs: list[ProcessModel] = []
     try:
         for _ in range(settings.model_processes):
-            procs.append(ProcessModel(folder, settings, standby=onerec))
+            procs.append(ProcessModel(folder, settings, policy, standby=onerec))
             procs[-1].start()
     except Exception:
         for p in procs:
@@ -94,6 +94,7 @@ class AppState:
         self.users = users
         self.redis = redis
         self.metrics = metrics
+        self.policy = PolicyConfig.from_settings(settings)  # the one served policy: every request and model call
         self.reader = AsyncThinkReader(redis, settings.namespace, current_ttl_s=settings.current_ttl_s)
         self.pending = PendingEvents(settings.pending_events_max)
         self.breaker = RedisBreaker(settings.redis_backoff_ms / 1000.0, settings.redis_breaker_failures)
@@ -101,8 +102,8 @@ class AppState:
         self.load_error: str | None = None
         self.batcher: MicroBatcher | None = None
         self._codes: dict[int, list[int]] = {}
-        self.completer = Completer(settings, self.reader, set(catalog.item_ids), None, None, popularity, metrics,
-                                   self.pending, self.breaker)
+        self.completer = Completer(settings, self.policy, self.reader, set(catalog.item_ids), None, None, popularity,
+                                   metrics, self.pending, self.breaker)
 
     @property
     def model_id(self) -> str:

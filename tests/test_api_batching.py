@@ -26,6 +26,9 @@ def policy(**over: object) -> PolicyConfig:
     return PolicyConfig.from_settings(Settings(), **over)
 
 
+POLICY = policy(beam=4)  # what these batchers' jobs carry (the API builds its one policy the same way)
+
+
 class FakeModel:
     """Echoes the history back as items; records batch sizes and the calling thread."""
 
@@ -49,10 +52,9 @@ class FakeModel:
     def decode_full(self, histories, k, beam, exclude=None, deadline=None):  # type: ignore[no-untyped-def]
         return self._run("full", histories, k, beam, deadline)
 
-    def complete(self, histories, prefixes, k, beam, exclude=None, deadline=None, prefix_weight=1.0,  # type: ignore[no-untyped-def]
-                 own_prefixes=0, own_floor=0.0):
+    def complete(self, histories, prefixes, k, policy, exclude=None, deadline=None):  # type: ignore[no-untyped-def]
         assert all(prefixes)
-        return self._run("complete", histories, k, beam, deadline)
+        return self._run("complete", histories, k, policy.beam_for(k), deadline)
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -66,8 +68,8 @@ def test_concurrent_requests_are_batched_off_the_loop() -> None:
     try:
         async def go() -> list:
             dl = time.perf_counter() + 5
-            return await asyncio.gather(*(b.submit("full", [u, u + 1, u + 2], 2, dl) for u in range(20)),
-                                        b.submit("complete", [7], 1, dl, prefixes=[(0, 0, 0.0)]))
+            return await asyncio.gather(*(b.submit("full", [u, u + 1, u + 2], 2, dl, POLICY) for u in range(20)),
+                                        b.submit("complete", [7], 1, dl, POLICY, prefixes=[(0, 0, 0.0)]))
         out = run(go())
     finally:
         b.stop()
@@ -75,7 +77,7 @@ def test_concurrent_requests_are_batched_off_the_loop() -> None:
     assert model.threads == {"onerec-model"}
     sizes = [n for kind, n, _, _ in model.calls if kind == "full"]
     assert sum(sizes) == 20 and max(sizes) <= 8 and len(sizes) < 20  # batched, bounded
-    assert all(beam >= 4 for *_, beam in model.calls)
+    assert all(beam == 4 for *_, beam in model.calls)  # the jobs' policy reached the model
 
 
 def test_deadline_overload_errors_and_stop() -> None:
@@ -87,17 +89,17 @@ def test_deadline_overload_errors_and_stop() -> None:
         async def go() -> None:
             now = time.perf_counter()
             with pytest.raises(DeadlineExceeded):
-                await b.submit("full", [1], 1, now - 1)  # nothing left
-            blocked = asyncio.ensure_future(b.submit("full", [1], 1, now + 5))  # holds the model thread
+                await b.submit("full", [1], 1, now - 1, POLICY)  # nothing left
+            blocked = asyncio.ensure_future(b.submit("full", [1], 1, now + 5, POLICY))  # holds the model thread
             for _ in range(500):  # until the model thread has taken it (slow on a busy machine)
                 if model.calls:
                     break
                 await asyncio.sleep(0.01)
             soon = time.perf_counter() + 0.2
-            queued = [asyncio.ensure_future(b.submit("full", [2], 1, soon)) for _ in range(2)]
+            queued = [asyncio.ensure_future(b.submit("full", [2], 1, soon, POLICY)) for _ in range(2)]
             await asyncio.sleep(0.01)
             with pytest.raises(Overloaded):
-                await b.submit("full", [3], 1, now + 5)
+                await b.submit("full", [3], 1, now + 5, POLICY)
             for q in queued:  # their wait has a deadline even while the model thread is busy
                 with pytest.raises(DeadlineExceeded):
                     await q
@@ -107,7 +109,7 @@ def test_deadline_overload_errors_and_stop() -> None:
     finally:
         b.stop()
     with pytest.raises(Overloaded):
-        run(b.submit("full", [1], 1, time.perf_counter() + 1))
+        run(b.submit("full", [1], 1, time.perf_counter() + 1, POLICY))
 
 
 def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> None:
@@ -117,15 +119,15 @@ def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> 
     try:
         async def go() -> None:
             # first batch: nothing measured yet, so it runs (and teaches the batcher ~200 ms)
-            assert await b.submit("full", [1], 1, time.perf_counter() + 5) == [(1, 0.0)]
+            assert await b.submit("full", [1], 1, time.perf_counter() + 5, POLICY) == [(1, 0.0)]
             assert b.expected_s["full"] >= 0.2
-            blocker = asyncio.ensure_future(b.submit("full", [2], 1, time.perf_counter() + 5))
+            blocker = asyncio.ensure_future(b.submit("full", [2], 1, time.perf_counter() + 5, POLICY))
             for _ in range(500):  # until the model thread has taken it
                 if len(model.calls) == 2:
                     break
                 await asyncio.sleep(0.005)
-            roomy = asyncio.ensure_future(b.submit("full", [3], 1, time.perf_counter() + 5))
-            tight = asyncio.ensure_future(b.submit("full", [4], 1, time.perf_counter() + 0.35))
+            roomy = asyncio.ensure_future(b.submit("full", [3], 1, time.perf_counter() + 5, POLICY))
+            tight = asyncio.ensure_future(b.submit("full", [4], 1, time.perf_counter() + 0.35, POLICY))
             assert await blocker == [(2, 0.0)]
             assert await roomy == [(3, 0.0)]
             with pytest.raises(BelowExpected):  # ~0.15 s left < ~0.2 s expected: failed before the model
@@ -134,7 +136,7 @@ def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> 
             # alone, a tight job still runs: otherwise an estimate above every budget would never move again
             calls = len(model.calls)
             with pytest.raises(DeadlineExceeded):
-                await b.submit("full", [5], 1, time.perf_counter() + 0.1)
+                await b.submit("full", [5], 1, time.perf_counter() + 0.1, POLICY)
             assert len(model.calls) == calls + 1 and b.skipped == 1
         run(go())
     finally:
@@ -148,12 +150,13 @@ def test_jobs_with_less_budget_than_the_expected_model_time_skip_the_model() -> 
     off.start()
     try:
         async def go_off() -> list[list[tuple[int, float]]]:
-            first = asyncio.ensure_future(off.submit("full", [6], 1, time.perf_counter() + 5))
+            first = asyncio.ensure_future(off.submit("full", [6], 1, time.perf_counter() + 5, POLICY))
             for _ in range(500):  # until the model thread holds it
                 if gated.calls:
                     break
                 await asyncio.sleep(0.005)
-            queued = [asyncio.ensure_future(off.submit("full", [i], 1, time.perf_counter() + 5)) for i in (7, 8)]
+            queued = [asyncio.ensure_future(off.submit("full", [i], 1, time.perf_counter() + 5, POLICY))
+                      for i in (7, 8)]
             await asyncio.sleep(0.05)
             gate.set()
             return [await first, *[await q for q in queued]]
@@ -171,7 +174,7 @@ def test_model_exception_reaches_the_caller() -> None:
     b.start()
     try:
         with pytest.raises(ValueError, match="bad batch"):
-            run(b.submit("full", [1], 1, time.perf_counter() + 2))
+            run(b.submit("full", [1], 1, time.perf_counter() + 2, POLICY))
     finally:
         b.stop()
 

@@ -18,11 +18,12 @@ from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, r
 from conftest import RedisServer
 
 from model.onerec import DeadlineExceeded, OneRec
+from model.policy import PolicyConfig
 from online_api.batching import ModelUnavailable
 from online_api.model_process import ProcessModel
 from services.store import ThinkStore
 
-W = {"prefix_weight": 0.5, "own_prefixes": 4, "own_floor": 0.0}  # completion weights of these tests
+POLICY = PolicyConfig(beam=10, prefix_weight=0.5, own_prefixes=4, own_prefix_floor=0.0, exclude_consumed=True)
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -41,7 +42,7 @@ def _inputs(world: TinyWorld) -> tuple[list[list[int]], list[list[tuple[int, int
 @contextmanager
 def started(world: TinyWorld, redis_url: str, ns: str, **kw: Any) -> Iterator[ProcessModel]:
     """A started `ProcessModel` on the tiny checkpoint (fast restarts), closed afterwards."""
-    pm = ProcessModel(world.checkpoint, make_settings(world, redis_url, ns, model_process=True),
+    pm = ProcessModel(world.checkpoint, make_settings(world, redis_url, ns, model_process=True), POLICY,
                       **{"restart_backoff_s": 0.1, **kw})
     pm.start()
     try:
@@ -69,8 +70,8 @@ def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server:
     hists, prefixes, excl = _inputs(world)
     with started(world, redis_server.url, ns) as pm:
         assert pm.healthy and pm.pid not in (None, os.getpid())
-        got = pm.complete(hists, prefixes, 5, 10, excl, None, **W)
-        want = local.complete(hists, prefixes, 5, 10, excl, None, **W)
+        got = pm.complete(hists, prefixes, 5, POLICY, excl, None)
+        want = local.complete(hists, prefixes, 5, POLICY, excl, None)
         assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
         assert all(math.isclose(a, b, abs_tol=1e-5) for g, w in zip(got, want, strict=True)
                    for (_, a), (_, b) in zip(g, w, strict=True))
@@ -88,14 +89,14 @@ def test_child_answers_like_the_in_process_model(world: TinyWorld, redis_server:
 def test_standby_answers_while_the_child_restarts(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
     hists, prefixes, excl = _inputs(world)
     standby = OneRec.load(world.checkpoint)
-    want = standby.complete(hists, prefixes, 5, 10, excl, None, **W)
+    want = standby.complete(hists, prefixes, 5, POLICY, excl, None)
     with started(world, redis_server.url, ns, standby=standby) as pm:
         _signal_child(pm, signal.SIGKILL)
-        assert pm.complete(hists, prefixes, 5, 10, excl, None, **W) == want  # the call that finds it dead
+        assert pm.complete(hists, prefixes, 5, POLICY, excl, None) == want  # the call that finds it dead
         assert pm.standby_calls >= 1
         _wait(lambda: pm.healthy, 60)
         calls = pm.standby_calls
-        assert pm.complete(hists, prefixes, 5, 10, excl, None, **W) == want and pm.standby_calls == calls
+        assert pm.complete(hists, prefixes, 5, POLICY, excl, None) == want and pm.standby_calls == calls
 
 
 def test_killed_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns: str) -> None:
@@ -132,7 +133,7 @@ def test_hung_child_is_replaced(world: TinyWorld, redis_server: RedisServer, ns:
 
 def test_missing_checkpoint_fails_start(world: TinyWorld, redis_server: RedisServer, ns: str, tmp_path) -> None:
     settings = make_settings(world, redis_server.url, ns, model_process=True)
-    pm = ProcessModel(tmp_path / "nothing", settings)
+    pm = ProcessModel(tmp_path / "nothing", settings, POLICY)
     with pytest.raises(RuntimeError, match="no OneRec checkpoint"):
         pm.start()
     assert not pm.healthy

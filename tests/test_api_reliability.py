@@ -10,6 +10,7 @@ import redis
 from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, running_app, wait_ready
 from conftest import RedisServer
 
+from model.policy import PolicyConfig
 from online_api.state import LoadedModel, load_onerec
 from services.config import Settings
 from services.store import ThinkStore
@@ -121,9 +122,9 @@ def test_readyz_503_until_model_loaded(world: TinyWorld, redis_server: RedisServ
                                        ns: str) -> None:
     release = threading.Event()
 
-    def slow_loader(settings: Settings) -> LoadedModel:
+    def slow_loader(settings: Settings, policy: PolicyConfig) -> LoadedModel:
         assert release.wait(30)
-        return load_onerec(settings)
+        return load_onerec(settings, policy)
 
     with running_app(make_settings(world, redis_server.url, ns), loader=slow_loader, ready=False) as c:
         r = c.get("/readyz")
@@ -173,8 +174,8 @@ def test_model_errors_fall_back(world: TinyWorld, redis_server: RedisServer, red
                                 ns: str) -> None:
     setup_user(redis_client, ns, world, 4)
 
-    def broken(settings: Settings) -> LoadedModel:
-        real = load_onerec(settings)
+    def broken(settings: Settings, policy: PolicyConfig) -> LoadedModel:
+        real = load_onerec(settings, policy)
         return LoadedModel(_BrokenModel(), real.sid, real.trie, "broken")  # type: ignore[arg-type]
 
     with running_app(make_settings(world, redis_server.url, ns), loader=broken) as c:

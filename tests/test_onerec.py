@@ -15,14 +15,18 @@ from hypothesis import strategies as st
 from model.onerec import DeadlineExceeded, OneRec, OneRecConfig, build_model
 from model.onerec.serving import ModuleNet
 from model.onerec.train import train_epoch
+from model.policy import PolicyConfig
 from model.semantic_ids import SemanticIDConfig, SemanticIDs, disambiguate
 from model.training import lr_lambda
 
 N_ITEMS = 40
 
 
-PLAIN = {"prefix_weight": 1.0, "own_prefixes": 0, "own_floor": 0.0}  # cached prefixes only, plain sum
-SUM = {"prefix_weight": 1.0, "own_floor": 0.0}
+def plain(beam: int, own_prefixes: int = 0) -> PolicyConfig:
+    """Completion options of these tests: the plain sum of model and offline log-probs; own_prefixes=0: cached
+    prefixes only."""
+    return PolicyConfig(beam=beam, prefix_weight=1.0, own_prefixes=own_prefixes, own_prefix_floor=0.0,
+                        exclude_consumed=False)
 
 
 def tiny_sid() -> SemanticIDs:
@@ -72,7 +76,7 @@ def test_complete_respects_prefixes_and_rescores(trained: tuple[OneRec, Path]) -
     sid = onerec.sid
     want = sid.codes_of(8)
     other = next(c for c in map(tuple, sid.codes.tolist()) if c[:2] != want[:2])
-    out = onerec.complete([[5, 6, 7]], [[(other[0], other[1], 0.0), (want[0], want[1], -1.0)]], k=3, beam=5, **PLAIN)
+    out = onerec.complete([[5, 6, 7]], [[(other[0], other[1], 0.0), (want[0], want[1], -1.0)]], k=3, policy=plain(5))
     assert out[0][0][0] == 8  # the fresh history wins over the offline score
     allowed = {other[:2], want[:2]}
     assert all(sid.codes_of(i)[:2] in allowed for i, _ in out[0])
@@ -106,7 +110,7 @@ def test_every_returned_item_is_valid(trained, histories, k, data) -> None:
     prefixes = [data.draw(st.lists(st.sampled_from([tuple(c[:2]) for c in sid.codes.tolist()]), min_size=1,
                                    max_size=5)) for _ in histories]
     plists = [[(a, b, -0.5) for a, b in p] for p in prefixes]
-    for row, allowed in zip(onerec.complete(histories, plists, k=k, beam=8, **PLAIN), prefixes, strict=True):
+    for row, allowed in zip(onerec.complete(histories, plists, k=k, policy=plain(8)), prefixes, strict=True):
         assert all(sid.has_item(i) and sid.codes_of(i)[:2] in set(allowed) for i, _ in row)
         # as many items as exist under the allowed prefixes, up to k
         avail = sum(1 for c in sid.codes.tolist() if tuple(c[:2]) in set(allowed))
@@ -154,7 +158,7 @@ def test_exhaustive_beam_finds_the_exact_top_items(trained: tuple[OneRec, Path])
         allowed = [(a, b, 0.0) for a, b in prefixes]
         under = sorted(((i, s) for i, s in exact.items() if tuple(onerec.sid.codes_of(i)[:2]) in set(prefixes)),
                        key=lambda kv: -kv[1])[:3]
-        got = onerec.complete([history], [allowed], k=3, beam=N_ITEMS * 4, exclude=[exclude], **PLAIN)[0]
+        got = onerec.complete([history], [allowed], k=3, policy=plain(N_ITEMS * 4), exclude=[exclude])[0]
         assert [i for i, _ in got] == [i for i, _ in under]
 
 
@@ -195,9 +199,9 @@ def test_frozen_serving_copy_matches_the_modules() -> None:
             assert torch.allclose(onerec.net.encode_last(same), model.encode(same, last_only=True)[:, -1], atol=1e-5)
     hists = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [3]]
     prefixes = [[(int(c[0]), int(c[1]), -1.0) for c in sid.codes[:6].tolist()]] * 3
-    fast = (onerec.decode_full(hists, 5, 10), onerec.complete(hists, prefixes, 5, 10, own_prefixes=4, **SUM))
+    fast = (onerec.decode_full(hists, 5, 10), onerec.complete(hists, prefixes, 5, plain(10, 4)))
     frozen, onerec.net = onerec.net, ModuleNet(model)
-    slow = (onerec.decode_full(hists, 5, 10), onerec.complete(hists, prefixes, 5, 10, own_prefixes=4, **SUM))
+    slow = (onerec.decode_full(hists, 5, 10), onerec.complete(hists, prefixes, 5, plain(10, 4)))
     onerec.net = frozen
     for f, m in zip(fast, slow, strict=True):
         assert [[i for i, _ in r] for r in f] == [[i for i, _ in r] for r in m]
@@ -234,7 +238,7 @@ def test_item_head_learns_the_pattern_and_reranks_only_valid_items(tmp_path: Pat
     assert [onerec.sid.item_ids[r] for r in item_lp.argmax(1).tolist()] == [8, 24, 1]
     assert [r[0][0] for r in onerec.decode_full(hist, k=1, beam=5)] == [8, 24, 1]
     a, b = sid.codes_of(30)[:2]
-    done = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, beam=5, **PLAIN)[0]
+    done = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, policy=plain(5))[0]
     assert done and all(tuple(sid.codes_of(i)[:2]) == (a, b) for i, _ in done)
 
 
@@ -254,13 +258,13 @@ def test_complete_with_own_prefixes_adds_the_models_choice(trained: tuple[OneRec
     """Cached prefixes that miss the fresh history's answer: own prefixes recover it; strict mode does not."""
     onerec, _ = trained
     a, b = onerec.sid.codes_of(30)[:2]
-    strict = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, beam=5, **PLAIN)[0]
+    strict = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, policy=plain(5))[0]
     assert all(tuple(onerec.sid.codes_of(i)[:2]) == (a, b) for i, _ in strict)
     assert 8 not in [i for i, _ in strict] or tuple(onerec.sid.codes_of(8)[:2]) == (a, b)
-    mixed = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, beam=5, own_prefixes=4, **SUM)[0]
+    mixed = onerec.complete([[5, 6, 7]], [[(a, b, 0.0)]], k=3, policy=plain(5, 4))[0]
     assert mixed[0][0] == 8
     # no cached prefix at all: own prefixes alone still answer
-    assert onerec.complete([[5, 6, 7]], [[]], k=1, beam=5, own_prefixes=4, **SUM)[0][0][0] == 8
+    assert onerec.complete([[5, 6, 7]], [[]], k=1, policy=plain(5, 4))[0][0][0] == 8
 
 
 def test_own_prefixes_are_the_prefixes_complete_adds(trained: tuple[OneRec, Path]) -> None:
@@ -272,7 +276,7 @@ def test_own_prefixes_are_the_prefixes_complete_adds(trained: tuple[OneRec, Path
     assert len(own) == 3
     for o in own:
         assert o and len(o) == len(set(o)) <= 4 and set(o) <= valid
-    served = onerec.complete(hists, [[], [], []], k=5, beam=20, own_prefixes=4, **SUM)
+    served = onerec.complete(hists, [[], [], []], k=5, policy=plain(20, 4))
     for o, items in zip(own, served, strict=True):
         assert items and {tuple(onerec.sid.codes_of(i)[:2]) for i, _ in items} <= set(o)
     # more pairs than there are level-a codes: the a-beam is capped at K, the pairs are not

@@ -21,6 +21,7 @@ import torch
 from model.onerec.config import DeadlineExceeded, OneRecConfig
 from model.onerec.modeling import OneRecModel, save_checkpoint
 from model.onerec.serving import FrozenOneRec, ModuleNet
+from model.policy import PolicyConfig, Prefix, Scored
 from model.semantic_ids import SemanticIDs
 from model.trie import CodeTrie
 from services.catalog import Example
@@ -140,10 +141,10 @@ class OneRec:
         new_nodes = torch.gather(nxt.view(B, -1), 1, idx).masked_fill_(top == -math.inf, -1)
         return new_codes, new_nodes, top
 
-    def _finish(self, nodes: torch.Tensor, scores: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-        out: list[list[tuple[int, float]]] = []
+    def _finish(self, nodes: torch.Tensor, scores: torch.Tensor, k: int) -> list[Scored]:
+        out: list[Scored] = []
         for b in range(nodes.shape[0]):
-            items: list[tuple[int, float]] = []
+            items: Scored = []
             for n, s in zip(nodes[b].tolist(), scores[b].tolist(), strict=True):
                 if n >= 0 and s > -math.inf:
                     items.append((int(self.sid.item_ids[n]), float(s)))
@@ -195,7 +196,7 @@ class OneRec:
     @torch.no_grad()
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None
-                    ) -> list[list[tuple[int, float]]]:
+                    ) -> list[Scored]:
         """Top-k items per user by beam search over all code levels (scores: sum of log-probs)."""
         if beam < k:
             raise ValueError(f"beam ({beam}) must be >= k ({k})")
@@ -212,21 +213,20 @@ class OneRec:
         return self._finish(nodes, scores, k)
 
     @torch.no_grad()
-    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[tuple[int, int, float]]],
-                 k: int, beam: int, exclude: Sequence[set[int]] | None = None, deadline: float | None = None,
-                 *, prefix_weight: float, own_prefixes: int, own_floor: float
-                 ) -> list[list[tuple[int, float]]]:
-        """Complete levels c.. under each user's allowed (a, b) prefixes.
+    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
+                 policy: PolicyConfig, exclude: Sequence[set[int]] | None = None, deadline: float | None = None
+                 ) -> list[Scored]:
+        """Complete levels c.. under each user's allowed (a, b) prefixes, with the options of `policy`
+        (`model.policy.PolicyConfig`: the beam, `policy.beam_for(k)`, and the three fields below).
 
         Score = model log p(a) + log p(b|a) + ... under the fresh history, plus `prefix_weight` times the
         offline log-prob of (a, b). Unknown prefixes are ignored; without own prefixes (below) a user with
         no valid prefix gets [].
         With `own_prefixes` = N > 0 the model's own top-N (a, b) under the fresh history join the set, each
-        with the offline log-prob of the user's weakest given prefix + `own_floor` (a safety net when the
+        with the offline log-prob of the user's weakest given prefix + `own_prefix_floor` (a safety net when the
         offline prefixes miss what the fresh history points to; given prefixes keep their own score).
         """
-        if beam < k:
-            raise ValueError(f"beam ({beam}) must be >= k ({k})")
+        beam, prefix_weight, own_prefixes = policy.beam_for(k), policy.prefix_weight, policy.own_prefixes
         if len(prefixes) != len(histories):
             raise ValueError(f"{len(prefixes)} prefix lists for {len(histories)} users")
         B = len(histories)
@@ -255,7 +255,7 @@ class OneRec:
         lb_rows: list[list[int]] = []
         off_rows: list[list[float]] = []
         for best, olist in zip(given, own, strict=True):
-            floor = (min(best.values()) if best else 0.0) + own_floor
+            floor = (min(best.values()) if best else 0.0) + policy.own_prefix_floor
             for ab in olist:
                 best.setdefault(ab, floor)
             pad = P - len(best)  # padding entries (0, 0) get -inf and never survive
@@ -289,5 +289,5 @@ class OneRecRecommender:
         return cls(OneRec.load(folder), beam)
 
     def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
-        out = self.onerec.decode_full([e.history for e in examples], k, max(self.beam, k))
+        out = self.onerec.decode_full([e.history for e in examples], k, max(self.beam, k))  # beam at least k
         return [[i for i, _ in r] for r in out]

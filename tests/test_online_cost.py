@@ -1,0 +1,159 @@
+"""The online tier's work per answer, counted (not timed): a guard that fails when the completion path does
+more than it should. One think-ahead request is one model call carrying the app's one policy object; one model
+call is one trunk pass and one head pass per code level (cached and own prefixes, all users, decoded together),
+the item head once, and one message each way on the model process's pipe. Timings live in
+`benchmarks.online_load` (CPU ms per answer against the floor); these counts do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+import torch
+from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, running_app
+from conftest import RedisServer
+
+from model.onerec import OneRec
+from model.policy import PolicyConfig, Prefix, Scored
+from online_api.model_process import ProcessModel
+from online_api.state import LoadedModel, load_onerec
+from services.config import Settings
+from services.store import ThinkStore
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("tiny"))
+
+
+class CountingNet:
+    """Wraps the serving network of a `OneRec` and counts its forward calls by kind."""
+
+    def __init__(self, net: Any) -> None:
+        self.net, self.calls = net, Counter[str]()
+
+    def encode_last(self, rows: torch.Tensor) -> torch.Tensor:
+        self.calls["encode_last"] += 1
+        return self.net.encode_last(rows)  # type: ignore[no-any-return]
+
+    def level_logits(self, h: torch.Tensor, prev: torch.Tensor, level: int) -> torch.Tensor:
+        self.calls[f"level_{level}"] += 1
+        return self.net.level_logits(h, prev, level)  # type: ignore[no-any-return]
+
+    def item_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        self.calls["item_logits"] += 1
+        return self.net.item_logits(h, rows)  # type: ignore[no-any-return]
+
+
+class CountingModel:
+    """The batcher's `OnlineModel` over a real `OneRec`, counting calls and keeping the policy each one got."""
+
+    def __init__(self, onerec: OneRec) -> None:
+        self.onerec, self.calls, self.policies = onerec, Counter[str](), list[PolicyConfig]()
+
+    def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
+                 policy: PolicyConfig, exclude: Sequence[set[int]] | None = None,
+                 deadline: float | None = None) -> list[Scored]:
+        self.calls["complete"] += 1
+        self.policies.append(policy)
+        return self.onerec.complete(histories, prefixes, k, policy, exclude, deadline)
+
+    def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
+                    exclude: Sequence[set[int]] | None = None, deadline: float | None = None) -> list[Scored]:
+        self.calls["decode_full"] += 1
+        return self.onerec.decode_full(histories, k, beam, exclude, deadline)
+
+
+def _all_prefixes(world: TinyWorld) -> list[Prefix]:
+    """Every (a, b) of the tiny catalogue (20) as cached prefixes, scored."""
+    ab = sorted({(int(a), int(b)) for a, b in world.sid.codes[:, :2].tolist()})
+    return [(a, b, -0.1 * n) for n, (a, b) in enumerate(ab)]
+
+
+@pytest.mark.parametrize("users", [1, 3])
+def test_one_completion_is_one_trunk_pass_and_one_head_pass_per_level(world: TinyWorld, users: int) -> None:
+    onerec = OneRec.load(world.checkpoint)
+    onerec.cfg = replace(onerec.cfg, item_score_weight=1.0)  # the served models use the item head
+    net = CountingNet(onerec.net)
+    onerec.net = net  # type: ignore[assignment]  # duck-typed: the same three calls
+    policy = PolicyConfig(beam=10, prefix_weight=0.25, own_prefixes=8, own_prefix_floor=0.0, exclude_consumed=True)
+    hists = [world.sequences[u] for u in range(1, users + 1)]
+    with torch.inference_mode():
+        out = onerec.complete(hists, [_all_prefixes(world)] * users, 5, policy, [set(h) for h in hists])
+    assert all(out)
+    # cached (20) and own (8) prefixes and every user in one pass per level, whatever their number
+    assert net.calls == {"encode_last": 1, "level_0": 1, "level_1": 1, "level_2": 1, "level_3": 1, "item_logits": 1}
+
+
+def test_one_request_is_one_model_call_with_the_apps_policy(world: TinyWorld, redis_server: RedisServer,
+                                                            redis_client: redis.Redis, ns: str) -> None:
+    user = 3
+    store = ThinkStore(redis_client, ns)
+    store.begin_version("v1", {"model": "think-test"})
+    store.write_entries("v1", {user: entry_for(world, user, n_prefixes=6)}, 3600)
+    store.publish("v1", 1)
+    store.write_histories({user: world.sequences[user]}, 50)
+    models: list[CountingModel] = []
+    nets: list[CountingNet] = []
+
+    def counting(settings: Settings, policy: PolicyConfig) -> LoadedModel:
+        real = load_onerec(settings, policy)
+        onerec = real.model
+        assert isinstance(onerec, OneRec)
+        nets.append(CountingNet(onerec.net))
+        onerec.net = nets[-1]  # type: ignore[assignment]
+        models.append(CountingModel(onerec))
+        return LoadedModel(models[-1], real.sid, real.trie, real.model_id)
+
+    with running_app(make_settings(world, redis_server.url, ns), loader=counting) as c:
+        nets[0].calls.clear()
+        for n in range(1, 4):
+            assert c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()["source"] == "think-ahead"
+            assert models[0].calls == {"complete": n}  # no second call, no full decode
+        served = c.app.state.svc.policy  # type: ignore[attr-defined]
+    assert all(p is served for p in models[0].policies)  # the one object the app built, not a copy
+    assert nets[0].calls["encode_last"] == 3 and nets[0].calls["level_2"] == 3
+
+
+class CountingConn:
+    """Wraps the parent's end of the model process's pipe and counts messages each way."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn, self.calls = conn, Counter[str]()
+
+    def send(self, obj: Any) -> None:
+        self.calls["send"] += 1
+        self.conn.send(obj)
+
+    def recv(self) -> Any:
+        self.calls["recv"] += 1
+        return self.conn.recv()
+
+    def poll(self, timeout: float) -> bool:
+        return bool(self.conn.poll(timeout))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_one_batch_is_one_message_each_way_on_the_pipe(world: TinyWorld, redis_server: RedisServer,
+                                                       ns: str) -> None:
+    policy = PolicyConfig(beam=10, prefix_weight=0.25, own_prefixes=4, own_prefix_floor=0.0, exclude_consumed=True)
+    pm = ProcessModel(world.checkpoint, make_settings(world, redis_server.url, ns, model_process=True), policy)
+    pm.start()
+    try:
+        conn = CountingConn(pm._conn)
+        pm._conn = conn  # type: ignore[assignment]
+        hists = [world.sequences[u] for u in (1, 2, 3)]
+        got = pm.complete(hists, [_all_prefixes(world)] * 3, 5, policy, [set(h) for h in hists])
+        assert len(got) == 3 and all(got)
+        assert conn.calls == {"send": 1, "recv": 1}
+    finally:
+        pm.close()
