@@ -34,7 +34,7 @@ from model.onerec.config import OneRecConfig
 from model.onerec.decoding import OneRec, OneRecRecommender
 from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
 from model.semantic_ids import SemanticIDs, point_current
-from services.catalog import HISTORY_CAP, Example, dataset_name, load_dataset
+from services.catalog import HISTORY_CAP, Example, dataset_name, exit_if_invalid, load_dataset
 
 
 def seed_all(seed: int) -> None:
@@ -271,7 +271,7 @@ def run_variants(runs: list[str], data_dir: Path, beam: int, results: bool) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
-    from services.config import get_settings
+    from services.config import claim_or_exit, get_settings
 
     st = get_settings()
     p = argparse.ArgumentParser(prog="python -m model.onerec", description="Train / evaluate the lightweight OneRec.")
@@ -319,15 +319,21 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
     e.add_argument("--split", choices=["valid", "test"], default="test")
     e.add_argument("--limit", type=int, default=None, help="only the first N users")
-    e.add_argument("--results", default=None, help="write docs/results/<NAME>.json")
+    e.add_argument("--results", default=None, help="write the dataset's results file <NAME>.json "
+                   "(docs/results/ for Beauty, docs/results/<dataset>/ for data/industrial, "
+                   "<artifacts>/results/ for your own data)")
     e.add_argument("--item-score-weight", type=float, default=None,
                    help="override the checkpoint's decode-time item-head weight (tuning on --split valid)")
     v = sub.add_parser("variants", help="semantic-ID variant table from finished train runs")
     v.add_argument("--run", action="append", required=True, help="VARIANT=FOLDER of a train run, repeatable")
     v.add_argument("--data-dir", type=Path, default=st.data_dir, help="dataset folder")
     v.add_argument("--beam", type=int, default=20, help="beam width (>= 10)")
-    v.add_argument("--results", action="store_true", help="write docs/results/onerec_sid_variants.json")
+    v.add_argument("--results", action="store_true", help="write the dataset's results file "
+                   "onerec_sid_variants.json (where: see --results of eval)")
     args = p.parse_args(argv)
+    exit_if_invalid(args.data_dir)  # bad data: one line per problem, before any model loads
+    if args.cmd == "train" and args.data_dir.resolve() == st.data_dir.resolve():
+        claim_or_exit(st)
     if args.cmd == "variants":
         run_variants(args.run, args.data_dir, args.beam, args.results)
     elif args.cmd == "train":
