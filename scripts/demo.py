@@ -26,7 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.config import get_settings
+from services.catalog import exit_if_invalid
+from services.config import claim_or_exit, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -182,8 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.data is not None:  # every stage (child processes and this one) reads the dataset from Settings
         os.environ["ONEREC_DATA_DIR"] = str(args.data.resolve())
         get_settings.cache_clear()
+    exit_if_invalid(get_settings().data_dir)  # bad data: one line per problem, before any stage starts
     args.artifacts = args.artifacts or get_settings().artifacts_dir
     os.environ["ONEREC_ARTIFACTS_DIR"] = str(args.artifacts.resolve())
+    get_settings.cache_clear()
+    claim_or_exit(get_settings())
     print(f"dataset {get_settings().dataset} ({get_settings().data_dir}), artifacts {args.artifacts}")
     t0 = time.perf_counter()
     p = PROFILES[args.profile]
