@@ -106,3 +106,15 @@ def test_forced_values_parse_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ONEREC_EXCLUDE_CONSUMED", "maybe")
     with pytest.raises(ValueError, match="exclude_consumed"):
         Settings()
+
+
+def test_industrial_validation_measurement_chooses_keep() -> None:
+    """The rule `choose` takes from the measured Industrial validation run (docs/results/industrial, 1,987 users,
+    5.2% repeat targets): keeping consumed items (R@10 .1112 vs .0815)."""
+    from evaluation.repeats import choose
+    from services.config import ROOT
+
+    measured = json.loads((ROOT / "docs" / "results" / "industrial" / "repeats_valid.json").read_text())["metrics"]
+    exclude, reason = choose(measured)
+    assert exclude is False
+    assert reason.startswith("R@10 exclude 0.0815 vs keep 0.1112") and "1987 users, 5.2% repeat targets" in reason
