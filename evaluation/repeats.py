@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     verdict = "exclude consumed items (true)" if exclude else "keep consumed items (false)"
     print(f"{args.split} favours: {verdict}: {reason}")
     if args.record:
-        path = record_consumed_rule(s, exclude, reason, metrics)
-        print(f"recorded in {path}; served with ONEREC_EXCLUDE_CONSUMED=auto (now {s.exclude_consumed})")
+        path = record_consumed_rule(s, exclude, reason, metrics, checkpoint)
+        forced = "" if s.exclude_consumed == "auto" else (
+            f" (not now: ONEREC_EXCLUDE_CONSUMED={str(s.exclude_consumed).lower()} forces the rule)")
+        print(f"recorded in {path}; served with ONEREC_EXCLUDE_CONSUMED=auto, the default{forced}")
     elif args.split == "valid":
         print("`--record` makes it the served rule (ONEREC_EXCLUDE_CONSUMED=auto)")
     if args.results and args.limit is None:

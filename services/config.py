@@ -234,12 +234,14 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def record_consumed_rule(settings: Settings, exclude: bool, reason: str, measured: dict[str, Any]) -> Path:
+def record_consumed_rule(settings: Settings, exclude: bool, reason: str, measured: dict[str, Any],
+                         checkpoint: Path) -> Path:
     """Write the consumed-item rule chosen on validation into the dataset's artifacts (`Settings.consumed_rule`
-    reads it under ``auto``); `measured`: the numbers it was chosen by."""
+    reads it under ``auto``); `measured`: the numbers it was chosen by, with the OneRec `checkpoint`."""
     settings.claim_artifacts()
     path = settings.artifacts_dir / CONSUMED_RULE_FILE
-    doc = {"exclude_consumed": exclude, "reason": reason, "dataset": settings.dataset, "measured": measured}
+    doc = {"exclude_consumed": exclude, "reason": reason, "dataset": settings.dataset,
+           "checkpoint": str(checkpoint.resolve()), "measured": measured}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)

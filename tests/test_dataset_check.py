@@ -1,6 +1,7 @@
 """Bad data fails fast and says what to do: one line per problem (file, line, what to do), exit status 2, no
-traceback, before any model loads (under 5 s), from `python -m services.catalog check` and from every entry
-point that reads a dataset (the demo, semantic IDs, OneRec training, the offline refresh, the API)."""
+traceback, before any model loads (under 5 s, and before torch is even imported), from `python -m
+services.catalog check` and from every entry point that reads a dataset (the demo, semantic IDs, OneRec
+training, the offline refresh, the API)."""
 
 from __future__ import annotations
 
@@ -87,22 +88,28 @@ def test_check_lists_every_problem_and_passes_good_data(tmp_path: Path) -> None:
 
 
 ENTRY_POINTS = {
-    "demo": ["-m", "scripts.demo"],
-    "semantic_ids build": ["-m", "model.semantic_ids", "build"],
-    "onerec train": ["-m", "model.onerec", "train"],
-    "offline refresh": ["-m", "offline_worker", "refresh", "--engine", "hf"],
-    "api": ["-m", "online_api", "--port", "1"],
+    "demo": ["scripts.demo"],
+    "semantic_ids build": ["model.semantic_ids", "build"],
+    "onerec train": ["model.onerec", "train"],
+    "offline refresh": ["offline_worker", "refresh", "--engine", "hf"],
+    "api": ["online_api", "--port", "1"],
 }
+# `python -m MODULE ARGS`, noting at exit whether torch was imported (a loaded model needs it)
+RUN_MODULE = ("import atexit, runpy, sys; mark, module, *args = sys.argv[1:]; "
+              "atexit.register(lambda: open(mark, 'w').write(str('torch' in sys.modules))); "
+              "sys.argv = [module, *args]; runpy.run_module(module, run_name='__main__', alter_sys=True)")
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_entry_points_validate_before_loading_models(entry: str, tmp_path: Path) -> None:
     items, seqs, file, line, what, _ = CASES["unknown item"]
     data = make(tmp_path / "shop", items, seqs)
-    out, took = run(ENTRY_POINTS[entry], data, tmp_path)
+    mark = tmp_path / "torch_imported"
+    out, took = run(["-c", RUN_MODULE, str(mark), *ENTRY_POINTS[entry]], data, tmp_path)
     assert out.returncode == 2, out
     assert "Traceback" not in out.stderr, out.stderr
     assert f"error: {data / file}:{line}: {what}" in out.stderr, out.stderr
     assert "services.catalog check" in out.stderr.splitlines()[-1]
+    assert mark.read_text() == "False", f"{entry} imported torch before rejecting bad data"
     assert took < 5.0, f"{entry} took {took:.1f}s to reject bad data"
     assert not (tmp_path / "artifacts").exists()  # nothing was built or claimed

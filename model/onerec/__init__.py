@@ -6,12 +6,30 @@
 - `decoding`: `OneRec` (load a checkpoint, `decode_full`, `complete` under cached prefixes) and the
   evaluation harness's `OneRecRecommender`;
 - `train`: training, refit and evaluation commands; `__main__`: ``python -m model.onerec train|eval``.
-Nothing here reads Redis or HTTP.
+Nothing here reads Redis or HTTP. The names below load on first use (PEP 562), so that ``python -m
+model.onerec`` can check the dataset before torch is imported.
 """
 
-from model.onerec.config import DeadlineExceeded, OneRecConfig
-from model.onerec.decoding import OneRec, OneRecRecommender
-from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.onerec.config import DeadlineExceeded, OneRecConfig
+    from model.onerec.decoding import OneRec, OneRecRecommender
+    from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
+
+_HOME = {"DeadlineExceeded": "config", "OneRecConfig": "config", "OneRec": "decoding", "OneRecRecommender": "decoding",
+         "OneRecModel": "modeling", "build_model": "modeling", "count_params": "modeling",
+         "save_checkpoint": "modeling"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f"model.onerec.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'model.onerec' has no attribute {name!r}")
+
 
 __all__ = ["DeadlineExceeded", "OneRec", "OneRecConfig", "OneRecModel", "OneRecRecommender", "build_model",
            "count_params", "save_checkpoint"]
