@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--own-floor", type=float, default=s.own_prefix_floor, help="offline score offset of own prefixes")
     p.add_argument("--wide-beams", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                    help="also report the lightweight model alone at these beam widths (e.g. 40,64)")
-    p.add_argument("--results", action="store_true", help="write docs/results/think_ahead_quality.json")
+    p.add_argument("--results", action="store_true", help="write the dataset's results file "
+                   "think_ahead_quality.json (docs/results/[<dataset>/] bundled data, <artifacts>/results/ else)")
     args = p.parse_args(argv)
 
     ds = load_dataset(s.data_dir)

@@ -57,7 +57,8 @@ class PolicyConfig:
     def from_settings(cls, settings: Settings, **overrides: Any) -> PolicyConfig:
         """The served options (`ONEREC_BEAM`, `ONEREC_PREFIX_WEIGHT`, ...), with `overrides` on top."""
         cfg = cls(beam=settings.beam, prefix_weight=settings.prefix_weight, own_prefixes=settings.own_prefixes,
-                  own_prefix_floor=settings.own_prefix_floor, exclude_consumed=settings.exclude_consumed)
+                  own_prefix_floor=settings.own_prefix_floor,
+                  exclude_consumed=settings.consumed_rule().exclude)
         return replace(cfg, **overrides)
 
     def beam_for(self, k: int) -> int:

@@ -122,6 +122,10 @@ def cmd_incremental(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
+    from services.catalog import exit_if_invalid, load_sequences
+
+    exit_if_invalid(settings.data_dir)  # bad data: one line per problem, before anything heavy is imported
+
     from model.semantic_ids import SemanticIDs
     from offline_worker.refresh import (
         RefreshOptions,
@@ -131,7 +135,6 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
         report_dict,
         run_shard,
     )
-    from services.catalog import load_sequences
 
     if args.incremental or args.stale_first is not None or args.min_staleness is not None:
         return cmd_incremental(args, settings)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+from services.catalog import exit_if_invalid
+from services.config import get_settings
+
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
@@ -16,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.add_argument("--access-log", action="store_true", help="log every request (slower)")
     args = p.parse_args(argv)
+    exit_if_invalid(get_settings().data_dir)  # bad data: one line per problem, before the app loads a model
     uvicorn.run(
         "online_api.app:create_app", factory=True, host=args.host, port=args.port, workers=1,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",

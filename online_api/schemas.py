@@ -158,11 +158,17 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class ConsumedRuleInfo(BaseModel):
+    exclude: bool = Field(description="items of the user's history are never listed")
+    source: str = Field(description="forced by ONEREC_EXCLUDE_CONSUMED, chosen on validation (auto), or the default")
+
+
 class Readiness(BaseModel):
     ready: bool
     model: bool
     redis: bool
     detail: str | None = None
+    consumed_rule: ConsumedRuleInfo | None = None
 
 
 class ErrorResponse(BaseModel):

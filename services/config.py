@@ -6,15 +6,21 @@ stack is defined. Model hyper-parameters live in the dataclass configs beside ea
 Datasets: ``ONEREC_DATA_DIR`` selects the dataset folder (default the bundled ``data/beauty``); its folder
 name is the dataset's label (`Settings.dataset`). Every command's artifacts then live under one folder
 per dataset (`Settings.artifacts_dir`: ``artifacts/`` for the bundled Beauty, ``artifacts/<dataset>/``
-for any other) and its results files under ``docs/results/<dataset>/`` (`services.results`), so a run on
-your own data never touches the Beauty artifacts or numbers.
+for any other; `Settings.claim_artifacts` records which data folder owns it and refuses another folder of
+the same name) and its results files where `services.results` says (own data: ``<artifacts_dir>/results/``),
+so a run on your own data never touches the Beauty artifacts or numbers. The consumed-item rule
+(`Settings.consumed_rule`) is ``auto`` by default: the rule recorded in ``<artifacts_dir>/consumed_rule.json``
+by ``python -m evaluation repeats --record`` on validation.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,7 +29,18 @@ from services.catalog import HISTORY_CAP, dataset_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = ROOT / "data" / "beauty"
-ARTIFACT_KINDS = ("sid", "onerec", "think")  # folders of one dataset's artifacts; no dataset may be named so
+ARTIFACT_KINDS = ("sid", "onerec", "think", "results")  # folders of a dataset's artifacts: no dataset named so
+CONSUMED_RULE_FILE = "consumed_rule.json"  # in artifacts_dir: the consumed-item rule chosen on validation
+DATASET_FILE = "dataset.json"  # in artifacts_dir: which data folder these artifacts belong to
+BUNDLED_DATASETS = ("beauty", "industrial")  # data/<name>: their results are the tracked docs/results
+
+
+@dataclass(frozen=True)
+class ConsumedRule:
+    """The consumed-item rule in force and where it came from (shown by ``GET /readyz``)."""
+
+    exclude: bool
+    source: str  # "forced by ONEREC_EXCLUDE_CONSUMED", "chosen on validation (...)" or "default (not measured)"
 
 
 class Settings(BaseSettings):
@@ -57,10 +74,13 @@ class Settings(BaseSettings):
     default_budget_ms: float = Field(50.0, gt=0, description="default per-request latency budget")
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
     default_k: int = Field(10, ge=1)
-    # measured with `python -m evaluation repeats` (docs/RESULTS.md): Beauty has no repeat targets (the rule only
-    # frees slots); Industrial test (1.2% repeats) R@10 .0755 on vs .0725 off (a tie); Industrial validation
-    # (5.2% repeats) .0815 on vs .1112 off: set false for data with frequent repeats
-    exclude_consumed: bool = Field(True, description="drop items already in the user's history (serving, evaluation)")
+    # the right rule depends on the shop (`python -m evaluation repeats`, docs/RESULTS.md): Beauty has no repeat
+    # targets (the rule only frees slots); Industrial validation (5.2% repeats) R@10 .0815 on vs .1112 off. So
+    # `auto` takes the rule the pipeline measured on validation (`consumed_rule`), true/false force it
+    exclude_consumed: bool | Literal["auto"] = Field(
+        "auto", description="drop items already in the user's history (serving, evaluation): true, false, or auto = "
+                            "the rule chosen on validation and recorded in artifacts_dir/consumed_rule.json "
+                            "(`python -m evaluation repeats --record`; true until recorded)")
     beam: int = Field(20, ge=1, description="beam width of online decoding (10 cost 14-15% R@10 on Beauty "
                                             "validation: docs/RESULTS.md)")
     batch_max: int = Field(16, ge=1, description="micro-batch size of the model thread")
@@ -159,6 +179,48 @@ class Settings(BaseSettings):
         """Label of the selected dataset (the data folder's name), written into every results file."""
         return dataset_name(self.data_dir)
 
+    @property
+    def bundled(self) -> bool:
+        """The selected dataset is one shipped in the repository (data/beauty, data/industrial)."""
+        return any(self.data_dir.resolve() == (ROOT / "data" / n).resolve() for n in BUNDLED_DATASETS)
+
+    def consumed_rule(self) -> ConsumedRule:
+        """`exclude_consumed` resolved: a forced value, else the rule recorded for this dataset's artifacts (`auto`),
+        else the conservative default (exclude)."""
+        if isinstance(self.exclude_consumed, bool):
+            return ConsumedRule(self.exclude_consumed, "forced by ONEREC_EXCLUDE_CONSUMED")
+        path = self.artifacts_dir / CONSUMED_RULE_FILE
+        try:
+            doc = json.loads(path.read_text())
+            return ConsumedRule(bool(doc["exclude_consumed"]), f"chosen on validation ({path}: {doc['reason']})")
+        except FileNotFoundError:
+            return ConsumedRule(True, "default, not measured yet (python -m evaluation repeats --record)")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: unreadable consumed-item rule ({e}); rerun `python -m evaluation repeats "
+                             "--record` or set ONEREC_EXCLUDE_CONSUMED=true|false") from None
+
+    def claim_artifacts(self) -> None:
+        """Record which data folder owns `artifacts_dir`, and refuse a different folder of the same name.
+
+        Two datasets in folders of the same name (``a/shop``, ``b/shop``) would otherwise share
+        ``artifacts/shop`` silently. Called by the commands that write artifacts or results."""
+        path = self.artifacts_dir / DATASET_FILE
+        mine = str(self.data_dir.resolve())
+        try:
+            owner = json.loads(path.read_text()).get("data_dir")
+        except FileNotFoundError:
+            self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"dataset": self.dataset, "data_dir": mine}, indent=2) + "\n")
+            return
+        except ValueError:
+            owner = None  # unreadable: claimed anew below
+        if owner is None:
+            path.write_text(json.dumps({"dataset": self.dataset, "data_dir": mine}, indent=2) + "\n")
+        elif owner is not None and owner != mine:
+            raise ValueError(f"artifacts folder {self.artifacts_dir} belongs to the dataset at {owner}, not {mine} "
+                             "(two dataset folders of the same name): rename one folder, or give this one its own "
+                             "folder with ONEREC_ARTIFACTS_DIR")
+
     def resolved(self, name: str) -> Path:
         """Path of an artifact folder (`sid`, `onerec`, `think`), honouring explicit overrides."""
         explicit = {"sid": self.sid_dir, "onerec": self.onerec_dir, "think": self.think_dir}[name]
@@ -175,3 +237,26 @@ def setting_default(name: str) -> Any:
 def get_settings() -> Settings:
     """Process-wide settings (read once)."""
     return Settings()
+
+
+def record_consumed_rule(settings: Settings, exclude: bool, reason: str, measured: dict[str, Any],
+                         checkpoint: Path) -> Path:
+    """Write the consumed-item rule chosen on validation into the dataset's artifacts (`Settings.consumed_rule`
+    reads it under ``auto``); `measured`: the numbers it was chosen by, with the OneRec `checkpoint`."""
+    settings.claim_artifacts()
+    path = settings.artifacts_dir / CONSUMED_RULE_FILE
+    doc = {"exclude_consumed": exclude, "reason": reason, "dataset": settings.dataset,
+           "checkpoint": str(checkpoint.resolve()), "measured": measured}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def claim_or_exit(settings: Settings) -> None:
+    """`Settings.claim_artifacts` for a command line: a clash is one line on stderr and exit status 2."""
+    try:
+        settings.claim_artifacts()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

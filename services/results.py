@@ -1,11 +1,15 @@
-"""Results files: `docs/results/<name>.json` (the one results format) and their lines in docs/RESULTS.md.
+"""Results files: `<name>.json` in the one results format, and their generated lines in a RESULTS.md.
 
-The one owner of the results format. Every writer passes measured metrics; the command, date, machine and
-dataset label are filled in here. Results are kept per dataset: the bundled Beauty's in
-``docs/results/<name>.json`` (the generated list between ``results:begin``/``results:end``), any other
-dataset's in ``docs/results/<dataset>/<name>.json`` with a generated section of its own
-(``results:<dataset>:begin``/``end``), so a run on other data never overwrites the Beauty numbers. The
-dataset is the selected one (`Settings.dataset`, from ``ONEREC_DATA_DIR``) unless a command's own
+The one owner of the results format and of where results go. Every writer passes measured metrics; the
+command, date, machine and dataset label are filled in here. Results are kept per dataset:
+- the bundled Beauty: ``docs/results/<name>.json``, listed in ``docs/RESULTS.md`` between
+  ``results:begin``/``results:end``;
+- the other bundled dataset (``data/industrial``): ``docs/results/<dataset>/<name>.json``, a section of its own
+  in ``docs/RESULTS.md`` (``results:<dataset>:begin``/``end``);
+- any other dataset (your own data): the dataset's artifacts folder, ``<artifacts_dir>/results/<name>.json`` and
+  ``<artifacts_dir>/results/RESULTS.md``, so a run on your data never edits the tracked files (``git status``
+  stays clean); setting ``ONEREC_RESULTS_DIR`` asks for the tracked layout (``<dir>/<dataset>/``) instead.
+The dataset is the selected one (`Settings.dataset`, from ``ONEREC_DATA_DIR``) unless a command's own
 ``--data-dir`` names another. Each generated part is rebuilt from its JSON files on every write.
 """
 
@@ -35,14 +39,19 @@ def markers(dataset: str) -> tuple[str, str]:
 
 
 def results_location(dataset: str | None = None) -> tuple[Path, Path, str]:
-    """(folder of the dataset's results files, RESULTS.md, dataset label) under `Settings.results_dir`."""
-    from services.config import get_settings
+    """(folder of the dataset's results files, its RESULTS.md, dataset label): see the module docstring."""
+    from services.config import BUNDLED_DATASETS, get_settings
 
     st = get_settings()
     dataset = dataset or st.dataset
     root = st.results_dir
-    folder = root if dataset == DEFAULT_DATASET else root / dataset
-    return folder, root.parent / "RESULTS.md", dataset
+    if dataset == DEFAULT_DATASET:
+        return root, root.parent / "RESULTS.md", dataset
+    bundled = st.bundled if dataset == st.dataset else dataset in BUNDLED_DATASETS
+    if bundled or "results_dir" in st.model_fields_set:
+        return root / dataset, root.parent / "RESULTS.md", dataset
+    folder = (st.artifacts_dir if dataset == st.dataset else st.artifacts_root / dataset) / "results"
+    return folder, folder / "RESULTS.md", dataset
 
 
 def machine() -> dict[str, Any]:

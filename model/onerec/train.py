@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from model.metrics import evaluate
-from model.onerec.config import OneRecConfig
+from model.onerec.config import DEFAULT_EPOCHS, OneRecConfig
 from model.onerec.decoding import OneRec, OneRecRecommender
 from model.onerec.modeling import OneRecModel, build_model, count_params, save_checkpoint
 from model.semantic_ids import SemanticIDs, point_current
@@ -96,7 +96,6 @@ def train_epoch(model: OneRecModel, opt: torch.optim.Optimizer, seqs: list[list[
     return losses
 
 
-DEFAULT_EPOCHS = 20  # maximum epochs of a selection run (the cosine schedule ends there)
 
 
 def refit_epochs(args: argparse.Namespace) -> int:

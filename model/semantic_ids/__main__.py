@@ -17,11 +17,11 @@ from model.semantic_ids import (
     point_current,
     version_name,
 )
-from services.catalog import TEXT_COLUMNS, dataset_name
+from services.catalog import TEXT_COLUMNS, dataset_name, exit_if_invalid
 
 
 def main(argv: list[str] | None = None) -> None:
-    from services.config import get_settings
+    from services.config import claim_or_exit, get_settings
 
     settings = get_settings()
     p = argparse.ArgumentParser(prog="python -m model.semantic_ids",
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--text-columns", default=",".join(TEXT_COLUMNS),
                    help="items.tsv columns embedded as the item text, comma-separated (e.g. title,description)")
     b.add_argument("--no-current", action="store_true", help="do not point <out>/current at the result")
-    b.add_argument("--results", action="store_true", help="also write docs/results/semantic_ids.json")
+    b.add_argument("--results", action="store_true", help="also write the dataset's results file "
+                   "semantic_ids.json (docs/results/[<dataset>/] for the bundled data, <artifacts>/results/ else)")
     s = sub.add_parser("stats", help="print statistics of a built folder")
     s.add_argument("folder", type=Path)
     args = p.parse_args(argv)
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         sid = SemanticIDs.load(args.folder)
         print(json.dumps(sid.meta.get("stats", {}), indent=2))
         return
+    exit_if_invalid(args.data_dir)  # bad data: one line per problem, before any embedding model loads
+    if args.data_dir.resolve() == settings.data_dir.resolve():
+        claim_or_exit(settings)
     levels = args.levels if args.variant != "reference" else 3
     columns = tuple(c.strip() for c in args.text_columns.split(",") if c.strip())
     cfg = SemanticIDConfig(args.variant, levels, args.codebook_size, cf_weight=args.cf_weight, seed=args.seed,

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from online_api.deps import get_state
-from online_api.schemas import Health, Readiness
+from online_api.schemas import ConsumedRuleInfo, Health, Readiness
 from online_api.state import AppState
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -38,7 +38,12 @@ async def readyz(request: Request) -> JSONResponse:
     detail = state.load_error or (None if model else "model loading")
     if not redis:
         detail = (detail + "; " if detail else "") + "redis unavailable"
-    body = Readiness(ready=model and redis, model=model, redis=redis, detail=detail)
+    try:
+        rule = state.settings.consumed_rule()
+        consumed: ConsumedRuleInfo | None = ConsumedRuleInfo(exclude=rule.exclude, source=rule.source)
+    except ValueError:  # unreadable record: the model load reports it (the policy is built from the same call)
+        consumed = None
+    body = Readiness(ready=model and redis, model=model, redis=redis, detail=detail, consumed_rule=consumed)
     state.metrics.ready.set(1 if body.ready else 0)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
