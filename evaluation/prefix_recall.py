@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="subset seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--out-json", type=Path, default=None, help="write the summary here")
+    p.add_argument("--results", action="store_true",
+                   help="also write the dataset's results file think_prefix_recall.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,6 +96,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.out_json:
         args.out_json.parent.mkdir(parents=True, exist_ok=True)
         args.out_json.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.results:
+        from services.catalog import dataset_name
+        from services.results import write_result
+
+        write_result("think_prefix_recall", result_metrics(doc), note=result_note(doc),
+                     dataset=dataset_name(args.data_dir))
+
+
+def result_metrics(doc: dict[str, Any]) -> dict[str, Any]:
+    """The results-file metrics of a summary: recall per ranking and P, and each think ranking minus the online
+    model's own top-P (paired, 95% bootstrap interval)."""
+    out: dict[str, Any] = {"users": doc["users"]}
+    for key, r in doc["recall"].items():
+        name, p = key.rsplit("@", 1)
+        out[f"{name}_recall@{p}"] = r["recall"]
+    for key, pc in doc["paired"].items():
+        name, p = key.rsplit("@", 1)
+        out[f"{name}_diff@{p}"] = pc[f"recall@{p}_diff"]
+        out[f"{name}_diff_ci95@{p}"] = pc[f"recall@{p}_diff_ci95"]
+    return out
+
+
+def result_note(doc: dict[str, Any]) -> str:
+    stale = "think model reads the history without its newest item (the refresh's view); " if doc["stale"] else ""
+    return (f"split={doc['split']}, {doc['users']} users, think mode {doc['think_mode']}, {stale}online model: own "
+            f"top-P from the fresh history (the served rule); think={Path(doc['checkpoint']).name}, "
+            f"onerec={Path(doc['onerec']).name}")
 
 
 if __name__ == "__main__":

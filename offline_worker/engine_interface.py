@@ -242,12 +242,12 @@ class Engine(ABC):
         if self.head_prefixes is not None:
             log.info("prefixes ranked by the item head of %s", self.model_dir)
 
-    def prefixes(self, contexts: list[list[int]]) -> list[list[Prefix]]:
+    def prefixes(self, contexts: list[list[int]], m: int | None = None) -> list[list[Prefix]]:
         """Top-m prefixes per context (ending in ``<|item_begin|>``): item head, or the code beam."""
         if self.head_prefixes is None:
-            return self.prefix_beam(contexts)
+            return self.prefix_beam(contexts, m)
         t0 = time.perf_counter()
-        out = self.head_prefixes.top(contexts, self.config.prefixes_per_sample)
+        out = self.head_prefixes.top(contexts, m or self.config.prefixes_per_sample)
         self._add_time("head_s", time.perf_counter() - t0)
         return out
 
@@ -263,7 +263,7 @@ class Engine(ABC):
         (``(context index, a token) -> best b tokens``); those branches need no level-b request."""
         return self._top_next(contexts, [self.allowed_ids([])] * len(contexts), self.config.k_a), {}
 
-    def prefix_beam(self, contexts: list[list[int]]) -> list[list[Prefix]]:
+    def prefix_beam(self, contexts: list[list[int]], m: int | None = None) -> list[list[Prefix]]:
         """Two-step constrained prefix beam; each context ends with ``<|item_begin|>``."""
         cfg, lvl = self.config, self.tokmap
         t0 = time.perf_counter()
@@ -276,14 +276,14 @@ class Engine(ABC):
                     ctx_b.append(ctx + [tok])
                     allowed_b.append(self.allowed_ids([lvl.level_code(tok)[1]]))
                     keys.append((i, tok))
-        top_b.update(zip(keys, self._top_next(ctx_b, allowed_b, cfg.prefixes_per_sample), strict=True))
+        top_b.update(zip(keys, self._top_next(ctx_b, allowed_b, m or cfg.prefixes_per_sample), strict=True))
         self._add_time("level_a_s", t1 - t0)
         self._add_time("level_b_s", time.perf_counter() - t1)
         out = []
         for i, cands in enumerate(top_a):
             a_list = [(lvl.level_code(tok)[1], lp) for tok, lp in cands]
             b_lists = [[(lvl.level_code(t)[1], lp) for t, lp in top_b[(i, tok)]] for tok, _ in cands]
-            out.append(select_prefixes(a_list, b_lists, cfg.prefixes_per_sample))
+            out.append(select_prefixes(a_list, b_lists, m or cfg.prefixes_per_sample))
         return out
 
     def _add_time(self, key: str, seconds: float) -> None:
@@ -346,7 +346,9 @@ class Engine(ABC):
 
     def _direct(self, requests: Sequence[ThinkRequest]) -> list[ThinkResult]:
         """Direct mode: no reasoning; the prompt's closing ``<think>`` becomes ``<|item_begin|>`` (the
-        `model.think.align_data.direct_prefix` of the same history) and the prefixes are ranked from there."""
+        `model.think.align_data.direct_prefix` of the same history) and the prefixes are ranked from there. One
+        deterministic path, so it keeps the cache budget of T paths x m prefixes (``samples * prefixes_per_sample``)
+        from that one ranking."""
         think_begin, item_begin = int(read_itemic(self.model_dir)["think_begin"]), self.answer_ids[-1]
         contexts = []
         for r in requests:
@@ -354,7 +356,7 @@ class Engine(ABC):
                 raise ValueError(f"prompt_ids of user {r.user_id}: expected a generation_prefix ending in <think>")
             contexts.append(r.prompt_ids[:-1] + [item_begin])
         t0 = time.perf_counter()
-        beams = self.prefixes(contexts)
+        beams = self.prefixes(contexts, self.config.samples * self.config.prefixes_per_sample)
         self.timings["prefix_s"] += time.perf_counter() - t0
         return [ThinkResult(user_id=r.user_id, reasoning="", reasoning_ids=[[]], prefixes=union_prefixes([b]),
                             per_sample=[b]) for r, b in zip(requests, beams, strict=True)]

@@ -102,9 +102,11 @@ class HFEngine(Engine):
                 out[i] = best
         return out
 
-    def prefix_beam(self, contexts: list[list[int]]) -> list[list[Prefix]]:
-        """Level a from one forward over the contexts, level b from its KV cache (no re-prefill)."""
+    def prefix_beam(self, contexts: list[list[int]], m: int | None = None) -> list[list[Prefix]]:
+        """Level a from one forward over the contexts, level b from its KV cache (no re-prefill); `m` prefixes per
+        context (default `EngineConfig.prefixes_per_sample`)."""
         torch, cfg, lvl = self.torch, self.config, self.tokmap
+        m = m or cfg.prefixes_per_sample
         root = self.allowed_ids([])
         out: list[list[Prefix]] = [[] for _ in contexts]
         for rows in self._batches(contexts):
@@ -126,11 +128,11 @@ class HFEngine(Engine):
                 logits_b = self.model(
                     input_ids=a_tok, attention_mask=mask2, position_ids=pos2, past_key_values=cache, use_cache=True
                 ).logits[:, -1]
-            top_b = self._topk(self._masked_logprobs(logits_b, allowed_b), allowed_b, cfg.prefixes_per_sample)
+            top_b = self._topk(self._masked_logprobs(logits_b, allowed_b), allowed_b, m)
             self._add_time("level_a_s", t1 - t0)
             self._add_time("level_b_s", time.perf_counter() - t1)
             for r, i in enumerate(rows):
                 a_list = [(lvl.level_code(tok)[1], lp) for tok, lp in top_a[r]]
                 b_lists = [[(lvl.level_code(t)[1], lp) for t, lp in top_b[r * k + j]] for j in range(k)]
-                out[i] = select_prefixes(a_list, b_lists, cfg.prefixes_per_sample)
+                out[i] = select_prefixes(a_list, b_lists, m)
         return out
