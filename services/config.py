@@ -47,6 +47,7 @@ class Settings(BaseSettings):
 
     # redis
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    # a Redis Cluster is selected by the URL's scheme (services.store.connect): redis+cluster://host:port[,host:port]
     namespace: str = Field("onerec", description="key namespace (prefix of every key)")
     redis_timeout_ms: int = Field(50, ge=1, description="socket/connect timeout of the online Redis pool")
     think_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="TTL of a think-ahead version's values")

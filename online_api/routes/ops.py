@@ -34,10 +34,10 @@ async def readyz(request: Request) -> JSONResponse:
         body = Readiness(ready=False, model=False, redis=False, detail="starting")
         return JSONResponse(body.model_dump(), status_code=503)
     model = state.batcher is not None and state.batcher.running and state.loaded is not None and state.loaded.healthy
-    redis = await state.redis_ok()
+    redis = state.redis_config_error is None and await state.redis_ok()
     detail = state.load_error or (None if model else "model loading")
     if not redis:
-        detail = (detail + "; " if detail else "") + "redis unavailable"
+        detail = (detail + "; " if detail else "") + (state.redis_config_error or "redis unavailable")
     body = Readiness(ready=model and redis, model=model, redis=redis, detail=detail)
     state.metrics.ready.set(1 if body.ready else 0)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
