@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     redis_breaker_failures: int = Field(3, ge=1, description="failed Redis round trips in a row that open the breaker")
     redis_max_connections: int = Field(64, ge=1, description="size of the online Redis pool")
     current_ttl_s: float = Field(1.0, ge=0, description="how long the API caches the live think version")
-    body_read_timeout_s: float = Field(10.0, gt=0, description="a request body not received within this is a 408")
+    body_read_timeout_s: float = Field(2.0, gt=0, description="a request body not received within this is a 408 "
+                                                            "(a client declaring more than it sends is cut off)")
     pending_events_max: int = Field(100_000, ge=0, description="events buffered while Redis is down")
 
     # offline worker: engine and decoding (`offline_worker.engine_interface.EngineConfig.from_settings`) and the refresh
