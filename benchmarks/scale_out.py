@@ -209,8 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     out = run(args)
     print(json.dumps(out, indent=2))
     if not args.no_write:
-        note = ("synthetic world (random catalogue, random-init OneRec, tiny think model): measures the serving and "
-                "storage path under a primary SIGKILL, not quality; 2 shared cores, all processes on one machine")
+        note = (f"not Beauty (the dataset field is only the default label): a synthetic world of {args.users} users "
+                f"and {args.items} items (random catalogue, random-init OneRec, tiny think model), measuring the "
+                "serving and storage path under a primary SIGKILL, not quality; all processes and the 6 redis-server "
+                "on one shared 2-core machine (load_avg_1m_start: its load; fallbacks before the kill are the "
+                "model missing its 50 ms budget on that load)")
         write_result("scale_out", out, note=note)
 
 
