@@ -191,14 +191,14 @@ def main() -> None:
         vllm.close()
         return
 
-    import redis
+    from services.store.connect import connect
 
     server = None if args.redis_url else RedisServer(Path(tempfile.mkdtemp(prefix="bench_redis_")))
     if server is not None:
         server.start()
     url = server.url if server is not None else args.redis_url
     try:
-        client = redis.Redis.from_url(url, socket_timeout=60)
+        client = connect(url, timeout_s=60)
         store = ThinkStore(client, f"bench{int(time.time())}")
         used0 = int(client.info("memory")["used_memory"])
         opts = RefreshOptions(chunk=args.chunk, ttl_s=settings.think_ttl_s, history_max=settings.history_max,

@@ -93,7 +93,7 @@ def floor_app() -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await warm_redis(r, s.redis_max_connections, max(s.redis_timeout_ms / 1000.0, 1.0))
+        await warm_redis(r, s.redis_url, s.redis_max_connections, max(s.redis_timeout_ms / 1000.0, 1.0))
         yield
         await r.aclose()
 
@@ -310,9 +310,8 @@ def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes
     `entries` ``think``: a real offline refresh by the OneRec-Think checkpoint (`think_dir`, vLLM, the served
     offline settings) over the staler histories, as in deployment; ``onerec-beam``: the lightweight model's
     own beam with a fixed reasoning text (cheap; the reliability benchmarks use it)."""
-    import redis
-
     from services.store import ThinkStore
+    from services.store.connect import connect
 
     examples = bench_examples(n_users)
     t0 = time.perf_counter()
@@ -322,12 +321,12 @@ def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes
     else:
         model = "bench-onerec-beam"
         by_user = _onerec_beam_entries(checkpoint, examples, prefixes)
-        store = ThinkStore(redis.Redis.from_url(redis_url), ns)
+        store = ThinkStore(connect(redis_url), ns)
         store.begin_version(version, {"model": model})
         store.write_entries(version, by_user, 3600)
         store.publish(version, len(by_user))
     print(f"[seed] {len(examples)} entries ({model}) in {time.perf_counter() - t0:.1f}s", flush=True)
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     # the online tier reads the fresh history (the refresh wrote the staler one)
     ThinkStore(client, ns).write_histories({e.user_id: e.history for e in examples}, 50)
     client.close()

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from evaluation.think_ahead import StoreSource, ThinkAheadRecommender, train_popularity
 from model.metrics import paired_comparison, rank, score, split_examples
 from model.onerec import OneRec
@@ -31,6 +29,7 @@ from services.catalog import Example, dataset_name, load_dataset
 from services.config import get_settings
 from services.results import write_result
 from services.store import ThinkEntry, ThinkStore
+from services.store.connect import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 STALENESS = (0, 1, 2, 3, 5)
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     onerec = OneRec.load(args.checkpoint or s.resolved("onerec"))
     policy = PolicyConfig.from_settings(s)
     popularity = train_popularity(ds.sequences, "test", {int(i) for i in onerec.sid.item_ids})
-    client = redis.Redis.from_url(args.redis_url)
+    client = connect(args.redis_url)
 
     def no_entries(ex: Sequence[Example]) -> list[ThinkEntry | None]:
         return [None for _ in ex]

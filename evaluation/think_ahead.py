@@ -170,13 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     import json
     from pathlib import Path
 
-    import redis
-
     from model.metrics import evaluate, paired_comparison, rank, score, split_examples
     from model.onerec import OneRecRecommender
     from services.catalog import load_dataset
     from services.config import get_settings
     from services.results import write_result
+    from services.store.connect import connect
 
     s = get_settings()
     p = argparse.ArgumentParser(prog="python -m evaluation think-ahead", description=main.__doc__)
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     onerec = OneRec.load(args.checkpoint or s.resolved("onerec"))
     source: EntrySource
     if args.source == "redis":
-        source = StoreSource(ThinkStore(redis.Redis.from_url(args.redis_url), args.namespace), args.version)
+        source = StoreSource(ThinkStore(connect(args.redis_url), args.namespace), args.version)
         # entries must come from the history one interaction staler than the evaluated one:
         # test -> `refresh --holdout 2`, valid -> `--holdout 3`
         require_staler(ds.sequences, examples, source(examples), args.split)

@@ -64,12 +64,11 @@ def grid(own: Sequence[int], weights: Sequence[float], floors: Sequence[float]) 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m evaluation.tune``: grid over the completion knobs on validation users."""
-    import redis
-
     from model.metrics import paired_comparison, rank, score, split_examples
     from services.catalog import load_dataset
     from services.config import get_settings
     from services.store import ThinkStore
+    from services.store.connect import connect
 
     s = get_settings()
     p = argparse.ArgumentParser(prog="python -m evaluation.tune", description=main.__doc__)
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ds = load_dataset(s.data_dir)
     examples = split_examples(ds, "valid", args.limit)
-    store = ThinkStore(redis.Redis.from_url(args.redis_url), args.namespace)
+    store = ThinkStore(connect(args.redis_url), args.namespace)
     version = args.version or store.current_version()
     if version is None:
         raise SystemExit(f"no live think version in namespace {args.namespace!r}")

@@ -28,9 +28,9 @@ from services.config import Settings, get_settings
 
 
 def _redis(settings: Settings, url: str | None) -> Any:
-    import redis
+    from services.store.connect import connect
 
-    return redis.Redis.from_url(url or settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+    return connect(url or settings.redis_url, timeout_s=30, connect_timeout_s=5)
 
 
 def _store(args: argparse.Namespace, settings: Settings) -> Any:

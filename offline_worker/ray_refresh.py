@@ -87,11 +87,10 @@ class ChunkWorker:
 
     def __init__(self, redis_url: str, ns: str, spec: EngineSpec, plan: RefreshPlan, opts: RefreshOptions,
                  fault_marker: str | None = None) -> None:  # fmt: skip
-        import redis
-
         from offline_worker.engine_factory import make_engine
+        from services.store.connect import connect
 
-        self.store = ThinkStore(redis.Redis.from_url(redis_url, socket_timeout=30), ns)
+        self.store = ThinkStore(connect(redis_url, timeout_s=30), ns)
         self.engine = make_engine(spec.kind, spec.model_dir, spec.sid_dir, spec.config, spec.vllm, spec.hf_batch_size)
         self.builder = PromptBuilder(self.engine.tokenizer, SemanticIDs.load(spec.sid_dir), opts.history_cap)
         self.plan, self.opts, self.fault_marker = plan, opts, fault_marker

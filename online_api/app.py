@@ -20,11 +20,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.policy import Popularity
@@ -35,6 +32,7 @@ from online_api.schemas import MAX_BODY_BYTES, apply_server_limits
 from online_api.state import AppState, ModelLoader, load_onerec
 from services.catalog import load_dataset
 from services.config import Settings, get_settings
+from services.store.connect import ClusterModeError, check_async, connect_async, is_cluster_url
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +50,24 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def open_redis(settings: Settings) -> aioredis.Redis:
-    """Async pool with tight timeouts and no retries: failures surface at once and the caller falls back."""
-    t = settings.redis_timeout_ms / 1000.0
-    # blocking pool: a burst waits (bounded by each request's deadline) for a connection instead of failing
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections, timeout=t, socket_timeout=t,
-        socket_connect_timeout=t, retry=Retry(NoBackoff(), 0), health_check_interval=0,
-    )  # fmt: skip
-    return aioredis.Redis(connection_pool=pool)
+def open_redis(settings: Settings) -> Any:
+    """Async client with tight timeouts and no retries: failures surface at once and the caller falls back.
+    ``redis+cluster://`` gives redis-py's asyncio `RedisCluster` (`services.store.connect`)."""
+    return connect_async(settings.redis_url, settings.redis_timeout_ms / 1000.0, settings.redis_max_connections)
 
 
-async def warm_redis(client: aioredis.Redis, n: int, timeout_s: float, wave: int = 8) -> int:
+async def warm_redis(client: Any, url: str, n: int, timeout_s: float, wave: int = 8) -> int:
     """Open `n` pool connections now, so that a burst reuses them instead of connecting (TCP + handshake under
     the tight connect timeout) per request; returns how many opened. A Redis that is down costs one failed wave.
     Connections are held until the end (else the pool would hand the same one out again), `wave` at a time."""
+    if is_cluster_url(url):
+        # a cluster client connects per node on first use; learn the slot map now (one round trip)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.initialize()
+        except Exception as e:  # noqa: BLE001 - unreachable now: readiness and the breaker deal with it
+            log.warning("redis cluster not reachable at start: %r", e)
+        return 0
     pool = client.connection_pool
     held: list[Any] = []
     try:
@@ -84,6 +85,19 @@ async def warm_redis(client: aioredis.Redis, n: int, timeout_s: float, wave: int
         for c in held:
             await pool.release(c)
     return len(held)
+
+
+async def check_cluster_mode(state: AppState) -> None:
+    """A plain redis:// URL naming one node of a cluster: say so in /readyz (not ready) instead of answering
+    by fallback for every user whose slot lives elsewhere. Best effort: a Redis down now is readiness's job."""
+    try:
+        async with asyncio.timeout(max(state.settings.redis_timeout_ms / 1000.0, 1.0)):
+            await check_async(state.redis, state.settings.redis_url)
+    except ClusterModeError as e:
+        log.error("%s", e)
+        state.redis_config_error = str(e)
+    except Exception as e:  # noqa: BLE001 - unreachable now
+        log.debug("cluster-mode check skipped: %r", e)
 
 
 def _document_limits(app: FastAPI, settings: Settings) -> None:
@@ -128,8 +142,10 @@ def create_app(settings: Settings | None = None, *, loader: ModelLoader | None =
             freeze_heap()
             log.info("model %s ready (%.2fs after start)", loaded.model_id, time.perf_counter() - t0)
 
-        warm = warm_redis(state.redis, settings.redis_max_connections, max(settings.redis_timeout_ms / 1000.0, 1.0))
-        tasks = [asyncio.create_task(load()), asyncio.create_task(state.flush_loop()), asyncio.create_task(warm)]
+        warm = warm_redis(state.redis, settings.redis_url, settings.redis_max_connections,
+                          max(settings.redis_timeout_ms / 1000.0, 1.0))
+        tasks = [asyncio.create_task(load()), asyncio.create_task(state.flush_loop()), asyncio.create_task(warm),
+                 asyncio.create_task(check_cluster_mode(state))]
         try:
             yield
         finally:

@@ -169,11 +169,35 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
+def limit_error(field: str, value: Any, limit: int) -> dict[str, Any]:
+    """The one 422 error for a value over a server limit (`max_k`, `max_request_history`), in FastAPI's shape."""
+    many = isinstance(value, list | tuple) or field == "history"
+    return {"type": "too_long" if many else "less_than_equal", "loc": ("body", field),
+            "msg": f"{field} may hold at most {limit} items (server limit)" if many
+            else f"{field} must be at most {limit} (server limit)",
+            "input": len(value) if isinstance(value, list | tuple) else value, "ctx": {"le": limit}}  # fmt: skip
+
+
+def server_limits(errors: Sequence[Any], settings: Any) -> list[Any]:
+    """Schema-bound errors of `k` and `history` restated with the server's own limit, so that a client is told
+    one limit whether it asked for 101 or for 5000 (the schema's hard bound is only a backstop)."""
+    if settings is None:
+        return list(errors)
+    limits = {"k": (settings.max_k, "less_than_equal"), "history": (settings.max_request_history, "too_long")}
+    out = []
+    for e in errors:
+        loc = tuple(e.get("loc") or ()) if isinstance(e, dict) else ()
+        if len(loc) == 2 and loc[0] == "body" and loc[1] in limits and e.get("type") == limits[loc[1]][1]:
+            e = limit_error(str(loc[1]), e.get("input"), limits[loc[1]][0])
+        out.append(e)
+    return out
+
+
 async def validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's 422 body, rendered so that no input can make rendering it fail."""
     assert isinstance(exc, RequestValidationError)
     try:
-        errors = exc.errors()
+        errors = server_limits(exc.errors(), getattr(request.app.state, "settings", None))
     except Exception:  # noqa: BLE001
         errors = []
     return _json_response(422, render_422(errors or [{"type": "value_error", "loc": ["body"], "msg": "invalid"}]))

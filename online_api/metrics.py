@@ -81,6 +81,12 @@ class Metrics:
         self.pointer_bad_reads = Gauge(
             "onerec_version_pointer_bad_reads", "reads of the live-version pointer that found it unusable", registry=r
         )
+        self.think_ahead_degraded = Gauge(
+            "onerec_think_ahead_degraded",
+            "1 when /readyz found no usable live think-ahead version (no pointer, an unusable one, or one naming no "
+            "version): every answer is online-only; alert on it",
+            registry=r,
+        )  # fmt: skip
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

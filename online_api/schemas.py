@@ -111,8 +111,10 @@ class EventsResponse(BaseModel):
     user_id: int
     accepted: int = Field(..., description="items appended (or queued)")
     unknown_items: int = Field(..., description="items dropped: not in the catalogue")
-    stored: bool = Field(..., description="true: written to Redis; false: queued until Redis is back (HTTP 202)")
+    stored: bool = Field(..., description="true: written to Redis; false: nothing written now: queued until Redis "
+                                          "is back (HTTP 202), or nothing to store (accepted 0, detail says why)")
     history_len: int | None = Field(None, description="length of the stored history after the write")
+    detail: str | None = Field(None, description="why nothing was stored, when accepted is 0")
 
 
 # --------------------------------------------------------------------------- think entry
@@ -167,6 +169,8 @@ class Readiness(BaseModel):
     ready: bool
     model: bool
     redis: bool
+    degraded: bool = Field(False, description="ready, but no usable live think-ahead version: every answer is "
+                                              "online-only (detail says why)")
     detail: str | None = None
     consumed_rule: ConsumedRuleInfo | None = None
 

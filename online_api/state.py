@@ -100,6 +100,7 @@ class AppState:
         self.breaker = RedisBreaker(settings.redis_backoff_ms / 1000.0, settings.redis_breaker_failures)
         self.loaded: LoadedModel | None = None
         self.load_error: str | None = None
+        self.redis_config_error: str | None = None  # e.g. a plain URL naming one node of a cluster (not ready)
         self.batcher: MicroBatcher | None = None
         self._codes: dict[int, list[int]] = {}
         self.completer = Completer(settings, self.policy, self.reader, set(catalog.item_ids), None, None, popularity,

@@ -112,8 +112,6 @@ def quality_table(doc: dict[str, Any]) -> str:
 
 def measure_quality(namespace: str, users: int | None, profile: str, profile_note: str) -> dict[str, Any]:
     """MostPop, online and think-ahead on the test split of the first `users` users (module docstring)."""
-    import redis
-
     from evaluation.think_ahead import StoreSource, ThinkAheadRecommender, require_staler, train_popularity
     from model.metrics import MostPopular, evaluate
     from model.onerec import OneRec
@@ -121,6 +119,7 @@ def measure_quality(namespace: str, users: int | None, profile: str, profile_not
     from services.catalog import load_dataset
     from services.config import get_settings
     from services.store import ThinkEntry, ThinkStore
+    from services.store.connect import connect
 
     s = get_settings()
     ds = load_dataset(s.data_dir)
@@ -130,7 +129,7 @@ def measure_quality(namespace: str, users: int | None, profile: str, profile_not
     onerec = OneRec.load(checkpoint)
     served = PolicyConfig.from_settings(s)
     popularity = train_popularity(ds.sequences, "test", {int(i) for i in onerec.sid.item_ids})
-    source = StoreSource(ThinkStore(redis.Redis.from_url(s.redis_url), namespace))
+    source = StoreSource(ThinkStore(connect(s.redis_url), namespace))
     require_staler(ds.sequences, examples, source(examples), "test")
 
     def none(ex: Any) -> list[ThinkEntry | None]:

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
 
     # redis
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    # a Redis Cluster is selected by the URL's scheme (services.store.connect): redis+cluster://host:port[,host:port]
     namespace: str = Field("onerec", description="key namespace (prefix of every key)")
     redis_timeout_ms: int = Field(50, ge=1, description="socket/connect timeout of the online Redis pool")
     think_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="TTL of a think-ahead version's values")
@@ -106,7 +107,8 @@ class Settings(BaseSettings):
     redis_breaker_failures: int = Field(3, ge=1, description="failed Redis round trips in a row that open the breaker")
     redis_max_connections: int = Field(64, ge=1, description="size of the online Redis pool")
     current_ttl_s: float = Field(1.0, ge=0, description="how long the API caches the live think version")
-    body_read_timeout_s: float = Field(10.0, gt=0, description="a request body not received within this is a 408")
+    body_read_timeout_s: float = Field(2.0, gt=0, description="a request body not received within this is a 408 "
+                                                            "(a client declaring more than it sends is cut off)")
     pending_events_max: int = Field(100_000, ge=0, description="events buffered while Redis is down")
 
     # offline worker: engine and decoding (`offline_worker.engine_interface.EngineConfig.from_settings`) and the refresh

@@ -3,6 +3,9 @@
 - `free_port()`: a free localhost TCP port;
 - `RedisServer` / `redis_server()`: a private redis-server on a free port and a data folder of its own, that
   can be stopped, signalled (SIGKILL, SIGSTOP) and restarted on the same port; persistence off unless ``aof``;
+- `LocalRedisCluster` / `redis_cluster()`: a real Redis Cluster of such servers (3 primaries + 3 replicas by
+  default, short node timeout so a killed primary's replica takes over in about a second), its
+  ``redis+cluster://`` URL, and which node serves a key;
 - `uvicorn_cmd()` + `process()`: the API (or any ASGI factory) as a uvicorn child process that is always
   stopped; `serve_in_thread()`: an ASGI app under a real uvicorn server in a thread of this process;
 - `wait_http()`: wait until a URL answers 200 (or the server died);
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.crc import key_slot
 
 from services.config import ROOT
 
@@ -45,6 +49,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port for a cluster-mode redis-server: at most 55535, with its cluster bus port (+10000) free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (p, p + 10000) below 55536")
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -79,13 +98,14 @@ class RedisServer:
     """
 
     def __init__(self, workdir: Path, port: int | None = None, aof: bool = False, binary: str | None = None,
-                 start_timeout_s: float = 10.0) -> None:  # fmt: skip
+                 start_timeout_s: float = 10.0, extra_args: Sequence[str] = ()) -> None:  # fmt: skip
         self.workdir = Path(workdir)
         self.port = port if port is not None else free_port()
         self.host = HOST
         self.aof = aof
         self.binary = binary or find_redis_server()
         self.start_timeout_s = start_timeout_s
+        self.extra_args = list(extra_args)  # e.g. cluster mode
         self.log = self.workdir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -105,7 +125,7 @@ class RedisServer:
             return now, now
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         cmd = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", *persistence,
-               "--dir", str(self.workdir), "--logfile", str(self.log)]  # fmt: skip
+               "--dir", str(self.workdir), "--logfile", str(self.log), *self.extra_args]  # fmt: skip
         spawned = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -160,6 +180,155 @@ def redis_server(workdir: Path | None = None, aof: bool = False) -> Iterator[Red
             yield server
         finally:
             server.stop()
+
+
+# --------------------------------------------------------------------------- Redis Cluster
+
+
+def find_redis_cli() -> str:
+    """The redis-cli binary (creates the cluster); FileNotFoundError saying how to install it."""
+    path = shutil.which("redis-cli") or ("/usr/bin/redis-cli" if Path("/usr/bin/redis-cli").is_file() else None)
+    if path is None:
+        raise FileNotFoundError("redis-cli not found on PATH or at /usr/bin/redis-cli; install it (apt-get install "
+                                "redis-tools)")  # fmt: skip
+    return path
+
+
+class LocalRedisCluster:
+    """A real Redis Cluster on localhost: `primaries` x (1 + `replicas`) `RedisServer`s in cluster mode, each in
+    its own folder, joined with ``redis-cli --cluster create``.
+
+    ``node_timeout_ms`` is Redis's ``cluster-node-timeout``: a primary unreachable that long is marked failed and
+    its replica promoted (about 1-2 s with the default 1000 ms). Replicas may always fail over
+    (``cluster-replica-validity-factor 0``), so a replica that missed a few pings still takes over.
+    """
+
+    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
+                 start_timeout_s: float = 30.0) -> None:  # fmt: skip
+        if primaries < 3:
+            raise ValueError(f"primaries: Redis Cluster needs at least 3, got {primaries}")
+        self.workdir = Path(workdir)
+        self.start_timeout_s = start_timeout_s
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms), "--cluster-replica-validity-factor", "0"]
+        self.nodes: list[RedisServer] = []
+        for i in range(primaries * (1 + replicas)):
+            folder = self.workdir / f"node{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(RedisServer(folder, port=free_cluster_port(), extra_args=args))
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` URL naming every node (a client needs one that answers to find the others)."""
+        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        """Start every node, create the cluster and return once every live node says ``cluster_state:ok`` and
+        every replica is in sync with its primary."""
+        for n in self.nodes:
+            n.start()
+        cmd = [find_redis_cli(), "--cluster", "create", *(f"{n.host}:{n.port}" for n in self.nodes),
+               "--cluster-replicas", str(self.replicas), "--cluster-yes"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.start_timeout_s)
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}):\n{done.stdout[-2000:]}"
+                               f"{done.stderr[-2000:]}")  # fmt: skip
+        self.wait_ok(self.start_timeout_s)
+
+    def _client(self, node: RedisServer) -> redis.Redis:
+        return redis.Redis(host=node.host, port=node.port, socket_timeout=1, socket_connect_timeout=1)
+
+    def wait_ok(self, timeout_s: float) -> float:
+        """Wait until every running node reports ``cluster_state:ok``, knows the same primaries, and every running
+        replica's link to its primary is up; returns the seconds waited (RuntimeError after `timeout_s`)."""
+        t0 = time.monotonic()
+        while True:
+            try:
+                if self._all_ok():
+                    return time.monotonic() - t0
+            except redis.RedisError:
+                pass
+            if time.monotonic() - t0 > timeout_s:
+                raise RuntimeError(f"redis cluster not ok after {timeout_s}s (nodes {[n.port for n in self.nodes]})")
+            time.sleep(0.05)
+
+    def _all_ok(self) -> bool:
+        views = set()
+        for n in self.nodes:
+            if not n.running:
+                continue
+            c = self._client(n)
+            try:
+                if c.cluster("info")["cluster_state"] != "ok":
+                    return False
+                info = c.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+                views.add(tuple(sorted(self._primary_ports(c))))
+            finally:
+                c.close()
+        return len(views) == 1
+
+    def _primary_ports(self, client: redis.Redis) -> list[int]:
+        """Ports of the primaries serving slots, as `client`'s node sees them (failed ones excluded)."""
+        nodes: dict[str, dict[str, Any]] = client.cluster("nodes")  # "host:port" -> parsed CLUSTER NODES line
+        return [int(addr.split("@")[0].rsplit(":", 1)[1]) for addr, node in nodes.items()
+                if "master" in node["flags"] and "fail" not in node["flags"] and node["slots"]]  # fmt: skip
+
+    def primaries(self) -> list[RedisServer]:
+        """The running nodes that are primaries serving slots now."""
+        live = next(n for n in self.nodes if n.running)
+        c = self._client(live)
+        try:
+            ports = set(self._primary_ports(c))
+        finally:
+            c.close()
+        return [n for n in self.nodes if n.port in ports and n.running]
+
+    def node_of(self, key: str | bytes) -> RedisServer:
+        """The running primary that serves `key`'s slot now."""
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        live = next(n for n in self.nodes if n.running)
+        c = self._client(live)
+        try:
+            for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        finally:
+            c.close()
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def stop(self) -> None:
+        """Stop every node (safe to call twice): SIGTERM to all at once, then each is waited for (SIGKILL when it
+        does not go), so that a slow machine leaves no node behind."""
+        for n in self.nodes:
+            if n.running and n.proc is not None:
+                n.proc.send_signal(signal.SIGCONT)
+                n.proc.terminate()
+        for n in self.nodes:
+            try:
+                n.stop()
+            except subprocess.TimeoutExpired:
+                if n.proc is not None:
+                    n.proc.kill()
+                    n.proc = None
+
+
+@contextmanager
+def redis_cluster(workdir: Path | None = None, primaries: int = 3, replicas: int = 1,
+                  node_timeout_ms: int = 1000) -> Iterator[LocalRedisCluster]:  # fmt: skip
+    """A started `LocalRedisCluster` (in a temporary folder unless `workdir`), stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="onerec-cluster-") as tmp:
+        cluster = LocalRedisCluster(Path(workdir) if workdir is not None else Path(tmp), primaries, replicas,
+                                    node_timeout_ms)  # fmt: skip
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 # --------------------------------------------------------------------------- HTTP servers

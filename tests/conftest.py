@@ -3,6 +3,8 @@
 The server (`services.harness.RedisServer`) runs from PATH (or /usr/bin/redis-server) on a free localhost
 port with persistence off, in a temporary folder. `redis_server.stop()` / `.start()` let a test kill Redis
 mid-test and bring it back on the same port; `redis_client` restarts it if an earlier test left it down.
+`redis_cluster` is a real 6-node Redis Cluster (`services.harness.LocalRedisCluster`), started only by the
+tests that use it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from services.harness import RedisServer, find_redis_server
+from services.harness import LocalRedisCluster, RedisServer, find_redis_cli, find_redis_server
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +32,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A real local Redis Cluster (3 primaries + 3 replicas, 1 s node timeout) for the session; `.url` is its
+    ``redis+cluster://`` URL. Skipped only where redis-cli (which creates the cluster) is not installed."""
+    try:
+        find_redis_server()
+        find_redis_cli()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis_cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

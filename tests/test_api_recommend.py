@@ -120,7 +120,7 @@ def test_events_change_the_next_answer(world: TinyWorld, redis_server: RedisServ
         r = c.post("/v1/events", json={"user_id": user, "items": [top, 31337]})
         assert r.status_code == 200, r.text
         assert r.json() == {"user_id": user, "accepted": 1, "unknown_items": 1, "stored": True,
-                            "history_len": len(world.sequences[user]) + 1}
+                            "history_len": len(world.sequences[user]) + 1, "detail": None}
         second = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
         assert top not in {it["item_id"] for it in second["items"]}  # consumed now
         assert [it["item_id"] for it in second["items"]] != [it["item_id"] for it in first["items"]]

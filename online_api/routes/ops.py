@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
@@ -22,6 +23,24 @@ async def healthz() -> Health:
     return Health()
 
 
+async def live_version_problem(state: AppState) -> str | None:
+    """Why no user can get a think-ahead answer now (None: a live version is registered). Ready stays true (the
+    replica answers, online-only): taking every replica out of the balancer for a data problem would be an outage.
+    A Redis failure here is not a version problem (readiness's redis check and the breaker report it)."""
+    try:
+        async with asyncio.timeout(max(state.settings.redis_timeout_ms / 1000.0, 0.25)):
+            version = await state.reader.current_version()
+            if state.reader.pointer_error:
+                return f"{state.reader.pointer_error}: every answer is online-only"
+            if version is None:
+                return "no live think-ahead version (nothing published): every answer is online-only"
+            if not await state.reader.version_registered(version):
+                return f"the live-version pointer names {version!r}, which does not exist: every answer is online-only"
+    except Exception:  # noqa: BLE001 - Redis trouble is reported as such, not as a version problem
+        return None
+    return None
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
@@ -34,17 +53,22 @@ async def readyz(request: Request) -> JSONResponse:
         body = Readiness(ready=False, model=False, redis=False, detail="starting")
         return JSONResponse(body.model_dump(), status_code=503)
     model = state.batcher is not None and state.batcher.running and state.loaded is not None and state.loaded.healthy
-    redis = await state.redis_ok()
+    redis = state.redis_config_error is None and await state.redis_ok()
     detail = state.load_error or (None if model else "model loading")
     if not redis:
-        detail = (detail + "; " if detail else "") + "redis unavailable"
+        detail = (detail + "; " if detail else "") + (state.redis_config_error or "redis unavailable")
+    problem = await live_version_problem(state) if model and redis else None
+    if problem:
+        detail = (detail + "; " if detail else "") + problem
     try:
         rule = state.settings.consumed_rule()
         consumed: ConsumedRuleInfo | None = ConsumedRuleInfo(exclude=rule.exclude, source=rule.source)
     except ValueError:  # unreadable record: the model load reports it (the policy is built from the same call)
         consumed = None
-    body = Readiness(ready=model and redis, model=model, redis=redis, detail=detail, consumed_rule=consumed)
+    body = Readiness(ready=model and redis, model=model, redis=redis, degraded=problem is not None, detail=detail,
+                     consumed_rule=consumed)
     state.metrics.ready.set(1 if body.ready else 0)
+    state.metrics.think_ahead_degraded.set(1 if problem else 0)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 

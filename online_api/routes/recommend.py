@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from model.policy import FALLBACK, THINK
 from online_api.complete import Answer
 from online_api.deps import get_state, require_api_key
-from online_api.errors import RATE_LOG
+from online_api.errors import RATE_LOG, limit_error
 from online_api.schemas import UNAUTHORIZED, Item, RecommendRequest, RecommendResponse
 from online_api.state import AppState
 
@@ -20,14 +20,7 @@ router = APIRouter(prefix="/v1", tags=["recommend"], dependencies=[Depends(requi
 
 def too_large(field: str, value: Any, limit: int) -> RequestValidationError:
     """The same 422 shape FastAPI gives for schema bounds, for limits that come from the settings."""
-    return RequestValidationError([{
-        "type": "less_than_equal" if not isinstance(value, list) else "too_long",
-        "loc": ("body", field),
-        "msg": f"{field} must be at most {limit} (server limit)" if not isinstance(value, list)
-        else f"{field} may hold at most {limit} items (server limit)",
-        "input": value if not isinstance(value, list) else len(value),
-        "ctx": {"le": limit},
-    }])  # fmt: skip
+    return RequestValidationError([limit_error(field, value, limit)])
 
 
 @router.post(

@@ -50,7 +50,8 @@ async def post_events(req: EventsRequest, response: Response, state: AppState = 
     if unknown:
         state.metrics.unknown_items.inc(unknown)
     if not items:
-        return EventsResponse(user_id=req.user_id, accepted=0, unknown_items=unknown, stored=True)
+        return EventsResponse(user_id=req.user_id, accepted=0, unknown_items=unknown, stored=False,
+                              detail="no item is in the catalogue: nothing stored")
     s = state.settings
     append_id = uuid.uuid4().hex  # a retry of a write that timed out must not append the items twice
     # queued events of this user go first, so new ones queue behind them (order = arrival order)

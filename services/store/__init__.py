@@ -37,6 +37,23 @@ names the old one; ``publish`` counts the new entries and only then flips ``curr
 hash to different slots). ``previous`` is written right after from the value that SET returned; a
 crash between the two writes leaves ``previous`` one flip behind, never a wrong ``current``.
 
+On a Redis Cluster (``redis+cluster://host:port[,host:port...]``, `connect.py`; redis-py's own `RedisCluster`,
+sync and asyncio) the same keys and commands are used; what differs:
+
+- a user's keys (entry under every version, history, append ids) share the ``{<user>}`` hash tag, so the one
+  online round trip (entry + history), the append script (history + append ids) and COPY between versions
+  each stay in one slot; the namespace may not contain braces, so no other hash tag can creep in;
+- the global keys (``current``, ``previous``, ``versions``, ``stale``, each version's ``meta`` and ``done``
+  sets) hash to slots of their own: nothing runs a multi-key command or a script over two of them (the flip
+  is one ``SET ... GET``; the staleness script touches only ``stale``);
+- pipelines are non-transactional and redis-py splits them per node (one round trip per primary involved);
+  ``UNLINK`` of many keys is split per slot by redis-py;
+- SCAN (count, status, gc) runs on every primary (redis-py's cluster ``scan_iter``), so it sees every key;
+- replication is asynchronous: a write acknowledged by a primary in the instant before it dies may be missing
+  on the promoted replica (Redis's own guarantee, measured by ``benchmarks/scale_out.py``);
+- a plain ``redis://`` URL naming one cluster node is refused (`connect.ClusterModeError`: "use
+  redis+cluster://"), not left to answer ``MOVED`` for two thirds of the users.
+
 Values carry ``SCHEMA_VERSION``; anything that does not decode (foreign bytes, unknown schema, wrong
 types, over `MAX_VALUE_BYTES`) raises `CorruptValue` inside this module and reaches callers as
 "missing" plus a ``corrupt`` counter. So does a key of the wrong Redis type (a list where an entry
@@ -52,7 +69,8 @@ Redis connection errors are not caught: callers own fallback. `write_refusal` te
 refused (out of memory, read-only replica, failing persistence) from a Redis that is unreachable.
 
 Reading order: `codec.py` (values), `keys.py` (key names, the version pointer, Redis replies), `writer.py`
-(`ThinkStore`, offline), `reader.py` (`AsyncThinkReader`, online). Everything is re-exported here, so
+(`ThinkStore`, offline), `reader.py` (`AsyncThinkReader`, online), `connect.py` (clients from the URL: one
+Redis or a cluster). Everything is re-exported here, so
 callers import from `services.store`.
 """
 
@@ -65,6 +83,7 @@ from services.store.codec import (
     decode_entry,
     encode_entry,
 )
+from services.store.connect import ClusterModeError, connect, connect_async, is_cluster_url
 from services.store.keys import ThinkKeys, check_version_pointer, write_refusal
 from services.store.reader import APPEND_IDS_KEPT, APPEND_IDS_TTL_S, AsyncThinkReader, FetchResult
 from services.store.writer import IncompleteVersionError, ThinkStore
@@ -76,6 +95,7 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "SCHEMA_VERSION",
     "AsyncThinkReader",
+    "ClusterModeError",
     "CorruptValue",
     "FetchResult",
     "IncompleteVersionError",
@@ -83,7 +103,10 @@ __all__ = [
     "ThinkKeys",
     "ThinkStore",
     "check_version_pointer",
+    "connect",
+    "connect_async",
     "decode_entry",
     "encode_entry",
+    "is_cluster_url",
     "write_refusal",
 ]

@@ -104,6 +104,11 @@ class AsyncThinkReader:
             self._current_at = now
         return self._current
 
+    async def version_registered(self, version: str) -> bool:
+        """Whether `version` was begun (is in the versions set): a live pointer naming anything else serves no
+        entries at all."""
+        return await self.r.zscore(self.keys.versions, self.keys.check_version(version)) is not None
+
     def _decode(self, raw: Any) -> tuple[ThinkEntry | None, bool]:
         if not raw:  # GETRANGE of a missing key is b"" (no valid value is empty)
             return None, False
