@@ -171,3 +171,36 @@ def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None
         ahead = F.cross_entropy(logits, torch.tensor(want))
     assert torch.allclose(plain, item_loss(head, h, pos, tgt))
     assert torch.allclose(both, plain + 0.5 * ahead, atol=1e-5)
+
+
+def test_killed_item_token_run_resumes_to_the_same_weights(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The align stage with item tokens resumes after a kill: the item tokens are added again, the trainer state
+    (item rows included) is restored, and the result equals an uninterrupted run."""
+    common = ["--data-dir", str(world / "data"), "--sid-dir", str(world / "sid")]
+
+    def args(out: Path) -> list[str]:
+        return ["align", "--init", str(world / "base"), "--out", str(out), "--tasks", "seq", "--warmup-steps", "0",
+                "--refit-epochs", "2", "--batch-size", "4", "--save-every", "2", "--no-bf16", "--item-tokens",
+                "--item-init", str(world / "onerec"), "--ahead-weight", "0.5", "--max-len", "400", *common]
+
+    whole, killed = world / "whole", world / "killed"
+    train_main(args(whole))
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def crash(*a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 7:  # mid epoch 2 (4 steps per epoch), after the step-6 checkpoint
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(args(killed))
+    st = torch.load(killed / "trainer_state.pt", weights_only=False)["state"]
+    assert (st["epoch"], st["step"]) == (1, 2)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    train_main([*args(killed), "--resume"])
+    a, b = load_think(whole), load_think(killed)
+    assert a[2] == b[2] and b[2].has_items
+    for (n, p), (_, q) in zip(a[0].named_parameters(), b[0].named_parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
