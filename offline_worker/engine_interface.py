@@ -82,7 +82,7 @@ class EngineConfig:
     prefix_scores: str = setting_default("prefix_scores")  # auto | codes | item_head (`head_prefixes`)
     mode: str = setting_default("offline_mode")  # think | direct | auto (`served_mode`)
     grounded_reasoning: bool = setting_default("grounded_reasoning")  # rationale under the user's grammar
-    grounding_data: str = ""  # dataset folder whose items.tsv titles the grammar names (grounded_reasoning)
+    grounding_data: str = str(setting_default("data_dir"))  # dataset folder (items.tsv) the grammar names
     greedy: bool = False  # every path greedy (then all T paths coincide; equivalence tests)
     seed: int = setting_default("offline_seed")
 

@@ -22,7 +22,8 @@ from offline_worker.engine_interface import (
 from offline_worker.hf_engine import HFEngine
 from offline_worker.prompts import PromptBuilder, answer_ids
 
-CFG = EngineConfig(samples=2, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12, greedy=True)
+CFG = EngineConfig(samples=2, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12, greedy=True,
+                   mode="think")  # a tiny base model has no reasoning training: auto would serve direct
 SCORE_TOL = 1e-4
 
 
@@ -207,7 +208,7 @@ def test_vllm_sampled_paths_are_seeded(vllm_engine: object, requests_: list[Thin
 
     assert isinstance(vllm_engine, VLLMEngine)
     vllm_engine.config = EngineConfig(samples=3, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12,
-                                      temperature=1.5)  # fmt: skip
+                                      temperature=1.5, mode="think")  # fmt: skip
     try:
         first = vllm_engine.think(requests_[:3])
         again = vllm_engine.think(requests_[:3])

@@ -127,22 +127,23 @@ class Grounding:
         return "\n".join([*rules, "cat ::= " + " | ".join(_quote(c) for c in self.categories())])
 
     def rationale(self, named: Sequence[int], likes: Sequence[str], next_category: str) -> str:
-        """A rationale in the grammar's format: 1-2 named items, 1-2 liked categories, the next category."""
+        """A rationale in the grammar's format: 0-2 named items (0: the category-only form), 1-2 liked
+        categories, the next category."""
         names = [self.titles[i] for i in named if i in self.titles][:2]
-        if not names or not likes:
-            raise ValueError(f"named/likes: need >= 1 titled item and >= 1 category, got {list(named)}/{list(likes)}")
-        items = AND.join(f'"{t}"' for t in names)
-        return f"{RECENTLY}{items}{LIKES}{AND.join(list(likes)[:2])}{NEXT}{next_category}{END}"
+        if not likes:
+            raise ValueError("likes: a rationale needs at least one category")
+        body = f"{LIKES[2:]}{AND.join(list(likes)[:2])}{NEXT}{next_category}{END}"
+        quoted = [f'"{t}"' for t in names]
+        return f"{RECENTLY}{AND.join(quoted)}. {body}" if names else body
 
     def teach(self, history: Sequence[int], pruned: Sequence[int], target: int) -> str:
         """The teacher's rationale for (history, its items related to the target, target): up to two related
         items among those the user's grammar offers (else the most recent one), the two most common categories
-        of the related items, the target's category. "" for a history without a titled item."""
+        of the related items, the target's category; without a titled item, the category-only form."""
         offered = self.recent(history)
         named = [i for i in offered if i in set(pruned)][:2] or offered[:1]
-        if not named:
-            return ""
-        cats = Counter(self.category(i) for i in (pruned or named))
+        related = [i for i in (pruned or history) if self.sid.has_item(i)] or [target]
+        cats = Counter(self.category(i) for i in related)
         return self.rationale(named, [c for c, _ in cats.most_common(2)], self.category(target))
 
     def grounded_items(self, text: str, history: Sequence[int]) -> tuple[list[set[int]], bool]:
