@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from model.policy import Popularity
 from model.semantic_ids import SemanticIDs
+from model.think.grounding import Grounding
 from model.trie import CodeTrie
 from online_api.batching import MicroBatcher, OnlineModel
 from online_api.complete import Completer, RedisBreaker
@@ -101,6 +102,7 @@ class AppState:
         self.load_error: str | None = None
         self.batcher: MicroBatcher | None = None
         self._codes: dict[int, list[int]] = {}
+        self.grounding: Grounding | None = None
         self.completer = Completer(settings, self.reader, set(catalog.item_ids), None, None, popularity, metrics,
                                    self.pending, self.breaker)
 
@@ -120,6 +122,7 @@ class AppState:
         # every answer lists each item's codes: one dict lookup instead of a numpy row per item and request
         self._codes = {int(i): c for i, c in zip(loaded.sid.item_ids.tolist(), loaded.sid.codes.tolist(), strict=True)}
         self.batcher, self.loaded = batcher, loaded
+        self.grounding = Grounding.build(self.catalog, loaded.sid)  # category labels + short titles (the page)
         self.completer.known = {int(i) for i in loaded.sid.item_ids}
         self.completer.trie = loaded.trie
         self.completer.batcher = batcher
