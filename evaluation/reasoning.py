@@ -105,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     entries = store.get_entries(version, sorted(sequences))
     metrics = grounding_report(entries, sequences, Grounding.build(catalog, sid), args.recent)
     metrics["version"] = version
-    metrics["grounded_reasoning"] = bool(store.meta(version).get("engine", {}).get("grounded_reasoning", False))
+    meta = store.meta(version)
+    engine = meta.get("engine", {}) if isinstance(meta.get("engine"), dict) else {}
+    metrics["grounded_reasoning"] = bool(engine.get("grounded_reasoning", False))
     print(json.dumps(metrics, indent=2))
     if not args.no_write:
-        print(write_result("reasoning", metrics, note=f"version {version}"))
+        note = (f"version {version}: model {meta.get('model')}, engine mode {engine.get('mode')}, "
+                f"{sum(e is not None for e in entries.values())} entries of {len(entries)} dataset users")
+        print(write_result("reasoning", metrics, note=note))
