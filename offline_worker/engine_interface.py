@@ -338,7 +338,8 @@ class Engine(ABC):
         t0 = time.perf_counter()
         grammars = self._grammars(requests)
         self._add_time("grammar_s", time.perf_counter() - t0)
-        generated = self._reason(prompts, paths, grammars)
+        # free reasoning keeps the two-argument call, so engines without grammar support still work
+        generated = self._reason(prompts, paths) if grammars is None else self._reason(prompts, paths, grammars)
         t1 = time.perf_counter()
         split = [self._split_reasoning(g) for g in generated]
         contexts = [prompts[p.req] + ids + self.answer_ids for p, (ids, _) in zip(paths, split, strict=True)]
