@@ -238,7 +238,7 @@ def test_offline_engine_ranks_prefixes_by_the_item_head(root: Path, selected: Pa
     from offline_worker.prompts import PromptBuilder, answer_ids
 
     m = 4
-    opts = dict(samples=1, prefixes_per_sample=m, beam_a=2, max_reasoning_tokens=4, greedy=True)
+    opts = dict(samples=1, prefixes_per_sample=m, beam_a=2, max_reasoning_tokens=4, greedy=True, mode="think")
     eng = HFEngine(selected, root / "sid", EngineConfig(prefix_scores="auto", **opts), batch_size=2, threads=1)
     assert eng.head_prefixes is not None
     codes = HFEngine(selected, root / "sid", EngineConfig(prefix_scores="codes", **opts), batch_size=2)
