@@ -24,19 +24,22 @@ def grounding() -> Grounding:
 def test_grammar_accepts_own_items_and_rejects_an_invented_one(grounding: Grounding) -> None:
     history = [13, 11, 6]
     g = grounding.grammar(history)
-    cat = grounding.categories()[0]
+    cat = grounding.category(13)
+    other_cat = next(c for c in grounding.categories() if c not in {grounding.category(i) for i in history})
     own = f'recently "{grounding.titles[6]}" and "{grounding.titles[13]}". likes {cat}. next: {cat}.'
-    assert accepts(g, own)
+    assert accepts(g, own) and accepts(g, own.replace(f"next: {cat}", f"next: {other_cat}"))  # any prediction
     other = next(i for i in grounding.titles if i not in history)  # a real catalogue item, not the user's
     for bad in (own.replace(grounding.titles[6], "olay regenerist"), own.replace(grounding.titles[6],
-                grounding.titles[other]), own.replace(f"likes {cat}", "likes lipsticks"), own[:-1]):
+                grounding.titles[other]), own.replace(f"likes {cat}", "likes lipsticks"),
+                own.replace(f"likes {cat}", f"likes {other_cat}"), own[:-1]):  # a taste the history lacks
         assert not accepts(g, bad), bad
 
 
-def test_grammar_without_titled_history_names_categories_only(grounding: Grounding) -> None:
-    g = grounding.grammar([999])  # unknown item: nothing to name
+def test_grammar_without_known_history_claims_nothing_about_the_user(grounding: Grounding) -> None:
+    g = grounding.grammar([999])  # unknown item: nothing to name, no known taste
     cat = grounding.categories()[-1]
-    assert accepts(g, f"likes {cat}. next: {cat}.")
+    assert accepts(g, f"next: {cat}.") and parse(f"next: {cat}.").well_formed
+    assert not accepts(g, f"likes {cat}. next: {cat}.")
     assert not accepts(g, f'recently "{grounding.titles[1]}". likes {cat}. next: {cat}.')
 
 
@@ -137,7 +140,7 @@ def test_activation_samples_teach_the_grounded_format() -> None:
         rationale = s.target.split("</think>")[0].strip()
         assert accepts(g.grammar(history), rationale), rationale
         assert g.grounded_items(rationale, history)[1]
-    assert teacher.rationale(TeacherInput([], 3)).startswith("likes ")  # nothing to name: category-only
+    assert teacher.rationale(TeacherInput([], 3)) == f"next: {g.category(3)}."  # nothing known: prediction only
 
 
 def _codes_in(prompt: str) -> list[tuple[int, ...]]:

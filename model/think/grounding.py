@@ -7,8 +7,10 @@ catalogue's category labels (`model.think.align_data.category_labels`) and a fix
 
 - `Grounding.grammar(history)` is that user's grammar (EBNF in the GBNF dialect that xgrammar and
   vLLM's ``StructuredOutputsParams(grammar=...)`` read): its item alternatives are the user's recent
-  history items only, so a decoder under it cannot invent a product. The engines stop the text with a
-  stop token once the grammar is complete, then write ``</think>`` (`offline_worker.engine_interface`).
+  history items only and its "likes" categories those of the user's history, so a decoder under it
+  cannot invent a product or a taste; "next" (the prediction) is any catalogue category. The engines
+  stop the text with a stop token once the grammar is complete, then write ``</think>``
+  (`offline_worker.engine_interface`).
 - `Grounding.rationale(...)` writes the same format for the activation stage's teacher
   (`model.think.activate_data.CategoryTeacher`), so the model is trained on what it will decode.
 - `parse` reads a stored rationale back (item mentions, liked categories, next category); the grounding
@@ -28,14 +30,14 @@ from dataclasses import dataclass, field
 
 from model.semantic_ids import SemanticIDs
 from model.think.align_data import category_labels, label_of
-from services.catalog import Catalog
+from services.catalog import HISTORY_CAP, Catalog
 
 RECENTLY, AND, LIKES, NEXT, END = "recently ", " and ", ". likes ", ". next: ", "."  # the connectives
 TITLE_WORDS = 4  # words of a short title: concrete, but short (reasoning length costs decode time)
 MAX_ITEMS = 12  # the most recent distinct history items a user's grammar offers
 _WORD = re.compile(r"[a-z0-9]+")
 _MENTION = re.compile(r'"([^"]*)"')
-_FORMAT = re.compile(r'^(?:recently (?P<items>.*?)\. )?likes (?P<likes>.*?)\. next: (?P<next>.*?)\.$')
+_FORMAT = re.compile(r'^(?:recently (?P<items>.*?)\. )?(?:likes (?P<likes>.*?)\. )?next: (?P<next>.*?)\.$')
 
 
 def short_title(title: str, words: int = TITLE_WORDS) -> str:
@@ -65,7 +67,7 @@ def parse(text: str) -> Rationale:
     m = _FORMAT.match(text)
     if m is None:
         return Rationale(mentions, [], "", False)
-    likes = [c for c in m.group("likes").split(AND) if c]
+    likes = [c for c in (m.group("likes") or "").split(AND) if c]
     return Rationale(mentions, likes, m.group("next"), True)
 
 
@@ -115,23 +117,31 @@ class Grounding:
 
     # ---- the format
     def grammar(self, history: Sequence[int]) -> str:
-        """The user's grammar: ``recently <item>[ and <item>]. likes <cat>[ and <cat>]. next: <cat>.``
-        with <item> one of the user's recent history items; without a titled history item, only
-        ``likes <cat>[ and <cat>]. next: <cat>.`` (nothing to name, nothing invented)."""
+        """The user's grammar: ``recently <item>[ and <item>]. likes <mine>[ and <mine>]. next: <cat>.``
+        with <item> one of the user's recent history items, <mine> a category of the user's history (the
+        last `HISTORY_CAP` items: what the prompt shows) and <cat> any catalogue category (the prediction).
+        Without a titled history item, only ``likes <mine>[ and <mine>]. next: <cat>.``; without any coded
+        history item (nothing known about the user), only ``next: <cat>.``."""
         items = sorted({self.titles[i] for i in self.recent(history)})
-        tail = f"cat ({_quote(AND)} cat)? {_quote(NEXT)} cat {_quote(END)}"
+        mine = sorted({self.category(i) for i in history[-HISTORY_CAP:] if self.sid.has_item(i)})
+        cats = "cat ::= " + " | ".join(_quote(c) for c in self.categories())
+        if not mine:
+            return f"root ::= {_quote(NEXT[2:])} cat {_quote(END)}\n{cats}"
+        tail = f"mine ({_quote(AND)} mine)? {_quote(NEXT)} cat {_quote(END)}"
         rules = [f"root ::= {_quote(LIKES[2:])} {tail}"]
         if items:
             rules = [f"root ::= {_quote(RECENTLY)} item ({_quote(AND)} item)? {_quote(LIKES)} {tail}",
                      "item ::= " + " | ".join(_quote(f'"{t}"') for t in items)]
-        return "\n".join([*rules, "cat ::= " + " | ".join(_quote(c) for c in self.categories())])
+        return "\n".join([*rules, "mine ::= " + " | ".join(_quote(c) for c in mine), cats])
 
     def rationale(self, named: Sequence[int], likes: Sequence[str], next_category: str) -> str:
         """A rationale in the grammar's format: 0-2 named items (0: the category-only form), 1-2 liked
         categories, the next category."""
         names = [self.titles[i] for i in named if i in self.titles][:2]
         if not likes:
-            raise ValueError("likes: a rationale needs at least one category")
+            if names:
+                raise ValueError("likes: a rationale that names items needs at least one of their categories")
+            return f"{NEXT[2:]}{next_category}{END}"
         body = f"{LIKES[2:]}{AND.join(list(likes)[:2])}{NEXT}{next_category}{END}"
         quoted = [f'"{t}"' for t in names]
         return f"{RECENTLY}{AND.join(quoted)}. {body}" if names else body
@@ -142,7 +152,7 @@ class Grounding:
         of the related items, the target's category; without a titled item, the category-only form."""
         offered = self.recent(history)
         named = [i for i in offered if i in set(pruned)][:2] or offered[:1]
-        related = [i for i in (pruned or history) if self.sid.has_item(i)] or [target]
+        related = [i for i in (pruned or history) if self.sid.has_item(i)]
         cats = Counter(self.category(i) for i in related)
         return self.rationale(named, [c for c, _ in cats.most_common(2)], self.category(target))
 
