@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prefix-recall": ("evaluation.prefix_recall:main", "share of users whose target (a, b) prefix is cached"),
     "repeats": ("evaluation.repeats:main", "the consumed-item rule on vs off, as served"),
     "tune": ("evaluation.tune:main", "the policy's completion settings chosen on validation"),
+    "reasoning": ("evaluation.reasoning:main", "stored rationales grounded in the user's history (reasoning.json)"),
 }
 
 

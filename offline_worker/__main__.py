@@ -82,7 +82,8 @@ def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
     model_dir, sid_dir = resolve_dirs(args, settings)
     config = dict(samples=args.samples, prefixes_per_sample=args.prefixes, beam_a=args.beam_a,
                   prefix_scores=args.prefix_scores, max_reasoning_tokens=args.max_reasoning_tokens,
-                  greedy=args.greedy or None,
+                  greedy=args.greedy or None, grounded_reasoning=getattr(args, "grounded_reasoning", None),
+                  grounding_data=str(args.data) if getattr(args, "data", None) else None,
                   mode=served_mode(getattr(args, "mode", None) or settings.offline_mode, model_dir))
     vllm = dict(dtype=args.dtype, enforce_eager=True if args.enforce_eager else None,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
@@ -182,7 +183,11 @@ def _settings_key(engine: str, config: Any, sid_dir: Path) -> dict[str, Any]:
     """What names a version besides the users: engine, decoding settings, codes. Content hashes, not paths:
     workers on other machines (other mount points) must name the same version."""
     codes_hash = hashlib.sha256((sid_dir / "codes.tsv").read_bytes()).hexdigest()[:12]
-    return {"engine": engine, **asdict(config), "codes": codes_hash}
+    key = {"engine": engine, **asdict(config), "codes": codes_hash}
+    data = Path(key.pop("grounding_data", "") or "")
+    if key.get("grounded_reasoning") and (data / "items.tsv").is_file():  # the titles the grammar names, by content
+        key["grounding_items"] = hashlib.sha256((data / "items.tsv").read_bytes()).hexdigest()[:12]
+    return key
 
 
 def _refresh_on_ray(args: argparse.Namespace, settings: Settings, store: Any, histories: dict[int, list[int]],
@@ -285,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
     r.add_argument("--max-reasoning-tokens", type=int, help="reasoning token budget")
     r.add_argument("--greedy", action="store_true", help="every reasoning path greedy")
+    r.add_argument("--grounded-reasoning", action=argparse.BooleanOptionalAction, default=None,
+                   help="think mode: decode each rationale under the user's grammar (own history items, category "
+                        "labels, connectives); default ONEREC_GROUNDED_REASONING; recorded in the version's meta")
     r.add_argument("--no-histories", action="store_true", help="do not write the bounded histories")
     r.add_argument("--no-publish", action="store_true", help="do not flip current (use `publish` later)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,6 +14,13 @@ after the reasoning, no level-a/b requests.
 model without reasoning training; ``think`` does the above; ``auto`` (`served_mode`) picks think only for a model
 whose itemic.json says it learned to reason. The concrete mode is part of the engine settings a version records.
 
+``EngineConfig.grounded_reasoning`` (think mode) decodes every path under its user's grammar
+(`model.think.grounding`: the user's own recent history items by short title, the catalogue's category labels
+of ``grounding_data``, fixed connectives), so a stored rationale never names a product the user did not
+buy; each `ThinkRequest` then carries the user's ``history``. vLLM gets the grammar as structured outputs,
+the HF engine through xgrammar's transformers logits processor (the same library). Both settings are
+recorded in the version's engine settings.
+
 - `VLLMEngine` is the product: batched requests, automatic prefix caching (the constrained steps share
   the long prompt + reasoning), ``allowed_token_ids`` for allowed sets up to `ALLOWED_IDS_CAP` ids and
   `TrieLogitsProcessor` (a thin adapter over `CodeTrie.allowed_next` for the V1 model runner) above it;
@@ -46,10 +53,12 @@ from typing import Any
 
 from model.semantic_ids import SemanticIDs
 from model.think.checkpoint import load_tokenizer, read_itemic
+from model.think.grounding import Grounding
 from model.think.itemhead import HEAD_DIR
 from model.trie import CodeTrie
 from offline_worker.head_prefixes import PREFIX_SCORES, HeadPrefixes, Prefix
 from offline_worker.prompts import answer_ids
+from services.catalog import load_items
 from services.config import Settings, setting_default
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,8 @@ class EngineConfig:
     top_p: float = setting_default("reasoning_top_p")  # 1 = off; < 1 sorts the vocabulary each step (slow)
     prefix_scores: str = setting_default("prefix_scores")  # auto | codes | item_head (`head_prefixes`)
     mode: str = setting_default("offline_mode")  # think | direct | auto (`served_mode`)
+    grounded_reasoning: bool = setting_default("grounded_reasoning")  # rationale under the user's grammar
+    grounding_data: str = str(setting_default("data_dir"))  # dataset folder (items.tsv) the grammar names
     greedy: bool = False  # every path greedy (then all T paths coincide; equivalence tests)
     seed: int = setting_default("offline_seed")
 
@@ -84,6 +95,7 @@ class EngineConfig:
             samples=s.reasoning_samples, prefixes_per_sample=s.prefixes_per_sample, beam_a=s.prefix_beam_a,
             max_reasoning_tokens=s.max_reasoning_tokens, temperature=s.reasoning_temperature, top_k=s.reasoning_top_k,
             top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores, mode=s.offline_mode,
+            grounded_reasoning=s.grounded_reasoning, grounding_data=str(s.data_dir),
         )  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
@@ -114,6 +126,7 @@ class ThinkRequest:
 
     user_id: int
     prompt_ids: list[int]
+    history: list[int] | None = None  # the user's item ids (oldest first): the grounded grammar names them
 
 
 @dataclass
@@ -223,11 +236,18 @@ class Engine(ABC):
                                                        0.0)
         # set by `_attach_head` once a subclass has its model: prefixes by the item head instead of the code beam
         self.head_prefixes: HeadPrefixes | None = None
+        self.grounding: Grounding | None = None  # the grammar pieces of grounded reasoning (think mode only)
+        if self.config.grounded_reasoning and self.config.mode == "think":
+            if not self.config.grounding_data:
+                raise ValueError("grounding_data: grounded_reasoning needs the dataset folder (items.tsv titles)")
+            self.grounding = Grounding.build(load_items(Path(self.config.grounding_data) / "items.tsv"), sid)
 
     # ---- what subclasses provide
     @abstractmethod
-    def _reason(self, prompts: list[list[int]], paths: list[_Path]) -> list[list[int]]:
-        """Generated token ids of each path (up to and including a stop id, or max_reasoning_tokens)."""
+    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[str] | None = None
+                ) -> list[list[int]]:
+        """Generated token ids of each path (up to and including a stop id, or max_reasoning_tokens); with
+        `grammars` (one per prompt, `model.think.grounding`) each path is decoded under its prompt's grammar."""
 
     @abstractmethod
     def _top_next(self, contexts: list[list[int]], allowed: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
@@ -319,7 +339,10 @@ class Engine(ABC):
                     paths.append(_Path(i, t, greedy, _path_seed(cfg.seed, r.user_id, t)))
         prompts = [r.prompt_ids for r in requests]
         t0 = time.perf_counter()
-        generated = self._reason(prompts, paths)
+        grammars = self._grammars(requests)
+        self._add_time("grammar_s", time.perf_counter() - t0)
+        # free reasoning keeps the two-argument call, so engines without grammar support still work
+        generated = self._reason(prompts, paths) if grammars is None else self._reason(prompts, paths, grammars)
         t1 = time.perf_counter()
         split = [self._split_reasoning(g) for g in generated]
         contexts = [prompts[p.req] + ids + self.answer_ids for p, (ids, _) in zip(paths, split, strict=True)]
@@ -343,6 +366,15 @@ class Engine(ABC):
             )
         return results
 
+
+    def _grammars(self, requests: Sequence[ThinkRequest]) -> list[str] | None:
+        """Each request's grounded grammar (None: free reasoning)."""
+        if self.grounding is None:
+            return None
+        missing = [r.user_id for r in requests if r.history is None]
+        if missing:
+            raise ValueError(f"history: grounded reasoning needs each request's history; missing for {missing[:5]}")
+        return [self.grounding.grammar(r.history or []) for r in requests]
 
     def _direct(self, requests: Sequence[ThinkRequest]) -> list[ThinkResult]:
         """Direct mode: no reasoning; the prompt's closing ``<think>`` becomes ``<|item_begin|>`` (the

@@ -36,6 +36,7 @@ class HFEngine(Engine):
         self.torch = torch
         self.model, _, _ = load_think(self.model_dir, dtype=getattr(torch, dtype))
         self.batch_size = batch_size
+        self._compiler: Any = None  # xgrammar compiler of grounded reasoning (built on first use)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0])
         self._attach_head(self.model, batch_size)
 
@@ -52,7 +53,20 @@ class HFEngine(Engine):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids, mask, pos
 
-    def _reason(self, prompts: list[list[int]], paths: list[_Path]) -> list[list[int]]:
+    def _grammar_processor(self, grammars: list[str]) -> Any:
+        """xgrammar's transformers logits processor, one grammar per batch row (the library vLLM uses); a
+        finished grammar allows only ``</think>``. Compiled grammars are cached per engine."""
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
+                                                      stop_token_ids=[self.think_end])
+            self._compiler = xgr.GrammarCompiler(info)
+        return LogitsProcessor([self._compiler.compile_grammar(g) for g in grammars])
+
+    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[str] | None = None
+                ) -> list[list[int]]:
         torch, cfg = self.torch, self.config
         out: list[list[int]] = [[] for _ in paths]
         # greedy paths batched together; sampled paths per batch with one seed (HF has no per-row seeds)
@@ -65,6 +79,8 @@ class HFEngine(Engine):
                 if not greedy:
                     torch.manual_seed(paths[rows[0]].seed)
                     kw = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+                if grammars is not None:
+                    kw["logits_processor"] = [self._grammar_processor([grammars[paths[i].req] for i in rows])]
                 with torch.inference_mode():
                     gen = self.model.generate(
                         input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_reasoning_tokens,

@@ -112,7 +112,7 @@ def run_incremental(
             report.no_history += len(users) - len(todo)
             if todo:
                 prompts = builder.build((u, histories[u]) for u in todo)
-                results = engine.think([ThinkRequest(u, ids) for u, ids in prompts])
+                results = engine.think([ThinkRequest(u, ids, histories[u]) for u, ids in prompts])
                 now = time.time()
                 entries = {
                     r.user_id: ThinkEntry(r.reasoning, [(a, b, float(s)) for a, b, s in r.prefixes],

@@ -304,7 +304,7 @@ def _compute(store: ThinkStore, engine: Engine, builder: PromptBuilder, historie
              version: str, users: list[int], opts: RefreshOptions, report: RefreshReport) -> None:
     """Step 3, compute: reasoning + prefixes for `users`, written to `version` (and their histories)."""
     prompts = builder.build((u, histories[u]) for u in users)
-    results = engine.think([ThinkRequest(u, ids) for u, ids in prompts])
+    results = engine.think([ThinkRequest(u, ids, histories[u]) for u, ids in prompts])
     report.truncated += sum(r.truncated for r in results)
     report.unclosed += sum(not getattr(r, "closed", True) for r in results)
     store.write_entries(version, _entries(results, histories, engine.model_id), opts.ttl_s)

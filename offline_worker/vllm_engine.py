@@ -163,10 +163,16 @@ class VLLMEngine(Engine):
             return []
         return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
-    def _reason(self, prompts: list[list[int]], paths: list[_Path]) -> list[list[int]]:
+    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[str] | None = None
+                ) -> list[list[int]]:
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         cfg = self.config
+
+        def grammar(p: _Path) -> dict[str, Any]:  # vLLM's structured outputs (xgrammar here) per request
+            return {} if grammars is None else {"structured_outputs": StructuredOutputsParams(grammar=grammars[p.req])}
+
         params = [
             SamplingParams(
                 max_tokens=cfg.max_reasoning_tokens,
@@ -176,15 +182,23 @@ class VLLMEngine(Engine):
                 seed=None if p.greedy else p.seed,
                 stop_token_ids=self.stop_ids,
                 # stop on our ids only, as HF does: vLLM would also stop on the folder's
-                # generation_config eos list (it holds <|item_end|>), which an align-only model emits
-                ignore_eos=True,
+                # generation_config eos list (it holds <|item_end|>), which an align-only model emits.
+                # Under a grammar the eos ids are masked until the rationale is complete; then vLLM allows any
+                # of its stop ids (that list included), so it must stop on them (the end of the rationale)
+                ignore_eos=grammars is None,
                 detokenize=False,
                 skip_clone=True,  # one dedicated params object per request: no deep copy (~0.4 ms each)
+                **grammar(p),
             )
             for p in paths
         ]
         outs = self._generate([prompts[p.req] for p in paths], params)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        if grammars is not None:  # a complete rationale that stopped on an eos id ends with `</think>`
+            for o, gen in zip(outs, ids, strict=True):
+                if o.outputs[0].finish_reason == "stop" and gen and gen[-1] not in self.stop_ids:
+                    gen[-1] = self.think_end
+        return ids
 
     def _trie_spec(self, prefix: list[int]) -> dict[str, Any]:
         """``extra_args`` that opt a request into `TrieLogitsProcessor` below code prefix ``prefix``."""

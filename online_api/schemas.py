@@ -83,6 +83,8 @@ class Item(BaseModel):
         None, description="think-ahead items: true when the item's (a, b) is one of the cached prefixes the "
                           "offline reasoning produced, false when it came from the online model's own prefixes "
                           "(ONEREC_OWN_PREFIXES); null for other sources")
+    category: str | None = Field(None, description="category label of the item's first code (the words a grounded "
+                                                   "rationale uses); null before the model is loaded")
 
 
 class RecommendResponse(BaseModel):
@@ -125,6 +127,10 @@ class HistoryItem(BaseModel):
     title: str
 
 
+class Mention(HistoryItem):
+    short: str = Field(..., description="the short title the reasoning quotes")
+
+
 class Prefix(BaseModel):
     a: int
     b: int
@@ -133,6 +139,10 @@ class Prefix(BaseModel):
 
 class ThinkEntryOut(BaseModel):
     reasoning: str
+    mentions: list[Mention] = Field(
+        default_factory=list, description="history items the reasoning names (quoted short titles), most recent "
+                                          "match first; a mention of no history item is left out")
+    categories: list[str] = Field(default_factory=list, description="category labels the reasoning names")
     prefixes: list[Prefix]
     history_len: int
     history_tail: list[int]

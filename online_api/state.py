@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from model.policy import PolicyConfig, Popularity
 from model.semantic_ids import SemanticIDs
+from model.think.grounding import Grounding
 from model.trie import CodeTrie
 from online_api.batching import MicroBatcher, OnlineModel
 from online_api.complete import Completer, RedisBreaker
@@ -103,6 +104,7 @@ class AppState:
         self.redis_config_error: str | None = None  # e.g. a plain URL naming one node of a cluster (not ready)
         self.batcher: MicroBatcher | None = None
         self._codes: dict[int, list[int]] = {}
+        self.grounding: Grounding | None = None
         self.completer = Completer(settings, self.policy, self.reader, set(catalog.item_ids), None, None, popularity,
                                    metrics, self.pending, self.breaker)
 
@@ -122,6 +124,7 @@ class AppState:
         # every answer lists each item's codes: one dict lookup instead of a numpy row per item and request
         self._codes = {int(i): c for i, c in zip(loaded.sid.item_ids.tolist(), loaded.sid.codes.tolist(), strict=True)}
         self.batcher, self.loaded = batcher, loaded
+        self.grounding = Grounding.build(self.catalog, loaded.sid)  # category labels + short titles (the page)
         self.completer.known = {int(i) for i in loaded.sid.item_ids}
         self.completer.trie = loaded.trie
         self.completer.batcher = batcher

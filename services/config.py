@@ -126,6 +126,10 @@ class Settings(BaseSettings):
         description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "
                     "auto (direct for an align-only model, think otherwise); recorded in the version's meta",
     )
+    grounded_reasoning: bool = Field(
+        False, description="think mode: decode each rationale under the user's grammar (own history items, category "
+                           "labels, fixed connectives; `model.think.grounding`); recorded in the version's meta",
+    )
     refresh_chunk: int = Field(256, ge=1, description="users per engine call")
     prefix_beam_a: int | None = Field(
         8, ge=1, description="level-a codes expanded per path (None: m); level b costs one request per code"

@@ -22,7 +22,8 @@ from offline_worker.engine_interface import (
 from offline_worker.hf_engine import HFEngine
 from offline_worker.prompts import PromptBuilder, answer_ids
 
-CFG = EngineConfig(samples=2, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12, greedy=True)
+CFG = EngineConfig(samples=2, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12, greedy=True,
+                   mode="think")  # a tiny base model has no reasoning training: auto would serve direct
 SCORE_TOL = 1e-4
 
 
@@ -207,7 +208,7 @@ def test_vllm_sampled_paths_are_seeded(vllm_engine: object, requests_: list[Thin
 
     assert isinstance(vllm_engine, VLLMEngine)
     vllm_engine.config = EngineConfig(samples=3, prefixes_per_sample=6, beam_a=3, max_reasoning_tokens=12,
-                                      temperature=1.5)  # fmt: skip
+                                      temperature=1.5, mode="think")  # fmt: skip
     try:
         first = vllm_engine.think(requests_[:3])
         again = vllm_engine.think(requests_[:3])
@@ -217,3 +218,32 @@ def test_vllm_sampled_paths_are_seeded(vllm_engine: object, requests_: list[Thin
         assert x.reasoning_ids == y.reasoning_ids
         assert x.prefixes == y.prefixes
     assert any(r.reasoning_ids[1] != r.reasoning_ids[0] for r in first)  # sampling did something
+
+
+@pytest.mark.slow
+def test_vllm_grounded_rationales_name_the_users_own_items(world: TinyWorld, vllm_engine: object) -> None:
+    """Under each user's grammar (vLLM structured outputs) the greedy rationale parses back into items of
+    that user's history, and equals the HF engine's under the same grammar (xgrammar logits processor)."""
+    from model.think.grounding import Grounding, accepts
+    from offline_worker.vllm_engine import VLLMEngine
+    from services.catalog import load_items
+
+    assert isinstance(vllm_engine, VLLMEngine)
+    cfg = EngineConfig(samples=1, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=128, greedy=True,
+                       mode="think", grounded_reasoning=True, grounding_data=str(world.data_dir))
+    grounding = Grounding.build(load_items(world.data_dir / "items.tsv"), world.sid)
+    users = sorted(world.sequences)[10:14]
+    pb = PromptBuilder(vllm_engine.tokenizer, world.sid)
+    reqs = [ThinkRequest(u, ids, world.sequences[u]) for u, ids in pb.build((u, world.sequences[u]) for u in users)]
+    vllm_engine.config, vllm_engine.grounding = cfg, grounding
+    try:
+        got = vllm_engine.think(reqs)
+    finally:
+        vllm_engine.config, vllm_engine.grounding = CFG, None
+    want = HFEngine(world.model_dir, world.sid_dir, cfg, batch_size=8, threads=1).think(reqs)
+    for v, h in zip(got, want, strict=True):
+        history = world.sequences[v.user_id]
+        assert v.closed and accepts(grounding.grammar(history), v.reasoning), v.reasoning
+        items, grounded = grounding.grounded_items(v.reasoning, history)
+        assert items and grounded and all(s & set(history) for s in items)
+        assert v.reasoning == h.reasoning

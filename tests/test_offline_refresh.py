@@ -49,7 +49,8 @@ class FakeEngine(Engine):
 
     def __init__(self, world: TinyWorld, delay_s: float = 0.0) -> None:
         super().__init__(world.model_dir, world.sid_dir,
-                         EngineConfig(samples=2, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=4))  # fmt: skip
+                         EngineConfig(samples=2, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=4,
+                                      mode="think"))  # fmt: skip  # a tiny base: auto would serve direct
         self.delay_s = delay_s
         self.seen: list[int] = []
 

@@ -6,8 +6,10 @@ The student is then fine-tuned on the *full, noisy* history -> ``<think> rationa
 codes (`activation_samples`, format from `model.think.align_data`).
 
 Teachers (anything with ``rationales(list[TeacherInput]) -> list[str]``):
-- `CategoryTeacher` (default, the paper's choice on public data): readable category labels (keywords of
-  each level-a cluster, `tasks.category_labels`) of the pruned items and of the target.
+- `CategoryTeacher` (default, the paper's choice on public data): a grounded rationale
+  (`model.think.grounding`, the format the offline engines decode under with ``grounded_reasoning``) that
+  names up to two of the user's related history items by short title, the categories (keywords of each
+  level-a cluster, `align_data.category_labels`) of the pruned items, and the target's category.
 - `LLMTeacher` over a backend: `OpenAIChatBackend` (any OpenAI-compatible ``/v1/chat/completions``
   endpoint, e.g. ``vllm serve``) or `VLLMBackend` (a local model folder loaded with vLLM).
 Only ``Splits.train`` is read, so validation/test targets never reach a rationale.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.semantic_ids import SemanticIDs
-from model.think.align_data import Sample, generation_prefix, label_of, think_target
+from model.think.align_data import Sample, generation_prefix, think_target
+from model.think.grounding import TITLE_WORDS, Grounding
 from services.catalog import HISTORY_CAP, Catalog, catalog_hash
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -92,6 +94,7 @@ class ItemEmbeddings:
 class TeacherInput:
     pruned: list[int]  # related history items (time order)
     target: int
+    history: tuple[int, ...] = ()  # the full (capped) history the prompt shows; () = the pruned items
 
 
 class Teacher(Protocol):
@@ -99,19 +102,14 @@ class Teacher(Protocol):
 
 
 class CategoryTeacher:
-    """Template rationale from category labels: what the user buys, the closest recent item, the next category."""
+    """Grounded template rationale (`Grounding.teach`): related items the user's grammar offers, their
+    categories, the target's category; exactly the language the grounded engines decode."""
 
-    def __init__(self, catalog: Catalog, sid: SemanticIDs, labels: dict[int, str], title_words: int = 4):
-        self.catalog, self.sid, self.labels, self.title_words = catalog, sid, labels, title_words
+    def __init__(self, catalog: Catalog, sid: SemanticIDs, labels: dict[int, str], title_words: int = TITLE_WORDS):
+        self.grounding = Grounding.build(catalog, sid, labels, words=title_words)
 
     def rationale(self, x: TeacherInput) -> str:
-        cats = Counter(label_of(self.labels, self.sid.codes_of(i)) for i in x.pruned)
-        likes = ", ".join(c for c, _ in cats.most_common(2)) or "beauty products"
-        # first words of the closest recent title: concrete, but short (reasoning length costs decode time)
-        recent = " ".join(self.catalog.title(x.pruned[-1]).split()[: self.title_words]) if x.pruned else ""
-        nxt = label_of(self.labels, self.sid.codes_of(x.target))
-        mid = f" recently {recent}." if recent else ""
-        return f"the user buys {likes}.{mid} next: {nxt}."
+        return self.grounding.teach(list(x.history) or x.pruned, x.pruned, x.target)
 
     def rationales(self, inputs: Sequence[TeacherInput]) -> list[str]:
         return [self.rationale(x) for x in inputs]
@@ -227,7 +225,7 @@ def activation_samples(train: dict[int, list[int]], sid: SemanticIDs, teacher: T
     out: list[Sample] = []
     for s in range(0, len(cases), batch):
         part = cases[s : s + batch]
-        inputs = [TeacherInput(emb.prune(h, t, k_prune), t) for h, t in part]
+        inputs = [TeacherInput(emb.prune(h, t, k_prune), t, tuple(h)) for h, t in part]
         for (h, t), r in zip(part, teacher.rationales(inputs), strict=True):
             prompt = generation_prefix([sid.codes_of(i) for i in h], item_ids=item_ids)
             out.append(Sample(prompt, think_target(r, sid.codes_of(t)), "think"))

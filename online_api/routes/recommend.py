@@ -51,7 +51,9 @@ async def recommend(req: RecommendRequest, state: AppState = Depends(get_state))
     for i, sc, src in ans.items:
         codes = state.codes_of(i)
         cached = tuple(codes[:2]) in ans.cached if src == THINK else None
-        items.append(Item(item_id=i, title=cat.title(i), codes=codes, score=sc, source=src, cached_prefix=cached))
+        category = state.grounding.labels.get(codes[0]) if state.grounding is not None and codes else None
+        items.append(Item(item_id=i, title=cat.title(i), codes=codes, score=sc, source=src, cached_prefix=cached,
+                          category=category))
     latency = time.perf_counter() - t0
     state.metrics.latency.labels(ans.source).observe(latency)
     state.metrics.requests.labels(ans.source, str(ans.degraded).lower()).inc()

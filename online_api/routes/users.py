@@ -9,6 +9,7 @@ import uuid
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from redis.exceptions import RedisError
 
+from model.think.grounding import parse
 from online_api.complete import entry_lag
 from online_api.deps import get_state, require_api_key
 from online_api.schemas import (
@@ -18,6 +19,7 @@ from online_api.schemas import (
     EventsRequest,
     EventsResponse,
     HistoryItem,
+    Mention,
     Prefix,
     ThinkEntryOut,
     ThinkResponse,
@@ -108,13 +110,30 @@ async def get_think(user_id: int = Path(..., ge=0, le=MAX_ID), state: AppState =
     cat = state.catalog
     out = None
     if entry is not None:
+        mentions, categories = _grounding(state, entry.reasoning, history)
         out = ThinkEntryOut(
-            reasoning=entry.reasoning, prefixes=[Prefix(a=a, b=b, logprob=lp) for a, b, lp in entry.prefixes],
+            reasoning=entry.reasoning, mentions=mentions, categories=categories,
+            prefixes=[Prefix(a=a, b=b, logprob=lp) for a, b, lp in entry.prefixes],
             history_len=entry.history_len, history_tail=entry.history_tail, model_id=entry.model_id,
             created_at=entry.created_at, lag=entry_lag(entry, history),
         )  # fmt: skip
     return ThinkResponse(user_id=user_id, version=version, entry=out,
                          history=[HistoryItem(item_id=i, title=cat.title(i)) for i in history], degraded=degraded)
+
+
+def _grounding(state: AppState, reasoning: str, history: list[int]) -> tuple[list[Mention], list[str]]:
+    """History items and categories a rationale names (`model.think.grounding.parse`)."""
+    r = parse(reasoning)
+    g = state.grounding
+    categories = list(dict.fromkeys(r.likes + ([r.next] if r.next else [])))
+    if g is None:
+        return [], categories
+    mentions = []
+    for m in r.mentions:
+        match = next((i for i in reversed(history) if g.titles.get(i) == m), None)
+        if match is not None:
+            mentions.append(Mention(item_id=match, title=state.catalog.title(match), short=m))
+    return mentions, categories
 
 
 @router.get("/users", response_model=UsersResponse, summary="A sample of user ids (demo page)",
