@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from think_fixtures import tiny_dataset, tiny_sid, write_dataset
+from think_fixtures import run_killed_then_resumed, tiny_dataset, tiny_sid, write_dataset
 
 from model.onerec.config import OneRecConfig
 from model.onerec.modeling import build_model, save_checkpoint
@@ -185,21 +185,9 @@ def test_killed_item_token_run_resumes_to_the_same_weights(world: Path, monkeypa
 
     whole, killed = world / "whole", world / "killed"
     train_main(args(whole))
-    real, calls = torch.nn.utils.clip_grad_norm_, []
-
-    def crash(*a, **kw):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 7:  # mid epoch 2 (4 steps per epoch), after the step-6 checkpoint
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(args(killed))
-    st = torch.load(killed / "trainer_state.pt", weights_only=False)["state"]
+    # killed mid epoch 2 (4 steps per epoch), after the step-6 checkpoint
+    st = run_killed_then_resumed(train_main, args(killed), killed, monkeypatch)
     assert (st["epoch"], st["step"]) == (1, 2)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
-    train_main([*args(killed), "--resume"])
     a, b = load_think(whole), load_think(killed)
     assert a[2] == b[2] and b[2].has_items
     for (n, p), (_, q) in zip(a[0].named_parameters(), b[0].named_parameters(), strict=True):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from think_fixtures import tiny_dataset, tiny_sid, write_dataset
+from think_fixtures import run_killed_then_resumed, tiny_dataset, tiny_sid, write_dataset
 
 from model.think.__main__ import build_parser
 from model.think.__main__ import main as train_main
@@ -98,21 +98,9 @@ def test_killed_fit_resumes_to_the_same_weights(root: Path, monkeypatch: pytest.
     whole, killed = root / "whole", root / "killed"
     args = ["--patience", "9", "--no-bf16"]
     train_main(recipe(root, whole, *args))
-    real, calls = torch.nn.utils.clip_grad_norm_, []
-
-    def crash(*a, **kw):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 7:  # mid epoch 2 (4 steps per epoch), after the step-6 checkpoint
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(recipe(root, killed, *args))
-    st = torch.load(killed / "trainer_state.pt", weights_only=False)["state"]
+    # killed mid epoch 2 (4 steps per epoch), after the step-6 checkpoint
+    st = run_killed_then_resumed(train_main, recipe(root, killed, *args), killed, monkeypatch)
     assert (st["epoch"], st["step"]) == (1, 2)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
-    train_main([*recipe(root, killed, *args), "--resume"])
     a, b = load_think(whole)[0], load_think(killed)[0]
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,3 +51,27 @@ def write_dataset(ds: Dataset, folder: Path) -> None:
     (folder / "sequences.txt").write_text("".join(lines))
     (folder / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"{i}\t{ds.catalog.title(i)}\n"
                                                                  for i in ds.catalog.item_ids))
+
+
+def run_killed_then_resumed(train: Callable[[list[str]], object], argv: list[str], out: Path,
+                            monkeypatch: Any, kill_at_step: int = 7) -> dict:
+    """Run `train(argv)` with a kill (KeyboardInterrupt) at optimizer step `kill_at_step`, then `argv + --resume`;
+    returns the trainer state found after the kill (what the resume starts from)."""
+    import pytest
+    import torch
+
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def crash(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == kill_at_step:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(argv)
+    state = dict(torch.load(out / "trainer_state.pt", weights_only=False)["state"])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    train([*argv, "--resume"])
+    return state
