@@ -120,6 +120,14 @@ class EngineConfig:
         return self.beam_a if self.beam_a is not None else self.prefixes_per_sample
 
 
+@dataclass(frozen=True)
+class UserGrammar:
+    """One request's grounded grammar and the reasoning budget that lets every decode under it complete."""
+
+    text: str  # EBNF (`model.think.grounding.Grounding.grammar`)
+    max_tokens: int  # bytes of its longest rationale + 1 (`Grounding.longest`): never truncated
+
+
 @dataclass
 class ThinkRequest:
     """One user's prompt (token ids of `model.think.align_data.generation_prefix`)."""
@@ -244,10 +252,11 @@ class Engine(ABC):
 
     # ---- what subclasses provide
     @abstractmethod
-    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[str] | None = None
+    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[UserGrammar] | None = None
                 ) -> list[list[int]]:
         """Generated token ids of each path (up to and including a stop id, or max_reasoning_tokens); with
-        `grammars` (one per prompt, `model.think.grounding`) each path is decoded under its prompt's grammar."""
+        `grammars` (one per prompt, `model.think.grounding`) each path is decoded under its prompt's grammar,
+        within that grammar's `max_tokens`."""
 
     @abstractmethod
     def _top_next(self, contexts: list[list[int]], allowed: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
@@ -367,14 +376,17 @@ class Engine(ABC):
         return results
 
 
-    def _grammars(self, requests: Sequence[ThinkRequest]) -> list[str] | None:
-        """Each request's grounded grammar (None: free reasoning)."""
-        if self.grounding is None:
+    def _grammars(self, requests: Sequence[ThinkRequest]) -> list[UserGrammar] | None:
+        """Each request's grounded grammar and its budget (None: free reasoning, `max_reasoning_tokens`). The
+        budget is the grammar's longest rationale in bytes + 1, not `max_reasoning_tokens`: a rationale cut by
+        the budget would be stored empty, and the grammar bounds the length anyway."""
+        g = self.grounding
+        if g is None:
             return None
         missing = [r.user_id for r in requests if r.history is None]
         if missing:
             raise ValueError(f"history: grounded reasoning needs each request's history; missing for {missing[:5]}")
-        return [self.grounding.grammar(r.history or []) for r in requests]
+        return [UserGrammar(g.grammar(h), len(g.longest(h).encode()) + 1) for h in (r.history or [] for r in requests)]
 
     def _direct(self, requests: Sequence[ThinkRequest]) -> list[ThinkResult]:
         """Direct mode: no reasoning; the prompt's closing ``<think>`` becomes ``<|item_begin|>`` (the

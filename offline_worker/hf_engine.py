@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from offline_worker.engine_interface import Engine, EngineConfig, Prefix, _Path, select_prefixes
+from offline_worker.engine_interface import Engine, EngineConfig, Prefix, UserGrammar, _Path, select_prefixes
 
 
 class HFEngine(Engine):
@@ -53,7 +53,7 @@ class HFEngine(Engine):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids, mask, pos
 
-    def _grammar_processor(self, grammars: list[str]) -> Any:
+    def _grammar_processor(self, grammars: list[UserGrammar]) -> Any:
         """xgrammar's transformers logits processor, one grammar per batch row (the library vLLM uses); a
         finished grammar allows only ``</think>``. Compiled grammars are cached per engine."""
         import xgrammar as xgr
@@ -63,9 +63,9 @@ class HFEngine(Engine):
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
                                                       stop_token_ids=[self.think_end])
             self._compiler = xgr.GrammarCompiler(info)
-        return LogitsProcessor([self._compiler.compile_grammar(g) for g in grammars])
+        return LogitsProcessor([self._compiler.compile_grammar(g.text) for g in grammars])
 
-    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[str] | None = None
+    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[UserGrammar] | None = None
                 ) -> list[list[int]]:
         torch, cfg = self.torch, self.config
         out: list[list[int]] = [[] for _ in paths]
@@ -79,11 +79,14 @@ class HFEngine(Engine):
                 if not greedy:
                     torch.manual_seed(paths[rows[0]].seed)
                     kw = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
-                if grammars is not None:
-                    kw["logits_processor"] = [self._grammar_processor([grammars[paths[i].req] for i in rows])]
+                budget = cfg.max_reasoning_tokens
+                if grammars is not None:  # each row stops at its grammar's end; the batch runs to its longest budget
+                    row_grammars = [grammars[paths[i].req] for i in rows]
+                    kw["logits_processor"] = [self._grammar_processor(row_grammars)]
+                    budget = max(g.max_tokens for g in row_grammars)
                 with torch.inference_mode():
                     gen = self.model.generate(
-                        input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_reasoning_tokens,
+                        input_ids=ids, attention_mask=mask, max_new_tokens=budget,
                         eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **kw,
                     )  # fmt: skip
                 for row, i in enumerate(rows):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offline_worker.engine_interface import Engine, EngineConfig, Scored, _Path
+from offline_worker.engine_interface import Engine, EngineConfig, Scored, UserGrammar, _Path
 from offline_worker.trie_processor import TRIE_PROCESSOR_FQCN
 from services.config import Settings
 
@@ -163,19 +163,21 @@ class VLLMEngine(Engine):
             return []
         return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
-    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[str] | None = None
+    def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[UserGrammar] | None = None
                 ) -> list[list[int]]:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         cfg = self.config
 
-        def grammar(p: _Path) -> dict[str, Any]:  # vLLM's structured outputs (xgrammar here) per request
-            return {} if grammars is None else {"structured_outputs": StructuredOutputsParams(grammar=grammars[p.req])}
+        def bounds(p: _Path) -> dict[str, Any]:  # the budget, and vLLM's structured outputs (xgrammar here) per request
+            if grammars is None:
+                return {"max_tokens": cfg.max_reasoning_tokens}
+            g = grammars[p.req]
+            return {"max_tokens": g.max_tokens, "structured_outputs": StructuredOutputsParams(grammar=g.text)}
 
         params = [
             SamplingParams(
-                max_tokens=cfg.max_reasoning_tokens,
                 temperature=0.0 if p.greedy else cfg.temperature,
                 top_p=1.0 if p.greedy else cfg.top_p,
                 top_k=0 if p.greedy else cfg.top_k,
@@ -188,7 +190,7 @@ class VLLMEngine(Engine):
                 ignore_eos=grammars is None,
                 detokenize=False,
                 skip_clone=True,  # one dedicated params object per request: no deep copy (~0.4 ms each)
-                **grammar(p),
+                **bounds(p),
             )
             for p in paths
         ]

@@ -43,6 +43,18 @@ def test_grammar_without_known_history_claims_nothing_about_the_user(grounding: 
     assert not accepts(g, f'recently "{grounding.titles[1]}". likes {cat}. next: {cat}.')
 
 
+def test_longest_rationale_is_in_the_grammar_and_bounds_every_other(grounding: Grounding) -> None:
+    """`longest` (the reasoning budget of a grounded decode) is a rationale of the grammar, and no rationale the
+    grammar accepts is longer: here every one the teacher writes, for each grammar shape."""
+    ds = tiny_dataset()
+    for history in ([999], [13, 11, 6], *(seq[:-1] for seq in ds.splits.train.values())):
+        longest = grounding.longest(history)
+        assert accepts(grounding.grammar(history), longest), longest
+        texts = [grounding.teach(history, history[-k:], t) for k in (1, 2, 3) for t in list(grounding.titles)[:5]]
+        assert all(len(t.encode()) <= len(longest.encode()) for t in texts if accepts(grounding.grammar(history), t))
+    assert grounding.longest([999]).startswith("next: ")
+
+
 def test_teacher_rationale_is_in_the_users_grammar_and_parses_back(grounding: Grounding) -> None:
     ds = tiny_dataset()
     for user, seq in ds.splits.train.items():
@@ -70,7 +82,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
 def grounded_hf(world: TinyWorld) -> HFEngine:
     from offline_worker.engine_interface import EngineConfig
 
-    cfg = EngineConfig(samples=2, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=160, mode="think",
+    # a free-reasoning budget far below any rationale: grounded decoding uses its grammar's bound instead
+    cfg = EngineConfig(samples=2, prefixes_per_sample=4, beam_a=2, max_reasoning_tokens=4, mode="think",
                        grounded_reasoning=True, grounding_data=str(world.data_dir))
     return HFEngine(world.model_dir, world.sid_dir, cfg, batch_size=8, threads=1)
 
@@ -86,8 +99,9 @@ def test_hf_engine_decodes_rationales_of_the_users_own_items(world: TinyWorld, g
     res = engine.think([ThinkRequest(u, ids, world.sequences[u]) for u, ids in pb.build(
         (u, world.sequences[u]) for u in users)])
     g = Grounding.build(load_items(world.data_dir / "items.tsv"), world.sid)
-    for r in res:
-        assert r.closed and accepts(g.grammar(world.sequences[r.user_id]), r.reasoning), r.reasoning
+    for r in res:  # every path completes its rationale, the sampled one too
+        assert r.closed and r.truncated == 0 and accepts(g.grammar(world.sequences[r.user_id]), r.reasoning), r
+        assert len(r.reasoning_ids[0]) <= len(g.longest(world.sequences[r.user_id]).encode())
         items, grounded = g.grounded_items(r.reasoning, world.sequences[r.user_id])
         assert items and grounded and all(s & set(world.sequences[r.user_id]) for s in items)
     with pytest.raises(ValueError, match="history"):
@@ -113,7 +127,8 @@ def test_grounding_report_over_a_grounded_refresh(world: TinyWorld, grounded_hf:
           "--namespace", ns, "--no-write"])
     got = json.loads(capsys.readouterr().out)
     assert got["users"] == 12 and got["grounded_reasoning"] is True
-    assert got["nonempty_share"] >= 0.5 and got["grounded_share"] == 1.0 and got["invented_mentions"] == 0
+    assert report.unclosed == 0 and report.truncated == 0
+    assert got["nonempty_share"] == 1.0 and got["grounded_share"] == 1.0 and got["invented_mentions"] == 0
     assert got["well_formed_share"] == 1.0
     g = grounded_hf.grounding
     assert g is not None

@@ -102,11 +102,17 @@ def test_stack_serves_think_ahead_and_survives_a_redis_restart(stack: dict[str, 
     assert _health(env, "api") == "healthy"
     assert _request(base + "/readyz")[0] == 200
 
-    user = min(int(line.split()[0]) for line in (ROOT / "data" / "beauty" / "sequences.txt").open() if line.strip())
-    status, out = _request(base + "/v1/recommend", {"user_id": user, "k": 5})
-    assert status == 200, status
-    assert out["source"] == "think-ahead" and out["reasoning"], out
-    assert len(out["items"]) == 5 and not out["degraded"]
+    # the refresh computed the first 16 users by id (`--limit 16`): every one is served think-ahead; one whose
+    # reasoning did not close within the token budget is served without reasoning (counted as `unclosed`)
+    users = sorted({int(line.split()[0]) for line in (ROOT / "data" / "beauty" / "sequences.txt").open()
+                    if line.strip()})[:16]  # fmt: skip
+    answers = {u: _request(base + "/v1/recommend", {"user_id": u, "k": 5}) for u in users}
+    assert all(status == 200 for status, _ in answers.values()), answers
+    assert all(out["source"] == "think-ahead" and len(out["items"]) == 5 and not out["degraded"]
+               for _, out in answers.values()), answers  # fmt: skip
+    reasoned = [u for u, (_, out) in answers.items() if out["reasoning"]]
+    assert len(reasoned) >= len(users) // 2, f"reasoning for {len(reasoned)} of {len(users)} users"
+    user = reasoned[0]
 
     # Redis down: answers degrade, never a 5xx
     _compose(env, "stop", "redis")

@@ -116,14 +116,20 @@ class Grounding:
         return out
 
     # ---- the format
+    def _pieces(self, history: Sequence[int]) -> tuple[list[str], list[str]]:
+        """(the user's item alternatives: recent titled history items, sorted; the user's categories: those of
+        the last `HISTORY_CAP` coded history items, what the prompt shows, sorted)."""
+        items = sorted({self.titles[i] for i in self.recent(history)})
+        mine = sorted({self.category(i) for i in history[-HISTORY_CAP:] if self.sid.has_item(i)})
+        return items, mine
+
     def grammar(self, history: Sequence[int]) -> str:
         """The user's grammar: ``recently <item>[ and <item>]. likes <mine>[ and <mine>]. next: <cat>.``
         with <item> one of the user's recent history items, <mine> a category of the user's history (the
         last `HISTORY_CAP` items: what the prompt shows) and <cat> any catalogue category (the prediction).
         Without a titled history item, only ``likes <mine>[ and <mine>]. next: <cat>.``; without any coded
         history item (nothing known about the user), only ``next: <cat>.``."""
-        items = sorted({self.titles[i] for i in self.recent(history)})
-        mine = sorted({self.category(i) for i in history[-HISTORY_CAP:] if self.sid.has_item(i)})
+        items, mine = self._pieces(history)
         cats = "cat ::= " + " | ".join(_quote(c) for c in self.categories())
         if not mine:
             return f"root ::= {_quote(NEXT[2:])} cat {_quote(END)}\n{cats}"
@@ -133,6 +139,24 @@ class Grounding:
             rules = [f"root ::= {_quote(RECENTLY)} item ({_quote(AND)} item)? {_quote(LIKES)} {tail}",
                      "item ::= " + " | ".join(_quote(f'"{t}"') for t in items)]
         return "\n".join([*rules, "mine ::= " + " | ".join(_quote(c) for c in mine), cats])
+
+    def longest(self, history: Sequence[int]) -> str:
+        """The longest (in UTF-8 bytes) rationale `grammar(history)` derives. A byte-level BPE spells any text
+        in at most its byte count of tokens, so a reasoning budget of ``len(longest(h).encode()) + 1`` (the
+        stop token) lets every decode under the grammar complete, however the model splits the words."""
+        items, mine = self._pieces(history)
+
+        def big(xs: Sequence[str]) -> str:
+            return max(xs, key=lambda x: len(x.encode()))
+
+        nxt = f"{NEXT[2:]}{big(self.categories())}{END}"
+        if not mine:
+            return nxt
+        body = f"{LIKES[2:]}{big(mine)}{AND}{big(mine)}. {nxt}"
+        if not items:
+            return body
+        item = f'"{big(items)}"'
+        return f"{RECENTLY}{item}{AND}{item}. {body}"
 
     def rationale(self, named: Sequence[int], likes: Sequence[str], next_category: str) -> str:
         """A rationale in the grammar's format: 0-2 named items (0: the category-only form), 1-2 liked
