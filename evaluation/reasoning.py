@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from model.semantic_ids import SemanticIDs
-from model.think.grounding import Grounding, parse
+from model.think.grounding import RECENT, Grounding, parse
 from services.catalog import load_items, load_sequences
 from services.config import get_settings
 from services.store import ThinkEntry
-
-RECENT = 5  # "recent history": the last items of the history an entry was computed from
 
 
 def grounding_report(entries: dict[int, ThinkEntry | None], sequences: dict[int, list[int]], grounding: Grounding,

@@ -35,6 +35,20 @@ def test_grammar_accepts_own_items_and_rejects_an_invented_one(grounding: Ground
         assert not accepts(g, bad), bad
 
 
+def test_likes_names_only_categories_of_the_recent_items(grounding: Grounding) -> None:
+    from model.think.grounding import RECENT
+
+    items = sorted(grounding.titles)
+    old = items[0]  # bought long ago: its category is not a current taste
+    recent = [i for i in items if grounding.category(i) != grounding.category(old)][:RECENT]
+    assert len(recent) == RECENT
+    g = grounding.grammar([old, *recent])
+    now, then = grounding.category(recent[-1]), grounding.category(old)
+    named = f'recently "{grounding.titles[recent[-1]]}". '
+    assert accepts(g, f"{named}likes {now}. next: {then}.")  # an old taste may still be the prediction
+    assert not accepts(g, f"{named}likes {then}. next: {now}.")
+
+
 def test_grammar_without_known_history_claims_nothing_about_the_user(grounding: Grounding) -> None:
     g = grounding.grammar([999])  # unknown item: nothing to name, no known taste
     cat = grounding.categories()[-1]

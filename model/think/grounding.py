@@ -7,8 +7,10 @@ catalogue's category labels (`model.think.align_data.category_labels`) and a fix
 
 - `Grounding.grammar(history)` is that user's grammar (EBNF in the GBNF dialect that xgrammar and
   vLLM's ``StructuredOutputsParams(grammar=...)`` read): its item alternatives are the user's recent
-  history items only and its "likes" categories those of the user's history, so a decoder under it
-  cannot invent a product or a taste; "next" (the prediction) is any catalogue category. The engines
+  history items only and its "likes" categories those of the user's last `RECENT` items, so a decoder
+  under it cannot invent a product or a taste, nor cite one the user left long ago; "next" (the
+  prediction) is any catalogue category. `Grounding.longest(history)` bounds its length (the engines'
+  reasoning budget under it). The engines
   stop the text with a stop token once the grammar is complete, then write ``</think>``
   (`offline_worker.engine_interface`).
 - `Grounding.rationale(...)` writes the same format for the activation stage's teacher
@@ -35,6 +37,7 @@ from services.catalog import HISTORY_CAP, Catalog
 RECENTLY, AND, LIKES, NEXT, END = "recently ", " and ", ". likes ", ". next: ", "."  # the connectives
 TITLE_WORDS = 4  # words of a short title: concrete, but short (reasoning length costs decode time)
 MAX_ITEMS = 12  # the most recent distinct history items a user's grammar offers
+RECENT = 5  # "recent history": "likes" names only categories of the user's last RECENT coded items
 _WORD = re.compile(r"[a-z0-9]+")
 _MENTION = re.compile(r'"([^"]*)"')
 _FORMAT = re.compile(r'^(?:recently (?P<items>.*?)\. )?(?:likes (?P<likes>.*?)\. )?next: (?P<next>.*?)\.$')
@@ -118,15 +121,18 @@ class Grounding:
     # ---- the format
     def _pieces(self, history: Sequence[int]) -> tuple[list[str], list[str]]:
         """(the user's item alternatives: recent titled history items, sorted; the user's categories: those of
-        the last `HISTORY_CAP` coded history items, what the prompt shows, sorted)."""
+        the last `RECENT` coded history items, sorted)."""
         items = sorted({self.titles[i] for i in self.recent(history)})
-        mine = sorted({self.category(i) for i in history[-HISTORY_CAP:] if self.sid.has_item(i)})
-        return items, mine
+        return items, sorted({self.category(i) for i in self.recent_coded(history)})
+
+    def recent_coded(self, history: Sequence[int]) -> list[int]:
+        """The user's last `RECENT` history items that have codes (within the prompt's `HISTORY_CAP`)."""
+        return [i for i in history[-HISTORY_CAP:] if self.sid.has_item(i)][-RECENT:]
 
     def grammar(self, history: Sequence[int]) -> str:
         """The user's grammar: ``recently <item>[ and <item>]. likes <mine>[ and <mine>]. next: <cat>.``
-        with <item> one of the user's recent history items, <mine> a category of the user's history (the
-        last `HISTORY_CAP` items: what the prompt shows) and <cat> any catalogue category (the prediction).
+        with <item> one of the user's recent history items, <mine> a category of the user's last `RECENT`
+        coded items and <cat> any catalogue category (the prediction).
         Without a titled history item, only ``likes <mine>[ and <mine>]. next: <cat>.``; without any coded
         history item (nothing known about the user), only ``next: <cat>.``."""
         items, mine = self._pieces(history)
@@ -173,11 +179,13 @@ class Grounding:
     def teach(self, history: Sequence[int], pruned: Sequence[int], target: int) -> str:
         """The teacher's rationale for (history, its items related to the target, target): up to two related
         items among those the user's grammar offers (else the most recent one), the two most common categories
-        of the related items, the target's category; without a titled item, the category-only form."""
+        of the related items among the recent ones the grammar offers (else of the recent items), the target's
+        category; without a titled item, the category-only form."""
         offered = self.recent(history)
         named = [i for i in offered if i in set(pruned)][:2] or offered[:1]
-        related = [i for i in (pruned or history) if self.sid.has_item(i)]
-        cats = Counter(self.category(i) for i in related)
+        recent = [self.category(i) for i in self.recent_coded(history)]
+        related = Counter(c for c in (self.category(i) for i in pruned if self.sid.has_item(i)) if c in set(recent))
+        cats = related or Counter(recent)
         return self.rationale(named, [c for c, _ in cats.most_common(2)], self.category(target))
 
     def grounded_items(self, text: str, history: Sequence[int]) -> tuple[list[set[int]], bool]:
