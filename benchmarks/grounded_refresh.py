@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                    max_reasoning_tokens=base.max_reasoning_tokens)
     print(json.dumps({**metrics, "examples": examples}, indent=2))
     if not args.no_write:
-        note = (f"model {args.model.name} ({engine.model_id}), vLLM CPU eager; "
+        note = (f"model {args.model.name} ({engine.model_id}), vLLM CPU eager; max_reasoning_tokens is free "
+                f"reasoning's budget, a grounded path's is its grammar's longest rationale in bytes + 1; "
                 f"grounded example: {examples.get('grounded')!r}")
         print(write_result("grounded_refresh", metrics, note=note))
 
