@@ -29,6 +29,8 @@ def test_grammar_accepts_own_items_and_rejects_an_invented_one(grounding: Ground
     own = f'recently "{grounding.titles[6]}" and "{grounding.titles[13]}". likes {cat}. next: {cat}.'
     assert accepts(g, own) and accepts(g, own.replace(f"next: {cat}", f"next: {other_cat}"))  # any prediction
     other = next(i for i in grounding.titles if i not in history)  # a real catalogue item, not the user's
+    twice = f'recently "{grounding.titles[6]}" and "{grounding.titles[6]}". likes {cat}. next: {cat}.'
+    assert not accepts(g, twice) and not accepts(g, own.replace(f"likes {cat}", f"likes {cat} and {cat}"))
     for bad in (own.replace(grounding.titles[6], "olay regenerist"), own.replace(grounding.titles[6],
                 grounding.titles[other]), own.replace(f"likes {cat}", "likes lipsticks"),
                 own.replace(f"likes {cat}", f"likes {other_cat}"), own[:-1]):  # a taste the history lacks

@@ -53,6 +53,18 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _one_or_two(pieces: Sequence[str]) -> str:
+    """EBNF body: one of `pieces`, optionally `AND` a different one (never the same piece twice)."""
+    alt = {p: _quote(p) for p in pieces}
+    return " | ".join(alt[p] + (f" ({_quote(AND)} ({' | '.join(alt[o] for o in pieces if o != p)}))?"
+                                if len(pieces) > 1 else "") for p in pieces)  # fmt: skip
+
+
+def _two_longest(pieces: Sequence[str]) -> list[str]:
+    """The (at most) two longest different pieces in UTF-8 bytes: the longest ``x[ and y]`` `_one_or_two` allows."""
+    return sorted(set(pieces), key=lambda x: -len(x.encode()))[:2]
+
+
 @dataclass(frozen=True)
 class Rationale:
     """A rationale read back by `parse`; ``well_formed`` is False for free text (then only mentions count)."""
@@ -130,7 +142,7 @@ class Grounding:
         return [i for i in history[-HISTORY_CAP:] if self.sid.has_item(i)][-RECENT:]
 
     def grammar(self, history: Sequence[int]) -> str:
-        """The user's grammar: ``recently <item>[ and <item>]. likes <mine>[ and <mine>]. next: <cat>.``
+        """The user's grammar: ``recently <item>[ and <other item>]. likes <mine>[ and <mine>]. next: <cat>.``
         with <item> one of the user's recent history items, <mine> a category of the user's last `RECENT`
         coded items and <cat> any catalogue category (the prediction).
         Without a titled history item, only ``likes <mine>[ and <mine>]. next: <cat>.``; without any coded
@@ -139,12 +151,12 @@ class Grounding:
         cats = "cat ::= " + " | ".join(_quote(c) for c in self.categories())
         if not mine:
             return f"root ::= {_quote(NEXT[2:])} cat {_quote(END)}\n{cats}"
-        tail = f"mine ({_quote(AND)} mine)? {_quote(NEXT)} cat {_quote(END)}"
+        tail = f"mine {_quote(NEXT)} cat {_quote(END)}"
         rules = [f"root ::= {_quote(LIKES[2:])} {tail}"]
         if items:
-            rules = [f"root ::= {_quote(RECENTLY)} item ({_quote(AND)} item)? {_quote(LIKES)} {tail}",
-                     "item ::= " + " | ".join(_quote(f'"{t}"') for t in items)]
-        return "\n".join([*rules, "mine ::= " + " | ".join(_quote(c) for c in mine), cats])
+            rules = [f"root ::= {_quote(RECENTLY)} items {_quote(LIKES)} {tail}",
+                     "items ::= " + _one_or_two([f'"{t}"' for t in items])]
+        return "\n".join([*rules, "mine ::= " + _one_or_two(mine), cats])
 
     def longest(self, history: Sequence[int]) -> str:
         """The longest (in UTF-8 bytes) rationale `grammar(history)` derives. A byte-level BPE spells any text
@@ -158,11 +170,10 @@ class Grounding:
         nxt = f"{NEXT[2:]}{big(self.categories())}{END}"
         if not mine:
             return nxt
-        body = f"{LIKES[2:]}{big(mine)}{AND}{big(mine)}. {nxt}"
+        body = f"{LIKES[2:]}{AND.join(_two_longest(mine))}. {nxt}"
         if not items:
             return body
-        item = f'"{big(items)}"'
-        return f"{RECENTLY}{item}{AND}{item}. {body}"
+        return RECENTLY + AND.join(f'"{t}"' for t in _two_longest(items)) + f". {body}"
 
     def rationale(self, named: Sequence[int], likes: Sequence[str], next_category: str) -> str:
         """A rationale in the grammar's format: 0-2 named items (0: the category-only form), 1-2 liked
