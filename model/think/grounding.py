@@ -9,8 +9,8 @@ catalogue's category labels (`model.think.align_data.category_labels`) and a fix
   vLLM's ``StructuredOutputsParams(grammar=...)`` read): its item alternatives are the user's recent
   history items only and its "likes" categories those of the user's last `RECENT` items, so a decoder
   under it cannot invent a product or a taste, nor cite one the user left long ago; "next" (the
-  prediction) is any catalogue category. `Grounding.longest(history)` bounds its length (the engines'
-  reasoning budget under it). The engines
+  prediction) is any catalogue category; an item or a category is never named twice.
+  `Grounding.longest(history)` bounds its length (the engines' reasoning budget under it). The engines
   stop the text with a stop token once the grammar is complete, then write ``</think>``
   (`offline_worker.engine_interface`).
 - `Grounding.rationale(...)` writes the same format for the activation stage's teacher
@@ -142,7 +142,8 @@ class Grounding:
         return [i for i in history[-HISTORY_CAP:] if self.sid.has_item(i)][-RECENT:]
 
     def grammar(self, history: Sequence[int]) -> str:
-        """The user's grammar: ``recently <item>[ and <other item>]. likes <mine>[ and <mine>]. next: <cat>.``
+        """The user's grammar: ``recently <item>[ and <item>]. likes <mine>[ and <mine>]. next: <cat>.`` (the two
+        items, and the two categories, different)
         with <item> one of the user's recent history items, <mine> a category of the user's last `RECENT`
         coded items and <cat> any catalogue category (the prediction).
         Without a titled history item, only ``likes <mine>[ and <mine>]. next: <cat>.``; without any coded
