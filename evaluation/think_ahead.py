@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--own-floor", type=float, default=s.own_prefix_floor, help="offline score offset of own prefixes")
     p.add_argument("--wide-beams", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                    help="also report the lightweight model alone at these beam widths (e.g. 40,64)")
+    p.add_argument("--against", default=None, metavar="NAMESPACE[:VERSION]",
+                   help="also serve the entries of another refresh (e.g. direct vs grounded think mode; default "
+                        "version: its live one) and compare paired: think_ahead_vs_against (a = --namespace)")
     p.add_argument("--results", action="store_true", help="write the dataset's results file "
                    "think_ahead_quality.json (docs/results/[<dataset>/] bundled data, <artifacts>/results/ else)")
     args = p.parse_args(argv)
@@ -256,6 +259,13 @@ def main(argv: list[str] | None = None) -> None:
         _, ranked_own = run(own_only, source, "own prefixes only (ablation)")
         metrics["own_prefixes_only"] = score(ranked_own, targets)
         metrics["think_ahead_vs_own_prefixes_only"] = paired_comparison(ranked_ta, ranked_own, targets)
+    if args.against:  # the same served policy over another refresh's entries of the same users
+        namespace, _, version = args.against.partition(":")
+        other = StoreSource(ThinkStore(connect(args.redis_url), namespace), version or None)
+        require_staler(ds.sequences, examples, other(examples), args.split)
+        _, ranked_other = run(served, other, f"think-ahead ({args.against})")
+        metrics["against"] = {"source": args.against, **score(ranked_other, targets)}
+        metrics["think_ahead_vs_against"] = paired_comparison(ranked_ta, ranked_other, targets)
     for wide in args.wide_beams:  # the lightweight model alone with a wider beam (a reference, not a mode)
         metrics[f"onerec_beam{wide}"] = evaluate(OneRecRecommender(onerec, wide), examples, desc=f"onerec beam {wide}")
     metrics["think_ahead_coverage"] = round(rec.with_entry / max(1, rec.with_entry + rec.without_entry), 4)

@@ -24,6 +24,12 @@ CPU_BATCHED_TOKENS = 8192
 ALLOWED_IDS_CAP = 1024  # SamplingParams.allowed_token_ids limit of vLLM's GPU model runner (V2)
 
 
+def max_logprobs(config: EngineConfig) -> int:
+    """vLLM's ``max_logprobs`` for `config`: the widest log-prob request, a path's level-a beam (k_a) or direct
+    mode's one ranking of T x m prefixes (vLLM refuses a request above it; its default is 20)."""
+    return max(20, config.k_a, config.prefixes_per_sample, config.samples * config.prefixes_per_sample)
+
+
 def _best(logprobs: dict[int, Any], allowed: set[int], k: int) -> Scored:
     """Best `k` (token, log-prob) of one step's returned logprobs (top-k after the mask, plus the sampled
     token), restricted to `allowed`; ties break on the token id."""
@@ -103,7 +109,7 @@ class VLLMEngine(Engine):
         if need_processor and not self.processor_registered:
             raise ValueError(f"allowed sets reach {widest} ids (> {ALLOWED_IDS_CAP}); trie_processor cannot be False")
         self.force_processor = False  # tests flip this to route every constrained step through the processor
-        k = max(self.config.k_a, self.config.prefixes_per_sample)
+        k = max_logprobs(self.config)
         kwargs: dict[str, Any] = {
             "model": str(self.model_dir),
             "dtype": opts.dtype,
@@ -113,7 +119,7 @@ class VLLMEngine(Engine):
             "gpu_memory_utilization": opts.gpu_memory_utilization,
             "enable_prefix_caching": True,
             "logprobs_mode": "processed_logprobs",  # log-probs after the allowed-set mask
-            "max_logprobs": max(20, k),
+            "max_logprobs": k,
             "generation_config": "vllm",  # ignore the folder's sampling defaults; we set every parameter
             "seed": self.config.seed,
         }

@@ -96,6 +96,16 @@ def test_union_keeps_best_score_per_prefix() -> None:
     assert u == [(1, 2, -0.5), (3, 4, -2.0), (5, 6, -3.0)]
 
 
+def test_vllm_max_logprobs_covers_direct_modes_one_ranking() -> None:
+    """Direct mode ranks T x m prefixes in one request (2 x 16 = 32 with the defaults): vLLM refused 32 log-probs
+    under its default cap of 20 ('Requested sample logprobs of 32'), found by a direct-mode refresh on Beauty."""
+    from offline_worker.vllm_engine import max_logprobs
+
+    assert max_logprobs(EngineConfig(samples=2, prefixes_per_sample=16, beam_a=8, mode="direct")) == 32
+    assert max_logprobs(EngineConfig(samples=1, prefixes_per_sample=6, beam_a=40)) == 40
+    assert max_logprobs(EngineConfig(samples=1, prefixes_per_sample=4, beam_a=2)) == 20
+
+
 def test_engine_config_validates() -> None:
     with pytest.raises(ValueError, match="samples"):
         EngineConfig(samples=0)
