@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="think (reasoning then prefixes) or direct (no reasoning); default ONEREC_OFFLINE_MODE, auto = "
                         "think only for a model trained to reason; recorded in the version's meta (engine.mode)")
     r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
-    r.add_argument("--max-reasoning-tokens", type=int, help="reasoning token budget")
+    r.add_argument("--max-reasoning-tokens", type=int,
+                   help="free reasoning's token budget (a grounded rationale gets its grammar's longest length)")
     r.add_argument("--greedy", action="store_true", help="every reasoning path greedy")
     r.add_argument("--grounded-reasoning", action=argparse.BooleanOptionalAction, default=None,
                    help="think mode: decode each rationale under the user's grammar (own history items, category "
