@@ -143,10 +143,10 @@ class ThinkResult:
 
     user_id: int
     reasoning: str  # decoded text of path 0 (the greedy one)
-    reasoning_ids: list[list[int]]  # (T, <= max_reasoning_tokens) per path, without `</think>`
+    reasoning_ids: list[list[int]]  # (T, <= the path's budget) per path, without `</think>`
     prefixes: list[Prefix]  # union over paths, best first
     per_sample: list[list[Prefix]] = field(default_factory=list)  # (T, <= m), best first
-    truncated: int = 0  # paths that hit max_reasoning_tokens without `</think>`
+    truncated: int = 0  # paths that hit their budget without `</think>` (grounded: only an aborted path)
     closed: bool = True  # path 0 (the stored reasoning) ended with `</think>` within the token budget
 
 
@@ -254,7 +254,7 @@ class Engine(ABC):
     @abstractmethod
     def _reason(self, prompts: list[list[int]], paths: list[_Path], grammars: list[UserGrammar] | None = None
                 ) -> list[list[int]]:
-        """Generated token ids of each path (up to and including a stop id, or max_reasoning_tokens); with
+        """Generated token ids of each path (up to and including a stop id, or the budget: max_reasoning_tokens); with
         `grammars` (one per prompt, `model.think.grounding`) each path is decoded under its prompt's grammar,
         within that grammar's `max_tokens`."""
 
