@@ -125,7 +125,7 @@ class UserGrammar:
     """One request's grounded grammar and the reasoning budget that lets every decode under it complete."""
 
     text: str  # EBNF (`model.think.grounding.Grounding.grammar`)
-    max_tokens: int  # bytes of its longest rationale + 1 (`Grounding.longest`): never truncated
+    max_tokens: int  # bytes of its longest rationale + 1 (`Grounding.bounded`): never truncated
 
 
 @dataclass
@@ -386,7 +386,7 @@ class Engine(ABC):
         missing = [r.user_id for r in requests if r.history is None]
         if missing:
             raise ValueError(f"history: grounded reasoning needs each request's history; missing for {missing[:5]}")
-        return [UserGrammar(g.grammar(h), len(g.longest(h).encode()) + 1) for h in (r.history or [] for r in requests)]
+        return [UserGrammar(*g.bounded(r.history or [])) for r in requests]
 
     def _direct(self, requests: Sequence[ThinkRequest]) -> list[ThinkResult]:
         """Direct mode: no reasoning; the prompt's closing ``<think>`` becomes ``<|item_begin|>`` (the

@@ -95,10 +95,12 @@ class Grounding:
     labels: dict[int, str]  # level-a code -> category label
     max_items: int = MAX_ITEMS
     by_title: dict[str, set[int]] = field(init=False, default_factory=dict)
+    _categories: list[str] = field(init=False, default_factory=list)  # sorted once: every user's grammar names them
 
     def __post_init__(self) -> None:
         if self.max_items < 1:
             raise ValueError(f"max_items: expected >= 1, got {self.max_items}")
+        self._categories = sorted(set(self.labels.values()))
         for item, t in self.titles.items():
             self.by_title.setdefault(t, set()).add(item)
 
@@ -115,7 +117,7 @@ class Grounding:
 
     def categories(self) -> list[str]:
         """Every category label of the catalogue, sorted (the grammar's category alternatives)."""
-        return sorted(set(self.labels.values()))
+        return list(self._categories)
 
     def recent(self, history: Sequence[int]) -> list[int]:
         """The last `max_items` distinct history items that have a short title, most recent first."""
@@ -141,6 +143,12 @@ class Grounding:
         """The user's last `RECENT` history items that have codes (within the prompt's `HISTORY_CAP`)."""
         return [i for i in history[-HISTORY_CAP:] if self.sid.has_item(i)][-RECENT:]
 
+    def bounded(self, history: Sequence[int]) -> tuple[str, int]:
+        """(`grammar(history)`, its reasoning budget: bytes of `longest(history)` + 1 for the stop token), from one
+        pass over the user's pieces (the refresh calls this once per user)."""
+        pieces = self._pieces(history)
+        return self._grammar(*pieces), len(self._longest(*pieces).encode()) + 1
+
     def grammar(self, history: Sequence[int]) -> str:
         """The user's grammar: ``recently <item>[ and <item>]. likes <mine>[ and <mine>]. next: <cat>.`` (the two
         items, and the two categories, different)
@@ -148,8 +156,10 @@ class Grounding:
         coded items and <cat> any catalogue category (the prediction).
         Without a titled history item, only ``likes <mine>[ and <mine>]. next: <cat>.``; without any coded
         history item (nothing known about the user), only ``next: <cat>.``."""
-        items, mine = self._pieces(history)
-        cats = "cat ::= " + " | ".join(_quote(c) for c in self.categories())
+        return self._grammar(*self._pieces(history))
+
+    def _grammar(self, items: list[str], mine: list[str]) -> str:
+        cats = "cat ::= " + " | ".join(_quote(c) for c in self._categories)
         if not mine:
             return f"root ::= {_quote(NEXT[2:])} cat {_quote(END)}\n{cats}"
         tail = f"mine {_quote(NEXT)} cat {_quote(END)}"
@@ -163,12 +173,13 @@ class Grounding:
         """The longest (in UTF-8 bytes) rationale `grammar(history)` derives. A byte-level BPE spells any text
         in at most its byte count of tokens, so a reasoning budget of ``len(longest(h).encode()) + 1`` (the
         stop token) lets every decode under the grammar complete, however the model splits the words."""
-        items, mine = self._pieces(history)
+        return self._longest(*self._pieces(history))
 
+    def _longest(self, items: list[str], mine: list[str]) -> str:
         def big(xs: Sequence[str]) -> str:
             return max(xs, key=lambda x: len(x.encode()))
 
-        nxt = f"{NEXT[2:]}{big(self.categories())}{END}"
+        nxt = f"{NEXT[2:]}{big(self._categories)}{END}"
         if not mine:
             return nxt
         body = f"{LIKES[2:]}{AND.join(_two_longest(mine))}. {nxt}"
