@@ -12,9 +12,20 @@ Ray and its chunk retried (re-written entries are idempotent SETs); a killed dri
 same command (done chunks are skipped); a running Ray job and ``--shard`` workers must not share a
 version (the plan is one shard).
 
+A dead worker node is handled as a killed actor. Run on a multi-node cluster (tests/test_ray_nodes.py,
+`benchmarks.ray_nodes`: `ray.cluster_utils.Cluster` on one machine, a head with no CPUs and 3 worker nodes
+of one CPU, 2 HF actors, the driver connected by address): a worker node hosting an actor was removed
+without grace after the first chunk was done; the cluster marked the node dead (health checks), Ray
+restarted the actor on the spare node and retried the chunk it had in flight, and the version came out
+complete, every entry equal to a one-process greedy refresh's, and was published once. Not run: a cluster
+with no spare CPU (or GPU) for the restarted actor, and the death of the driver's node (the driver, the
+input rows and the actors' constructor arguments live there; re-run the command, done chunks are skipped).
+
 Ray is an optional dependency (``pip install .[ray]``); this module imports it lazily. With no address a
-local cluster is started (and stopped) in this process; with an address (``ray://host:10001`` or
-``auto``) the cluster's workers must have this package and the model folder at the same paths.
+local cluster is started (and stopped) in this process; with an address (``ray://host:10001``, a GCS
+``host:port`` or ``auto``) the driver connects and at the end only disconnects (the cluster keeps running);
+the cluster's workers must have this package and the model folder at the same paths (``PYTHONPATH`` is
+passed to them as this package's root).
 
 Not here: what a chunk computes (`offline_worker.refresh`), the engines, key names, the CLI.
 """
@@ -136,7 +147,9 @@ def _rows(plan: RefreshPlan, chunks: list[int], histories: dict[int, list[int]])
 
 
 def _init_ray(ray_opts: RayOptions) -> bool:
-    """Connect to (or start) the cluster; True when this call started a local one (to shut it down after)."""
+    """Connect to the cluster at ``address`` (or start a local one); True when this call did, so that the caller
+    calls ``ray.shutdown()`` after: it stops a local cluster this call started and only disconnects this driver
+    from a cluster at an address (that cluster keeps running). False when Ray was already initialized."""
     import ray
 
     if ray.is_initialized():
@@ -144,7 +157,7 @@ def _init_ray(ray_opts: RayOptions) -> bool:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}}
     if ray_opts.address:
         ray.init(address=ray_opts.address, runtime_env=env, log_to_driver=False)
-        return False
+        return True
     cpus = max(float(os.cpu_count() or 1), ray_opts.actors * ray_opts.cpus_per_actor)
     ray.init(num_cpus=int(cpus + 0.999), runtime_env=env, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 * 2**20)  # fmt: skip
@@ -172,7 +185,7 @@ def run_ray(
     done = store.done_chunks(plan.version, 0)
     todo = [c for c in range(len(plan.chunks())) if c not in done]
     report.resumed_chunks = len(done)
-    started = _init_ray(ray_opts) if todo else False
+    connected = _init_ray(ray_opts) if todo else False
     t0 = time.perf_counter()
     try:
         if todo:
@@ -199,7 +212,7 @@ def run_ray(
             finally:
                 bar.close()
     finally:
-        if started:
+        if connected:  # a local cluster is stopped; a cluster at an address is only disconnected from
             ray.shutdown()
     report.seconds = time.perf_counter() - t0
     report.users_per_s = report.computed / report.seconds if report.seconds > 0 else 0.0
