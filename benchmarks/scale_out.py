@@ -52,7 +52,7 @@ def build_world(root: Path, n_items: int, n_users: int, seed: int = 0) -> dict[s
     model, all under `root`."""
     from model.onerec.modeling import OneRecConfig, build_model, save_checkpoint
     from model.semantic_ids import SemanticIDConfig, SemanticIDs
-    from model.think.tokens import TinyBaseConfig, build_tiny_base
+    from model.think.base_model import TinyBaseConfig, build_tiny_base
 
     rng = random.Random(seed)
     words = "hydrating face cream serum lip gloss matte nail polish shampoo argan oil brush mascara toner mask".split()
