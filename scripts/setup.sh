@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine: venv with the project (cpu,dev extras), the CPU torch
-# without the torchvision/torchaudio/torchcodec builds that break `import transformers`, and
-# redis-server. Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
+# without the torchvision/torchaudio/torchcodec builds that break `import transformers`, redis-server
+# and haproxy. Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -13,6 +13,16 @@ if ! command -v redis-server >/dev/null 2>&1; then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
   # the Debian package may start a system instance; the project starts its own
+fi
+
+if ! command -v haproxy >/dev/null 2>&1 && [[ ! -x /usr/sbin/haproxy ]]; then
+  # the load balancer in front of API replicas (tests/test_replicas.py, benchmarks/replicas.py)
+  echo "[setup] installing haproxy (apt)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get install -y -q haproxy >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q haproxy >/dev/null; } \
+    || echo "[setup] haproxy not installed; tests/test_replicas.py will skip"
+  # the Debian package may start a system instance (no frontend in its default configuration); the project
+  # starts its own
 fi
 
 if ! command -v chromium >/dev/null 2>&1 && [[ ${ONEREC_SKIP_CHROMIUM:-0} != 1 ]]; then

@@ -9,6 +9,9 @@
 - `uvicorn_cmd()` + `process()`: the API (or any ASGI factory) as a uvicorn child process that is always
   stopped; `serve_in_thread()`: an ASGI app under a real uvicorn server in a thread of this process;
 - `wait_http()`: wait until a URL answers 200 (or the server died);
+- `LocalHAProxy` / `haproxy()`: a real HAProxy in front of local HTTP servers (the API replicas): round robin,
+  health checks on ``/readyz``, retries and redispatch, and its admin socket to read each server's state
+  (when a killed replica is marked DOWN) or put one in maintenance;
 - `percentile()`: the one percentile every latency number of the benchmarks is read with.
 
 What it is not: part of the served system (no module of `model`, `offline_worker` or `online_api` imports
@@ -19,8 +22,11 @@ imports the API either.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -403,3 +409,206 @@ def serve_in_thread(app: Any, ready_path: str = "/readyz", timeout_s: float = 30
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# --------------------------------------------------------------------------- HAProxy
+
+
+def find_haproxy() -> str:
+    """The haproxy binary: PATH, else /usr/sbin/haproxy; FileNotFoundError saying how to install it."""
+    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").is_file() else None)
+    if path is None:
+        raise FileNotFoundError("haproxy not found on PATH or at /usr/sbin/haproxy; install it (apt-get install "
+                                "haproxy; scripts/setup.sh does)")  # fmt: skip
+    return path
+
+
+def haproxy_version(binary: str) -> tuple[int, int]:
+    """(major, minor) of `binary` from ``haproxy -v`` ("HAProxy version 2.6.12-1 ...", "HA-Proxy version 1.8...")."""
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cannot read the version of {binary}: {out[:200]!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _duration(ms: float) -> str:
+    """An HAProxy time: whole seconds as ``10s``, else milliseconds (``500ms``)."""
+    return f"{int(ms) // 1000}s" if ms >= 1000 and int(ms) % 1000 == 0 else f"{int(ms)}ms"
+
+
+class LocalHAProxy:
+    """HAProxy (``haproxy -f CFG -db``, a child process) on a free localhost port in front of `backends`
+    (localhost ports), servers named ``r0``, ``r1``, ... in the backend ``replicas``.
+
+    The served setting of `deploy/haproxy.cfg`, with static servers instead of Docker's DNS: round robin,
+    ``GET /readyz`` every `inter_ms` (a server is DOWN after `fall` failed checks, UP again after `rise`
+    good ones), `retries` on connection failures, empty responses and response timeouts (HAProxy 2.0+; before
+    that connection failures only), each retry on another server (``option redispatch 1``). ``POST /v1/events``
+    is only retried when it was never sent: the API names each append itself, so a replayed one would
+    append twice. `servers()` reads the admin socket (``show stat``); `set_state()` drains or stops a server.
+    """
+
+    BACKEND = "replicas"
+
+    def __init__(self, workdir: Path, backends: Sequence[int], port: int | None = None, balance: str = "roundrobin",
+                 inter_ms: int = 500, fall: int = 2, rise: int = 2, retries: int = 2, check_timeout_ms: int = 2000,
+                 server_timeout_s: float = 10.0, binary: str | None = None,
+                 start_timeout_s: float = 10.0) -> None:  # fmt: skip
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.backends = list(backends)
+        self.port = port if port is not None else free_port()
+        self.binary = binary or find_haproxy()
+        self.version = haproxy_version(self.binary)
+        self.balance, self.inter_ms, self.fall, self.rise = balance, inter_ms, fall, rise
+        self.retries, self.check_timeout_ms, self.server_timeout_s = retries, check_timeout_ms, server_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.config_path, self.log = self.workdir / "haproxy.cfg", self.workdir / "haproxy.log"
+        sock = self.workdir / "haproxy.sock"
+        if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
+            sock = Path(tempfile.mkdtemp(prefix="haproxy-")) / "admin.sock"
+        self.socket_path = sock
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def server_names(self) -> list[str]:
+        return [f"r{i}" for i in range(len(self.backends))]
+
+    def config(self) -> str:
+        """The configuration file's text."""
+        retry_on = "    retry-on conn-failure empty-response response-timeout\n" if self.version >= (2, 0) else ""
+        no_replay = ("    http-request disable-l7-retry if { path_beg /v1/events }\n"
+                     if self.version >= (2, 0) else "")  # fmt: skip
+        servers = "".join(f"    server {name} {HOST}:{port} check\n"
+                          for name, port in zip(self.server_names(), self.backends, strict=True))  # fmt: skip
+        return (
+            "global\n"
+            "    maxconn 4096\n"
+            f"    stats socket {self.socket_path} mode 600 level admin\n"
+            "defaults\n"
+            "    mode http\n"
+            "    timeout connect 1s\n"
+            "    timeout client 30s\n"
+            f"    timeout server {_duration(self.server_timeout_s * 1000)}\n"
+            f"    timeout check {_duration(self.check_timeout_ms)}\n"
+            f"    retries {self.retries}\n"
+            "    option redispatch 1\n"
+            f"{retry_on}"
+            "frontend api\n"
+            f"    bind {HOST}:{self.port}\n"
+            f"    default_backend {self.BACKEND}\n"
+            f"backend {self.BACKEND}\n"
+            f"    balance {self.balance}\n"
+            "    option httpchk GET /readyz\n"
+            "    http-check expect status 200\n"
+            f"{no_replay}"
+            f"    default-server inter {_duration(self.inter_ms)} fall {self.fall} rise {self.rise}\n"
+            f"{servers}"
+        )
+
+    def start(self) -> None:
+        """Write the configuration, check it (``haproxy -c``), start HAProxy and return once its port accepts
+        connections (the servers may still be DOWN: `wait_status`)."""
+        if self.running:
+            return
+        self.config_path.write_text(self.config())
+        check = subprocess.run([self.binary, "-c", "-q", "-f", str(self.config_path)], capture_output=True,
+                               text=True, timeout=30)  # fmt: skip
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy refused {self.config_path}:\n{check.stdout[-2000:]}{check.stderr[-2000:]}")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([self.binary, "-f", str(self.config_path), "-db"], stdout=out,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"haproxy did not accept on port {self.port} in {self.start_timeout_s}s")
+            time.sleep(0.02)
+
+    def command(self, line: str) -> str:
+        """One command on the admin socket (``show stat``, ``set server ...``); its answer."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5.0)
+            s.connect(str(self.socket_path))
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """``show stat`` of the backend's servers: name -> the CSV row (``status``: UP, DOWN, "UP 1/2" going
+        down, "DOWN 1/2" coming up, MAINT, DRAIN; ``hrsp_2xx``, ``stot``, ``chkfail``, ... as text)."""
+        text = self.command("show stat").lstrip("# ")
+        rows = csv.DictReader(io.StringIO(text))
+        return {r["svname"]: r for r in rows
+                if r["pxname"] == self.BACKEND and r["svname"] not in ("FRONTEND", "BACKEND")}  # fmt: skip
+
+    def servers(self) -> dict[str, str]:
+        """Each server's state: name -> ``status`` of `stats`."""
+        return {name: row["status"] for name, row in self.stats().items()}
+
+    def wait_status(self, server: str, up: bool, timeout_s: float, poll_s: float = 0.01) -> float:
+        """Wait until `server` is UP with its last `rise` checks good (status exactly ``UP``; a server starts,
+        or leaves maintenance, as "UP 1/2": in rotation but never checked) or, `up` False, out of rotation
+        by its checks (a DOWN status); returns the time.monotonic() it was seen (RuntimeError after
+        `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.servers()[server]
+            if (status == "UP") if up else status.startswith("DOWN"):
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy server {server} still {status!r} after {timeout_s}s "
+                                   f"(wanted {'UP' if up else 'DOWN'})")  # fmt: skip
+            time.sleep(poll_s)
+
+    def set_state(self, server: str, state: str) -> None:
+        """``ready``, ``drain`` (no new requests, health checks go on) or ``maint`` (out of rotation)."""
+        if state not in ("ready", "drain", "maint"):
+            raise ValueError(f"state: ready, drain or maint, not {state!r}")
+        answer = self.command(f"set server {self.BACKEND}/{server} state {state}").strip()
+        if answer:
+            raise RuntimeError(f"haproxy: set server {server} state {state}: {answer}")
+
+    def stop(self) -> None:
+        """Stop HAProxy (SIGTERM, SIGKILL after 5 s); safe to call twice."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+
+@contextmanager
+def haproxy(backends: Sequence[int], workdir: Path | None = None, **options: Any) -> Iterator[LocalHAProxy]:
+    """A started `LocalHAProxy` in front of the localhost ports `backends` (in a temporary folder unless
+    `workdir`; `options`: its keyword arguments), stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="onerec-haproxy-") as tmp:
+        proxy = LocalHAProxy(Path(workdir) if workdir is not None else Path(tmp), backends, **options)
+        proxy.start()
+        try:
+            yield proxy
+        finally:
+            proxy.stop()

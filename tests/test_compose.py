@@ -309,7 +309,7 @@ def test_compose_file_is_valid_after_interpolation(
     assert "${" not in json.dumps(resolved)
 
 
-@pytest.mark.parametrize("profile", ["", "gpu", "*"])
+@pytest.mark.parametrize("profile", ["", "gpu", "replicas", "*"])
 def test_compose_v2_config_is_clean(profile: str) -> None:
     binary = ROOT / ".venv" / "bin" / "docker-compose"
     if not binary.exists():
@@ -360,6 +360,7 @@ def test_profiles(services: dict[str, dict[str, Any]]) -> None:
     assert services["worker-cpu"]["profiles"] == ["cpu"]
     assert services["train"]["profiles"] == ["train"]
     assert "cpu" in services["refresh"]["profiles"]
+    assert services["lb"]["profiles"] == ["replicas"]
 
 
 def test_redis_is_persistent_and_health_checked(services: dict[str, dict[str, Any]]) -> None:
@@ -383,6 +384,68 @@ def test_api_is_ready_checked_and_waits_for_redis(services: dict[str, dict[str, 
     cmd = exec_form(dockerfile(ROOT / "docker" / "api.Dockerfile"), "CMD")
     assert cmd is not None and cmd[:3] == ["uvicorn", "--factory", "online_api.app:create_app"]
     assert cmd[cmd.index("--port") + 1] == "8000" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+
+
+HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
+
+
+def haproxy_lines(text: str) -> list[str]:
+    """Non-empty lines of an HAProxy configuration, stripped, comments dropped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_replicas_profile_puts_haproxy_in_front_of_the_api(services: dict[str, dict[str, Any]]) -> None:
+    """`API_REPLICAS` scales `api`; its host port can be made free per replica; `lb` (HAProxy) finds every
+    replica by Docker's DNS and keeps only the ready ones (/readyz) in rotation."""
+    api, lb = services["api"], services["lb"]
+    assert api["deploy"]["replicas"] == "${API_REPLICAS:-1}" and interpolate(api["deploy"]["replicas"], {}) == "1"
+    assert "container_name" not in api, "a fixed container name cannot be scaled"
+    # a fixed host port fits one replica: API_PORT=127.0.0.1: gives each a free loopback port instead
+    (port,) = api["ports"]
+    assert interpolate(port, {}) == "8000:8000"
+    assert interpolate(port, {"API_PORT": "127.0.0.1:"}) == "127.0.0.1::8000"
+    # the balancer: HAProxy's image with deploy/haproxy.cfg mounted where the image reads it
+    assert interpolate(lb["image"], {}).startswith("haproxy:")
+    (mount,) = lb["volumes"]
+    assert mount["type"] == "bind" and mount["read_only"] is True
+    assert (ROOT / mount["source"]).resolve() == HAPROXY_CFG and HAPROXY_CFG.is_file()
+    assert mount["target"] == "/usr/local/etc/haproxy/haproxy.cfg"
+    assert lb["depends_on"]["api"]["condition"] == "service_started", "replicas join as their checks pass"
+    published = [interpolate(p, {}) for p in lb["ports"]]
+    assert published[0] == "8080:8080" and published[0].split(":")[0] != interpolate(port, {}).split(":")[0]
+    assert published[1] == "127.0.0.1:8404:8404", "the stats page stays on loopback"
+    cfg = haproxy_lines(HAPROXY_CFG.read_text())
+    binds = [line.split()[1] for line in cfg if line.startswith("bind ")]
+    assert binds == [":8080", ":8404"], binds
+    # every replica of `api` on its container port, by Docker's DNS, health-checked on /readyz
+    template = next(line.split() for line in cfg if line.startswith("server-template "))
+    assert template[2].isdigit() and int(template[2]) >= 8 and template[3] == "api:8000", template
+    assert "nameserver dns 127.0.0.11:53" in cfg
+    default_server = next(line for line in cfg if line.startswith("default-server "))
+    for word in (" check", "resolvers docker", "init-addr none", "inter 500ms", "fall 2", "rise 2"):
+        assert word in default_server, (word, default_server)
+    assert "option httpchk GET /readyz" in cfg and "http-check expect status 200" in cfg
+    assert "retry-on conn-failure empty-response response-timeout" in cfg and "option redispatch 1" in cfg
+    assert "http-request disable-l7-retry if { path_beg /v1/events }" in cfg, "events must not be replayed"
+
+
+def test_haproxy_cfg_is_valid_and_matches_the_local_harness(tmp_path: Path) -> None:
+    """`haproxy -c` accepts deploy/haproxy.cfg, and its checks, retries and timeouts are the ones
+    `services.harness.LocalHAProxy` runs in tests/test_replicas.py and benchmarks/replicas.py."""
+    from services.harness import LocalHAProxy, find_haproxy
+
+    try:
+        binary = find_haproxy()
+    except FileNotFoundError as e:
+        pytest.skip(f"{e}; scripts/setup.sh could not install it here")
+    check = subprocess.run([binary, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    deployed = haproxy_lines(HAPROXY_CFG.read_text())
+    local = haproxy_lines(LocalHAProxy(tmp_path, [8001, 8002], port=8000, binary=binary).config())
+    shared = ("mode ", "timeout ", "retries ", "option redispatch", "retry-on ", "balance ", "option httpchk",
+              "http-check ", "http-request ", "default-server ")  # fmt: skip
+    for line in (line for line in local if line.startswith(shared)):
+        assert any(d.startswith(line) for d in deployed), f"deploy/haproxy.cfg lacks `{line}` (LocalHAProxy has it)"
 
 
 def test_workers_wait_for_redis(services: dict[str, dict[str, Any]]) -> None:
