@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import threading
 import time
@@ -243,19 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--object-store-mb", type=int, default=80, help="object store of each node")
     p.add_argument("--health-check-ms", type=int, default=500, help="GCS health check period (3 missed: dead)")
     args = p.parse_args(argv)
-    # the Ray driver and the node processes (children of this one) print to fd 1: send it to stderr while
-    # measuring, so that stdout is the JSON alone
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="ray_nodes_") as tmp:
-            out = measure_ray_nodes(Path(tmp), args.users, args.items, args.workers, args.actors, args.chunk,
-                                    args.object_store_mb, args.health_check_ms)  # fmt: skip
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+    from benchmarks.scale_out import stdout_to_stderr
+
+    # the Ray driver and the node processes (children of this one) print to fd 1: stdout is the JSON alone
+    with stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="ray_nodes_") as tmp:
+        out = measure_ray_nodes(Path(tmp), args.users, args.items, args.workers, args.actors, args.chunk,
+                                args.object_store_mb, args.health_check_ms)  # fmt: skip
     print(json.dumps(out, indent=2))
 
 

@@ -19,9 +19,18 @@ Then one primary is SIGKILLed; its replica is promoted by the cluster. Measured:
   a full refresh replaces every history with the dataset's (by design), which would erase the events of this
   run and make the event ledger meaningless.
 
+Then, in the same run, two more parts of the scale-out (each its own module, skipped with ``--skip-replicas`` /
+``--skip-ray``):
+- **API replicas behind HAProxy** (`benchmarks.replicas`): the max rate with p99 under the request budget for 1 and
+  2 replicas (``replicas_1_max_rps``, ``replicas_2_max_rps``, ``replicas_ratio``), then one replica stopped
+  gracefully (``replica_graceful_stop_client_errors``) and one SIGKILLed (``replica_kill_client_errors``,
+  ``replica_kill_reroute_s``: kill -> the balancer's health check marks it down) under load;
+- **multi-node Ray** (`benchmarks.ray_nodes`): the refresh on a Ray cluster of ``ray_nodes`` worker nodes with
+  one node hosting an engine actor killed mid-refresh (``ray_node_kill_completed``: complete, published once,
+  entries identical to one process).
+
 The world is synthetic and built here (a random catalogue, a random-init OneRec and a tiny random-init
-think model): this measures the serving and storage path under a failover, not recommendation quality.
-Not measured here (issue items not built yet): API replicas behind a load balancer, multi-node Ray.
+think model): this measures the serving and storage path under faults, not recommendation quality.
 """
 
 from __future__ import annotations
@@ -32,9 +41,12 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +203,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 -> 2 meanwhile: Ray's driver and node processes print there, and stdout is the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scale_out", description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, default=300, help="users of the synthetic world (all requested in turn)")
@@ -204,14 +230,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refresh-throttle-s", type=float, default=0.3, help="pause per refresh chunk (spans the kill)")
     p.add_argument("--refresh-timeout-s", type=float, default=600.0, help="longest wait for the refresh to end")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="longest wait for the API's /readyz")
+    p.add_argument("--skip-replicas", action="store_true", help="skip the API replicas part (benchmarks.replicas)")
+    p.add_argument("--skip-ray", action="store_true", help="skip the multi-node Ray part (benchmarks.ray_nodes)")
+    p.add_argument("--ray-users", type=int, default=80, help="users of the multi-node Ray refresh")
     p.add_argument("--no-write", action="store_true", help="print, do not write docs/results/scale_out.json")
     args = p.parse_args(argv)
+    t0 = time.monotonic()
     out = run(args)
+    if not args.skip_replicas:
+        from benchmarks.replicas import measure_replicas
+
+        with tempfile.TemporaryDirectory(prefix="scale_out_replicas_") as tmp:
+            out |= measure_replicas(Path(tmp), users=args.users, items=args.items, ready_timeout_s=args.ready_timeout_s)
+    if not args.skip_ray:
+        from benchmarks.ray_nodes import measure_ray_nodes
+
+        with tempfile.TemporaryDirectory(prefix="scale_out_ray_") as tmp, stdout_to_stderr():
+            out |= measure_ray_nodes(Path(tmp), args.ray_users)
+    out["wall_s_all"] = round(time.monotonic() - t0, 1)
     print(json.dumps(out, indent=2))
     if not args.no_write:
         note = (f"not Beauty (the dataset field is only the default label): a synthetic world of {args.users} users "
                 f"and {args.items} items (random catalogue, random-init OneRec, tiny think model), measuring the "
-                "serving and storage path under a primary SIGKILL, not quality; all processes and the 6 redis-server "
+                "serving and storage path under a primary SIGKILL, a replica stop/kill behind HAProxy and a Ray node "
+                "kill, not quality; all processes (6 redis-server, API replicas, Ray nodes) "
                 "on one shared 2-core machine (load_avg_1m_start: its load; fallbacks before the kill are the "
                 "model missing its 50 ms budget on that load)")
         write_result("scale_out", out, note=note)
