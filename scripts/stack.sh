@@ -118,8 +118,9 @@ base_images() {
   fi
   docker build -q -t "$LOCAL/python:3.11" -f docker/base/python.Dockerfile docker/base >/dev/null
   docker build -q -t "$LOCAL/redis:7" -f docker/base/redis.Dockerfile docker/base >/dev/null
-  export PYTHON_IMAGE="$LOCAL/python:3.11" REDIS_IMAGE="$LOCAL/redis:7"
-  log "base images: $PYTHON_IMAGE, $REDIS_IMAGE"
+  docker build -q -t "$LOCAL/haproxy:2" -f docker/base/haproxy.Dockerfile docker/base >/dev/null
+  export PYTHON_IMAGE="$LOCAL/python:3.11" REDIS_IMAGE="$LOCAL/redis:7" HAPROXY_IMAGE="$LOCAL/haproxy:2"
+  log "base images: $PYTHON_IMAGE, $REDIS_IMAGE, $HAPROXY_IMAGE"
 }
 
 # --- 4. build inputs (docker/build/, git-ignored) and the project images -------------------------------
