@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="longest wait for the API's /readyz")
     p.add_argument("--skip-replicas", action="store_true", help="skip the API replicas part (benchmarks.replicas)")
     p.add_argument("--skip-ray", action="store_true", help="skip the multi-node Ray part (benchmarks.ray_nodes)")
+    p.add_argument("--replica-rates", type=lambda v: [float(x) for x in v.split(",")],
+                   default=[50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500],
+                   help="offered rates of the 1- and 2-replica sweeps (comma-separated, increasing)")
     p.add_argument("--ray-users", type=int, default=80, help="users of the multi-node Ray refresh")
     p.add_argument("--no-write", action="store_true", help="print, do not write docs/results/scale_out.json")
     args = p.parse_args(argv)
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.replicas import measure_replicas
 
         with tempfile.TemporaryDirectory(prefix="scale_out_replicas_") as tmp:
-            out |= measure_replicas(Path(tmp), users=args.users, items=args.items, ready_timeout_s=args.ready_timeout_s)
+            out |= measure_replicas(Path(tmp), users=args.users, items=args.items, rates=args.replica_rates,
+                                    ready_timeout_s=args.ready_timeout_s)
     if not args.skip_ray:
         from benchmarks.ray_nodes import measure_ray_nodes
 
