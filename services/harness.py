@@ -96,6 +96,17 @@ def find_redis_server() -> str:
     return path
 
 
+def terminate(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM a child that still runs, SIGKILL it after `grace_s`; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace_s)
+
+
 class RedisServer:
     """A redis-server subprocess on a fixed localhost port and data folder, restartable on both.
 
@@ -167,12 +178,7 @@ class RedisServer:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc)
         self.proc = None
 
 
@@ -591,13 +597,7 @@ class LocalHAProxy:
         """Stop HAProxy (SIGTERM, SIGKILL after 5 s); safe to call twice."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc)
         self.proc = None
 
 

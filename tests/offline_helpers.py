@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +69,27 @@ def build_world(root: Path, n_items: int = 160, n_users: int = 40, seed: int = 0
                               intermediate=128, max_positions=512, seed=seed)  # fmt: skip
         build_tiny_base(list(titles.values()), sid, model_dir, tiny)
     return TinyWorld(root, model_dir, sid_dir, data_dir, sid, sequences)
+
+
+def one_process_refresh(world: TinyWorld, client: Any, ns: str, cfg: Any, opts: Any, key: dict[str, Any]
+                        ) -> tuple[Any, Any, str]:  # fmt: skip
+    """The Ray tests' reference: every user of `world` refreshed in one process by the HF engine with one torch
+    thread (like a Ray actor with num_cpus=1: the same float sums) into namespace ``<ns>_one``; published.
+    Returns (store, plan, model id)."""
+    import torch
+
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.refresh import offline_histories, plan_refresh, run_shard
+    from services.store import ThinkStore
+
+    hist = offline_histories(world.sequences)
+    threads = torch.get_num_threads()
+    try:
+        engine = HFEngine(world.model_dir, world.sid_dir, cfg, batch_size=8, threads=1)
+        store = ThinkStore(client, f"{ns}_one")
+        plan = plan_refresh(store, hist, engine.model_id, key, opts)
+        report = run_shard(store, engine, world.sid, hist, plan, opts)
+    finally:
+        torch.set_num_threads(threads)
+    assert report.published
+    return store, plan, engine.model_id

@@ -14,14 +14,12 @@ from typing import Any
 
 import pytest
 import redis
-import torch
-from offline_helpers import TinyWorld, build_world
+from offline_helpers import TinyWorld, build_world, one_process_refresh
 
 from benchmarks.ray_nodes import alive_nodes, chunk_actors, entries, ray_cluster, refresh_with_node_kill
 from offline_worker.engine_interface import EngineConfig
-from offline_worker.hf_engine import HFEngine
 from offline_worker.ray_refresh import EngineSpec, RayOptions, run_ray
-from offline_worker.refresh import RefreshOptions, offline_histories, plan_refresh, run_shard
+from offline_worker.refresh import RefreshOptions, offline_histories, plan_refresh
 from services.store import ThinkStore
 
 ray = pytest.importorskip("ray")
@@ -42,18 +40,10 @@ def test_ray_refresh_on_three_nodes_survives_a_killed_worker_node_and_matches_on
     users = sorted(hist)
     key = {"engine": "hf", "greedy": True}
 
-    threads = torch.get_num_threads()  # one torch thread, like a Ray actor with num_cpus=1: the same float sums
-    try:
-        engine = HFEngine(world.model_dir, world.sid_dir, CFG, batch_size=8, threads=1)
-        single = ThinkStore(redis_client, f"{ns}_one")
-        plan1 = plan_refresh(single, hist, engine.model_id, key, opts)
-        rep1 = run_shard(single, engine, world.sid, hist, plan1, opts)
-    finally:
-        torch.set_num_threads(threads)
-    assert rep1.published
+    single, plan1, model_id = one_process_refresh(world, redis_client, ns, CFG, opts, key)
 
     store = ThinkStore(redis_client, ns)
-    plan = plan_refresh(store, hist, engine.model_id, key, opts)
+    plan = plan_refresh(store, hist, model_id, key, opts)
     assert plan.version == plan1.version
     chunks = len(plan.chunks())
     assert chunks >= 8  # many chunks, so that a kill after the first one lands mid-refresh

@@ -14,13 +14,11 @@ from typing import Any
 
 import pytest
 import redis
-import torch
-from offline_helpers import TinyWorld, build_world
+from offline_helpers import TinyWorld, build_world, one_process_refresh
 
 from offline_worker.engine_interface import EngineConfig
-from offline_worker.hf_engine import HFEngine
 from offline_worker.ray_refresh import EngineSpec, RayOptions, run_ray
-from offline_worker.refresh import RefreshOptions, offline_histories, plan_refresh, run_shard
+from offline_worker.refresh import RefreshOptions, offline_histories, plan_refresh
 from services.store import ThinkStore
 
 pytest.importorskip("ray")
@@ -49,19 +47,10 @@ def test_ray_refresh_with_two_actors_matches_one_process_survives_a_killed_actor
     users = sorted(hist)
     key = {"engine": "hf", "greedy": True}
 
-    # one process (one torch thread, like a Ray actor with num_cpus=1: the same float sums)
-    threads = torch.get_num_threads()
-    try:
-        engine = HFEngine(world.model_dir, world.sid_dir, CFG, batch_size=8, threads=1)
-        single = ThinkStore(redis_client, f"{ns}_one")
-        plan1 = plan_refresh(single, hist, engine.model_id, key, opts)
-        rep1 = run_shard(single, engine, world.sid, hist, plan1, opts)
-    finally:
-        torch.set_num_threads(threads)
-    assert rep1.published
+    single, plan1, model_id = one_process_refresh(world, redis_client, ns, CFG, opts, key)
 
     store = ThinkStore(redis_client, ns)
-    plan = plan_refresh(store, hist, engine.model_id, key, opts)
+    plan = plan_refresh(store, hist, model_id, key, opts)
     assert plan.version == plan1.version  # same inputs, same version name
     spec = EngineSpec("hf", str(world.model_dir), str(world.sid_dir), CFG, None, hf_batch_size=8)
     marker = tmp_path / "actor-killed"
