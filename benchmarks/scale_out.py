@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.fault_load import LoadProcess, event_ledger, recovery_after
+from benchmarks.replicas import replica_env
 from services.harness import PY, ROOT, free_port, process, redis_cluster, uvicorn_cmd, wait_http
 from services.results import write_result
 
@@ -126,9 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         initial = {u: world["seqs"][u][-args.history_max :] for u in event_users}
         out["cluster_nodes"] = len(cluster.nodes)
         out["cluster_primaries"] = len(cluster.primaries())
-        env = {"ONEREC_REDIS_URL": cluster.url, "ONEREC_NAMESPACE": NS, "ONEREC_DATA_DIR": str(world["data"]),
-               "ONEREC_ONEREC_DIR": str(world["onerec"]), "ONEREC_HISTORY_MAX": str(args.history_max),
-               "ONEREC_BEAM": "10", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        env = replica_env(cluster.url, NS, world["data"], world["onerec"], history_max=str(args.history_max))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         with process(uvicorn_cmd("online_api.app:create_app", port), env, root / "api.log") as api:
