@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None, *, loader: ModelLoader | None =
                 with suppress(asyncio.CancelledError, Exception):
                     await t
             if state.batcher is not None:
-                await asyncio.to_thread(state.batcher.stop)
+                await state.batcher.aclose()
             if state.loaded is not None:
                 await asyncio.to_thread(state.loaded.close)
             gc.unfreeze()  # collectable again (matters where apps come and go in one process: tests)

@@ -178,15 +178,21 @@ class MicroBatcher:
             raise DeadlineExceeded("no budget left for the model")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Scored] = loop.create_future()
-        job = _Job(kind, history, prefixes, policy, k, exclude or set(), deadline, loop, fut)
-        try:
-            self._q.put_nowait(job)
-        except queue.Full:
-            raise Overloaded(f"model queue full ({self._q.maxsize} jobs)") from None
+        self._enqueue(_Job(kind, history, prefixes, policy, k, exclude or set(), deadline, loop, fut))
         try:
             return await asyncio.wait_for(fut, timeout=remaining)
         except TimeoutError:
             raise DeadlineExceeded("model answer did not arrive within the budget") from None
+
+    def _enqueue(self, job: _Job) -> None:
+        try:
+            self._q.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"model queue full ({self._q.maxsize} jobs)") from None
+
+    async def aclose(self) -> None:
+        """`stop` from the event loop (the lifespan's shutdown)."""
+        await asyncio.to_thread(self.stop)
 
     # ---------------------------------------------------------------- model thread
     @staticmethod
@@ -233,26 +239,31 @@ class MicroBatcher:
                 return
             batch, stop = self._collect(first)
             self._last_size = len(batch)
-            now = time.perf_counter()
-            live: list[_Job] = []
-            for job in batch:
-                if job.future.done():  # caller timed out or was cancelled
-                    continue
-                if job.deadline <= now:
-                    self._fail(job, DeadlineExceeded("deadline passed while queued"))
-                    continue
-                if self.on_wait is not None:
-                    self.on_wait(now - job.enqueued)
-                live.append(job)
-            if self.admit_by_expected:
-                live = self._admit(live, now)
-            groups: dict[tuple[Kind, PolicyConfig], list[_Job]] = {}
-            for job in live:  # "complete" jobs first (think-ahead answers), then "full"
-                groups.setdefault((job.kind, job.policy), []).append(job)
-            for (kind, policy), group in sorted(groups.items(), key=lambda kv: kv[0][0] != "complete"):
+            for (kind, policy), group in self._triage(batch):
                 self._run_group(model, kind, policy, group)
             if stop or self._stopping:
                 return
+
+    def _triage(self, batch: list[_Job]) -> list[tuple[tuple[Kind, PolicyConfig], list[_Job]]]:
+        """Drop the jobs whose caller gave up, fail the expired ones and those below the expected model time;
+        group the rest by (kind, policy), "complete" jobs (think-ahead answers) first."""
+        now = time.perf_counter()
+        live: list[_Job] = []
+        for job in batch:
+            if job.future.done():  # caller timed out or was cancelled
+                continue
+            if job.deadline <= now:
+                self._fail(job, DeadlineExceeded("deadline passed while queued"))
+                continue
+            if self.on_wait is not None:
+                self.on_wait(now - job.enqueued)
+            live.append(job)
+        if self.admit_by_expected:
+            live = self._admit(live, now)
+        groups: dict[tuple[Kind, PolicyConfig], list[_Job]] = {}
+        for job in live:
+            groups.setdefault((job.kind, job.policy), []).append(job)
+        return sorted(groups.items(), key=lambda kv: kv[0][0] != "complete")
 
     def _admit(self, jobs: list[_Job], now: float) -> list[_Job]:
         """Fail the jobs whose budget left is below the expected model time of their kind. If that would
@@ -274,31 +285,43 @@ class MicroBatcher:
             keep += ok
         return keep
 
-    def _run_group(self, model: OnlineModel, kind: Kind, policy: PolicyConfig, jobs: list[_Job]) -> None:
+    @staticmethod
+    def call_of(kind: Kind, policy: PolicyConfig, jobs: Sequence[_Job]) -> tuple[str, tuple[object, ...]]:
+        """The one model call (method name, arguments) that answers `jobs` (one kind, one policy)."""
         k = max(j.k for j in jobs)
         deadline = max(j.deadline for j in jobs)  # each caller enforces its own; one late job must not fail all
         histories = [j.history for j in jobs]
         exclude = [j.exclude for j in jobs]
+        if kind == "complete":
+            return "complete", (histories, [j.prefixes or [] for j in jobs], k, policy, exclude, deadline)
+        return "decode_full", (histories, k, policy.beam_for(k), exclude, deadline)
+
+    def _observe(self, kind: Kind, size: int, dt: float) -> None:
+        """A batch of `kind` took `dt` model seconds: update the expected time and report it."""
+        old = self.expected_s.get(kind)  # one stall (GC, a busy host) moves it by at most 4x old / 5
+        self.expected_s[kind] = dt if old is None else 0.8 * old + 0.2 * min(dt, 4 * old)
+        if self.on_batch is not None:
+            self.on_batch(kind, size, dt)
+
+    @staticmethod
+    def _log_failure(kind: Kind, size: int, e: BaseException) -> None:
+        if isinstance(e, ModelUnavailable):
+            log.warning("model %s unavailable for a batch of %d: %s", kind, size, e)
+        elif not isinstance(e, DeadlineExceeded):
+            log.error("model %s failed on a batch of %d", kind, size, exc_info=e)
+
+    def _run_group(self, model: OnlineModel, kind: Kind, policy: PolicyConfig, jobs: list[_Job]) -> None:
+        name, args = self.call_of(kind, policy, jobs)
         t0 = time.perf_counter()
         try:
             with self._inference():
-                if kind == "complete":
-                    out = model.complete(histories, [j.prefixes or [] for j in jobs], k, policy, exclude, deadline)
-                else:
-                    out = model.decode_full(histories, k, policy.beam_for(k), exclude, deadline)
+                out: list[Scored] = getattr(model, name)(*args)
         except Exception as e:  # noqa: BLE001 - every job gets the error; callers fall back
-            if isinstance(e, ModelUnavailable):
-                log.warning("model %s unavailable for a batch of %d: %s", kind, len(jobs), e)
-            elif not isinstance(e, DeadlineExceeded):
-                log.exception("model %s failed on a batch of %d", kind, len(jobs))
+            self._log_failure(kind, len(jobs), e)
             for j in jobs:
                 self._fail(j, e)
             return
         finally:
-            dt = time.perf_counter() - t0
-            old = self.expected_s.get(kind)  # one stall (GC, a busy host) moves it by at most 4x old / 5
-            self.expected_s[kind] = dt if old is None else 0.8 * old + 0.2 * min(dt, 4 * old)
-            if self.on_batch is not None:
-                self.on_batch(kind, len(jobs), dt)
+            self._observe(kind, len(jobs), time.perf_counter() - t0)
         for j, res in zip(jobs, out, strict=True):
             self._post(j, res[: j.k], None)

@@ -236,6 +236,25 @@ class ProcessModel:
             break
         self._restarting = False
 
+    # ---------------------------------------------------------------- driven by an event loop (`loop_batcher`)
+    def connection(self) -> Connection | None:
+        """The pipe to the live child (None while one starts): an event loop sends a call on it and reads the
+        answer when it is readable (`online_api.loop_batcher`), instead of a thread blocking in `_call`."""
+        return self._conn
+
+    def lost(self, conn: Connection, why: BaseException) -> None:
+        """The child behind `conn` died or hangs: kill it and start a new one in the background (nothing
+        happens if `conn` was already replaced)."""
+        with self._lock:
+            if self._conn is conn:
+                self._died(why)
+
+    def on_standby(self, name: str, args: tuple[Any, ...], why: str) -> list[Scored]:
+        """Run one call on the standby model in this process (or raise `ModelUnavailable`)."""
+        if name not in _METHODS:
+            raise ValueError(f"unknown model method {name!r}")
+        return self._on_standby(name, args, {}, why)
+
     # ---------------------------------------------------------------- OnlineModel
     def _call(self, name: str, deadline: float | None, *args: Any, **kwargs: Any) -> list[Scored]:
         with self._lock:

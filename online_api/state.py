@@ -19,6 +19,7 @@ from model.trie import CodeTrie
 from online_api.batching import MicroBatcher, OnlineModel
 from online_api.complete import Completer, RedisBreaker
 from online_api.events import PendingEvents
+from online_api.loop_batcher import LoopBatcher
 from online_api.metrics import Metrics
 from online_api.model_process import ProcessModel, warm_up
 from services.catalog import Catalog
@@ -45,7 +46,7 @@ class LoadedModel:
 
     @property
     def extra_models(self) -> list[ProcessModel]:
-        """Model processes after the first: one more batcher thread each."""
+        """Model processes after the first (with ``model_handoff=thread``: one more batcher thread each)."""
         return self.processes[1:]
 
     @property
@@ -118,9 +119,15 @@ class AppState:
 
     def attach(self, loaded: LoadedModel) -> None:
         """Model is loaded: start its thread and let the completer use it."""
-        batcher = MicroBatcher.from_settings(loaded.model, self.settings, on_batch=self._on_batch,
-                                             on_wait=self.metrics.queue_wait.observe, extra_models=loaded.extra_models)
-        batcher.start()
+        batcher: MicroBatcher
+        if loaded.processes and self.settings.model_handoff == "loop":
+            batcher = LoopBatcher.for_processes(loaded.processes, self.settings, on_batch=self._on_batch,
+                                                on_wait=self.metrics.queue_wait.observe)
+        else:
+            batcher = MicroBatcher.from_settings(loaded.model, self.settings, on_batch=self._on_batch,
+                                                 on_wait=self.metrics.queue_wait.observe,
+                                                 extra_models=loaded.extra_models)
+        batcher.start()  # on the event loop: the lifespan calls `attach` there
         # every answer lists each item's codes: one dict lookup instead of a numpy row per item and request
         self._codes = {int(i): c for i, c in zip(loaded.sid.item_ids.tolist(), loaded.sid.codes.tolist(), strict=True)}
         self.batcher, self.loaded = batcher, loaded

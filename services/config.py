@@ -89,8 +89,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the online model")
     model_process: bool = Field(True, description="run the online model in a child process (its own GIL, restarted "
                                                   "if it dies); False: on a thread of the API process")
-    model_processes: int = Field(1, ge=1, le=16, description="model child processes (each with a batcher thread), "
-                                                             "used when model_process is true")
+    model_processes: int = Field(1, ge=1, le=16, description="model child processes, used when model_process is "
+                                                             "true")
+    model_handoff: Literal["loop", "thread"] = Field(
+        "loop", description="how requests reach the model processes: loop = the event loop writes and reads their "
+                            "sockets (two wake-ups per answer); thread = a batcher thread per process, as before")
     api_key: str | None = Field(None, description="if set, requests need header X-API-Key")
     max_request_history: int = Field(200, ge=1, le=1000, description="longest history a request may carry")
     batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.onerec.config import DeadlineExceeded, OneRecConfig
@@ -49,6 +50,14 @@ class OneRec:
         self._no_root = self.child[0][0] < 0  # (K,) level-a codes absent from the trie
         self.K = sid.codebook_size
         self.row_of = {int(i): r for r, i in enumerate(sid.item_ids)}
+        # item id -> row + 1 (0: not in the catalogue) for ids up to the largest one (`_known_rows`); none for
+        # catalogues with sparse huge ids (the dict serves them)
+        top = int(sid.item_ids.max(initial=-1))
+        self._row_lut: np.ndarray | None = None
+        if top < max(16 * len(sid), 1 << 20):
+            self._row_lut = np.zeros(top + 1, dtype=np.int64)
+            ok = sid.item_ids >= 0
+            self._row_lut[sid.item_ids[ok]] = np.flatnonzero(ok) + 1
         self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
 
     @staticmethod
@@ -80,18 +89,32 @@ class OneRec:
 
     # ---------------------------------------------------------------- helpers
     def _rows(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Left-padded (B, T) item rows + 1 of the last max_len known items (T = longest, >= 1)."""
-        known = []
-        for hist in histories:
-            rows = [self.row_of[i] + 1 for i in hist if i in self.row_of]
-            self.unknown_items += len(hist) - len(rows)
-            known.append(rows[-self.cfg.max_len :])
+        """Left-padded (B, T) item rows + 1 of the last max_len known items (T = longest, >= 1).
+
+        Built in numpy from a lookup table (item id -> row + 1, 0 = unknown) and handed to torch once: a
+        serving call pays a few numpy calls here instead of a dict lookup per item and two tensor builds."""
+        known = [self._known_rows(hist)[-self.cfg.max_len :] for hist in histories]
         T = max(1, max((len(r) for r in known), default=1))
-        out = torch.zeros(len(histories), T, dtype=torch.long)
+        out = np.zeros((len(histories), T), dtype=np.int64)
         for b, rows in enumerate(known):
-            if rows:
-                out[b, T - len(rows) :] = torch.tensor(rows)
-        return out
+            if len(rows):
+                out[b, T - len(rows) :] = rows
+        return torch.from_numpy(out)
+
+    def _known_rows(self, hist: Sequence[int]) -> np.ndarray:
+        """Rows + 1 of the catalogue items of `hist`, in order; unknown ids are dropped and counted."""
+        lut = self._row_lut
+        try:
+            ids = None if lut is None else np.asarray(hist, dtype=np.int64).reshape(-1)
+        except (OverflowError, TypeError, ValueError):  # ids outside int64: the dict decides
+            ids = None
+        if ids is None or lut is None:
+            rows = np.array([self.row_of[i] + 1 for i in hist if i in self.row_of], dtype=np.int64)
+        else:
+            rows = lut[ids[(ids >= 0) & (ids < len(lut))]]
+            rows = rows[rows > 0]
+        self.unknown_items += len(hist) - len(rows)
+        return rows
 
     def _last_hidden(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         return self.net.encode_last(self._rows(histories))  # (B, D)
