@@ -192,3 +192,41 @@ def test_killed_item_token_run_resumes_to_the_same_weights(world: Path, monkeypa
     assert a[2] == b[2] and b[2].has_items
     for (n, p), (_, q) in zip(a[0].named_parameters(), b[0].named_parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_item_step_scale_keeps_or_slows_the_item_rows(world: Path) -> None:
+    """`--item-step-scale 0` trains everything but the warm-started item rows; a scale s moves the rows s of
+    the way of the optimizer's step (`model.think.fit.scaled_item_step`)."""
+    from model.think.fit import scaled_item_step
+
+    common = ["--data-dir", str(world / "data"), "--sid-dir", str(world / "sid")]
+    out = world / "fixed-rows"
+    train_main(["align", "--init", str(world / "base"), "--out", str(out), "--tasks", "seq", "--warmup-steps", "0",
+                "--refit-epochs", "1", "--batch-size", "4", "--no-bf16", "--item-tokens", "--item-init",
+                str(world / "onerec"), "--item-step-scale", "0", "--max-len", "400", *common])
+    fixed, _, tm = load_think(out)
+    moved, _, _ = load_think(world / "items")  # the same recipe with the plain step (scale 1)
+    sid = tiny_sid()
+    fixed_rows = load_head(out, sid, fixed, tm).weight  # type: ignore[union-attr]
+    moved_rows = load_head(world / "items", sid, moved, tm).weight  # type: ignore[union-attr]
+    table = onerec_item_table(world / "onerec", sid)
+
+    def is_warm_start(rows: torch.Tensor) -> bool:
+        """The warm start keeps every dot product of the OneRec table up to one scale (`project_items`)."""
+        gram, want = rows.detach() @ rows.detach().T, table @ table.T
+        return torch.allclose(gram, want * (gram.trace() / want.trace()), atol=1e-4)
+
+    assert is_warm_start(fixed_rows)  # never moved
+    assert not is_warm_start(moved_rows)  # the plain step moves them
+    base, _, _ = load_think(world / "base")
+    norm_w = "model.norm.weight"
+    assert not torch.equal(dict(fixed.named_parameters())[norm_w], dict(base.named_parameters())[norm_w])
+
+    # one step, by hand: s = 0.5 lands half way
+    head = TiedItemHead(fixed, tm)
+    before = head.weight.detach().clone()
+    opt = torch.optim.SGD([fixed.get_input_embeddings().weight], lr=1.0)
+    fixed.get_input_embeddings().weight.grad = torch.ones_like(fixed.get_input_embeddings().weight)
+    with scaled_item_step(head, 0.5):
+        opt.step()
+    assert torch.allclose(head.weight, before - 0.5, atol=1e-6)

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the model one token per item, read after each history item and tied to the item head")
     a.add_argument("--item-init", type=Path, default=None,
                    help="with --item-tokens: OneRec checkpoint folder whose item embeddings initialise the rows")
+    a.add_argument("--item-step-scale", type=float, default=f.item_step_scale,
+                   help="with --item-tokens: the item rows move by this share of each optimizer step (0 = fixed)")
     a.add_argument("--item-loss-weight", type=float, default=f.item_loss_weight, help="item-head loss weight")
     a.add_argument("--item-score-weight", type=float, default=1.0, help="item-head weight when re-ranking leaves")
     a.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=f.bf16, help="bf16 autocast (CPU)")
