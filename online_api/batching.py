@@ -77,6 +77,7 @@ class _Job:
 
 
 BatchHook = Callable[[Kind, int, float], None]  # (kind, size, model seconds)
+Group = tuple[Kind, PolicyConfig]  # jobs answered by one model call
 WaitHook = Callable[[float], None]  # queue wait in seconds
 
 
@@ -244,9 +245,10 @@ class MicroBatcher:
             if stop or self._stopping:
                 return
 
-    def _triage(self, batch: list[_Job]) -> list[tuple[tuple[Kind, PolicyConfig], list[_Job]]]:
+    def _triage(self, batch: list[_Job], observe_wait: bool = True) -> list[tuple[Group, list[_Job]]]:
         """Drop the jobs whose caller gave up, fail the expired ones and those below the expected model time;
-        group the rest by (kind, policy), "complete" jobs (think-ahead answers) first."""
+        group the rest by (kind, policy), "complete" jobs (think-ahead answers) first. `observe_wait`: report
+        each kept job's queue wait now (a caller that runs only some groups reports them itself)."""
         now = time.perf_counter()
         live: list[_Job] = []
         for job in batch:
@@ -255,12 +257,12 @@ class MicroBatcher:
             if job.deadline <= now:
                 self._fail(job, DeadlineExceeded("deadline passed while queued"))
                 continue
-            if self.on_wait is not None:
+            if observe_wait and self.on_wait is not None:
                 self.on_wait(now - job.enqueued)
             live.append(job)
         if self.admit_by_expected:
             live = self._admit(live, now)
-        groups: dict[tuple[Kind, PolicyConfig], list[_Job]] = {}
+        groups: dict[Group, list[_Job]] = {}
         for job in live:
             groups.setdefault((job.kind, job.policy), []).append(job)
         return sorted(groups.items(), key=lambda kv: kv[0][0] != "complete")

@@ -132,7 +132,7 @@ class LoopBatcher(MicroBatcher):
                 continue
             while self._waiting:
                 batch = [self._waiting.popleft() for _ in range(min(self.batch_max, len(self._waiting)))]
-                groups = self._triage(batch)
+                groups = self._triage(batch, observe_wait=False)  # the others go back: reported when sent
                 if not groups:
                     continue  # all dropped or failed: look at the next ones
                 (kind, policy), jobs = groups[0]
@@ -145,6 +145,9 @@ class LoopBatcher(MicroBatcher):
 
     def _send(self, slot: _Slot, kind: Kind, policy: PolicyConfig, jobs: list[_Job]) -> None:
         slot.jobs, slot.kind, slot.call, slot.t0 = jobs, kind, self.call_of(kind, policy, jobs), time.perf_counter()
+        if self.on_wait is not None:
+            for j in jobs:
+                self.on_wait(slot.t0 - j.enqueued)
         conn = slot.model.connection()
         if conn is None:
             self._run_on_standby(slot, "model process is starting")

@@ -109,15 +109,18 @@ def test_jobs_that_wait_for_a_busy_child_go_in_one_call(world: TinyWorld, redis_
         conn = CountingConn(pm._conn)
         pm._conn = conn  # type: ignore[assignment]
         sizes: list[int] = []
+        waits: list[float] = []
 
         async def run() -> list[list[tuple[int, float]]]:
             async with batching(pm) as b:
                 b.on_batch = lambda kind, size, s: sizes.append(size)
+                b.on_wait = waits.append
                 deadline = time.perf_counter() + 5
                 jobs = [b.submit("full", world.sequences[u], 5, deadline, POLICY) for u in users]
                 got = list(await asyncio.gather(*jobs))
                 # the first job finds the child idle and goes alone; the other four waited and go together
                 assert sizes == [1, 4] and conn.calls == {"send": 2, "recv": 2}
+                assert len(waits) == 5 and all(w >= 0 for w in waits)  # each job's queue wait reported once
                 return got
 
         got = asyncio.run(run())
