@@ -13,7 +13,9 @@ code beam, and from the item head's probability mass per prefix) and for the onl
         --onerec artifacts/onerec/current --p 16,32,64 --sample 2000 --out-json docs/think/prefix_recall.json
 
 `--stale` feeds the think model the history without its newest item (what the offline tier saw at
-refresh time); the online model always reads the fresh history. Not here: the offline engine, the metric.
+refresh time); the online model reads the fresh history, and with `--onerec-stale` also the staler one (the
+same information as the think model: what staleness alone costs). `--checkpoint ''` skips the think model.
+Not here: the offline engine, the metric.
 """
 
 from __future__ import annotations
@@ -47,13 +49,16 @@ def main(argv: list[str] | None = None) -> None:
 
     s = get_settings()
     p = argparse.ArgumentParser(prog="python -m evaluation prefix-recall", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think folder")
-    p.add_argument("--onerec", type=Path, default=s.resolved("onerec"), help="online OneRec checkpoint ('' = skip)")
+    # str, not Path: Path('') is '.', and '' means "skip this model"
+    p.add_argument("--checkpoint", default=str(s.resolved("think")), help="OneRec-Think folder ('' = skip)")
+    p.add_argument("--onerec", default=str(s.resolved("onerec")), help="online OneRec checkpoint ('' = skip)")
     p.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
     p.add_argument("--split", choices=["valid", "test"], default="test", help="held-out item")
     p.add_argument("--p", default="16,32,64", help="comma list of cached set sizes P (served: T x m = 2 x 16)")
     p.add_argument("--mode", choices=["think", "direct", "auto"], default="auto", help="think model mode")
     p.add_argument("--stale", action="store_true", help="think model reads the history without its newest item")
+    p.add_argument("--onerec-stale", action="store_true",
+                   help="also the online model's own top-P from the staler history (what it would cache itself)")
     p.add_argument("--sample", type=int, default=None, help="fixed random subset of N users (default all)")
     p.add_argument("--seed", type=int, default=0, help="subset seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -66,21 +71,33 @@ def main(argv: list[str] | None = None) -> None:
     ps = sorted(int(x) for x in args.p.split(","))
     ds = load_dataset(args.data_dir)
     ex = subset(ds.splits.test if args.split == "test" else ds.splits.valid, args.sample, args.seed)
-    rec = ThinkRecommender.load(args.checkpoint, think={"think": True, "direct": False, "auto": None}[args.mode])
-    K = rec.sid.codebook_size
-    targets: list[PrefixCodes] = [(int(rec.sid.codes_of(e.target)[0]), int(rec.sid.codes_of(e.target)[1])) for e in ex]
-    t0 = time.perf_counter()
-    hists = [e.history[:-1] if args.stale and len(e.history) > 1 else e.history for e in ex]
-    sets = {f"think_{k}": v for k, v in rec.top_prefixes(hists, max(ps)).items()}
-    secs = {"think": round(time.perf_counter() - t0, 1)}
-    if str(args.onerec):
+    stale = [e.history[:-1] if len(e.history) > 1 else e.history for e in ex]
+    sets: dict[str, list[list[PrefixCodes]]] = {}
+    secs: dict[str, float] = {}
+    rec = None
+    if args.checkpoint:  # '' = the online model only (with --onerec-stale: the staleness cost alone)
+        rec = ThinkRecommender.load(args.checkpoint, think={"think": True, "direct": False, "auto": None}[args.mode])
         t0 = time.perf_counter()
-        sets["onerec"] = onerec_prefixes(OneRec.load(args.onerec), [e.history for e in ex], max(ps))
+        sets |= {f"think_{k}": v for k, v in
+                 rec.top_prefixes(stale if args.stale else [e.history for e in ex], max(ps)).items()}
+        secs["think"] = round(time.perf_counter() - t0, 1)
+    onerec = OneRec.load(args.onerec) if args.onerec else None
+    if onerec is not None:
+        t0 = time.perf_counter()
+        sets["onerec"] = onerec_prefixes(onerec, [e.history for e in ex], max(ps))
         secs["onerec"] = round(time.perf_counter() - t0, 1)
+        if args.onerec_stale:
+            sets["onerec_stale"] = onerec_prefixes(onerec, stale, max(ps))
+    sid = rec.sid if rec is not None else onerec.sid if onerec is not None else None
+    if sid is None:
+        raise SystemExit("nothing to measure: give --checkpoint and/or --onerec")
+    K = sid.codebook_size
+    targets: list[PrefixCodes] = [(int(sid.codes_of(e.target)[0]), int(sid.codes_of(e.target)[1])) for e in ex]
     flat = [a * K + b for a, b in targets]
     doc: dict[str, Any] = {"checkpoint": str(args.checkpoint), "onerec": str(args.onerec), "split": args.split,
                            "users": len(ex), "sample": args.sample, "stale": args.stale,
-                           "think_mode": "think" if rec.think else "direct", "seconds": secs, "recall": {},
+                           "think_mode": None if rec is None else "think" if rec.think else "direct",
+                           "seconds": secs, "recall": {},
                            "paired": {}}
     for P in ps:
         for name, v in sets.items():
