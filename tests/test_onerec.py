@@ -90,6 +90,23 @@ def test_exclusion_and_deadline(trained: tuple[OneRec, Path]) -> None:
         onerec.decode_full([[5, 6, 7]], k=3, beam=5, deadline=0.0)
 
 
+def test_history_rows_from_the_lookup_table_equal_the_dict_path(trained: tuple[OneRec, Path]) -> None:
+    """`_rows` reads item rows from a numpy lookup table; the dict it replaced gives the same rows and counts
+    for unknown, negative and huge ids (one beyond int64 included)."""
+    onerec, _ = trained
+    hists = [[999, 5, 6, 7], [], [-3, 1, 2**40, 2], [3, 2**70, 4]]
+    before = onerec.unknown_items
+    fast = onerec._rows(hists)
+    fast_unknown = onerec.unknown_items - before
+    lut, onerec._row_lut = onerec._row_lut, None
+    try:
+        assert lut is not None
+        slow = onerec._rows(hists)
+    finally:
+        onerec._row_lut = lut
+    assert torch.equal(fast, slow) and fast_unknown == onerec.unknown_items - before - fast_unknown == 4
+
+
 def test_unknown_history_items_are_dropped_and_counted(trained: tuple[OneRec, Path]) -> None:
     onerec, _ = trained
     before = onerec.unknown_items

@@ -54,10 +54,9 @@ class OneRec:
         # catalogues with sparse huge ids (the dict serves them)
         top = int(sid.item_ids.max(initial=-1))
         self._row_lut: np.ndarray | None = None
-        if top < max(16 * len(sid), 1 << 20):
+        if int(sid.item_ids.min(initial=0)) >= 0 and top < max(16 * len(sid), 1 << 20):
             self._row_lut = np.zeros(top + 1, dtype=np.int64)
-            ok = sid.item_ids >= 0
-            self._row_lut[sid.item_ids[ok]] = np.flatnonzero(ok) + 1
+            self._row_lut[sid.item_ids] = np.arange(1, len(sid) + 1)
         self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
 
     @staticmethod
