@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from model.onerec import OneRecConfig, build_model, save_checkpoint
+from model.policy import PolicyConfig
 from model.semantic_ids import SemanticIDConfig, SemanticIDs
 from online_api.app import create_app
+from online_api.model_process import ProcessModel
 from online_api.state import ModelLoader
 from services.config import Settings
 from services.harness import serve_in_thread
@@ -100,3 +103,41 @@ def entry_for(world: TinyWorld, user: int, n_prefixes: int = 3, reasoning: str =
             break
     seq = world.sequences.get(user, [])
     return ThinkEntry(reasoning, prefixes, len(seq), seq[-5:], "think-test", time.time())
+
+
+@contextmanager
+def started_model_process(world: TinyWorld, redis_url: str, ns: str, policy: PolicyConfig,
+                          **kw: Any) -> Iterator[ProcessModel]:
+    """A started `ProcessModel` (the model in a child process) on the tiny checkpoint, with fast restarts;
+    closed afterwards."""
+    pm = ProcessModel(world.checkpoint, make_settings(world, redis_url, ns, model_process=True), policy,
+                      **{"restart_backoff_s": 0.1, **kw})
+    pm.start()
+    try:
+        yield pm
+    finally:
+        pm.close()
+
+
+class CountingConn:
+    """Wraps the parent's end of a model child's pipe and counts the messages each way."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn, self.calls = conn, Counter[str]()
+
+    def send(self, obj: Any) -> None:
+        self.calls["send"] += 1
+        self.conn.send(obj)
+
+    def recv(self) -> Any:
+        self.calls["recv"] += 1
+        return self.conn.recv()
+
+    def poll(self, timeout: float) -> bool:
+        return bool(self.conn.poll(timeout))
+
+    def fileno(self) -> int:
+        return int(self.conn.fileno())
+
+    def close(self) -> None:
+        self.conn.close()

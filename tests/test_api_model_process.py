@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 import redis
-from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, running_app, wait_ready
+from api_support import (
+    TinyWorld,
+    build_tiny_world,
+    entry_for,
+    make_settings,
+    running_app,
+    started_model_process,
+    wait_ready,
+)
 from conftest import RedisServer
 
 from model.onerec import DeadlineExceeded, OneRec
@@ -41,14 +49,9 @@ def _inputs(world: TinyWorld) -> tuple[list[list[int]], list[list[tuple[int, int
 
 @contextmanager
 def started(world: TinyWorld, redis_url: str, ns: str, **kw: Any) -> Iterator[ProcessModel]:
-    """A started `ProcessModel` on the tiny checkpoint (fast restarts), closed afterwards."""
-    pm = ProcessModel(world.checkpoint, make_settings(world, redis_url, ns, model_process=True), POLICY,
-                      **{"restart_backoff_s": 0.1, **kw})
-    pm.start()
-    try:
+    """A started `ProcessModel` on the tiny checkpoint with this file's policy (fast restarts), closed afterwards."""
+    with started_model_process(world, redis_url, ns, POLICY, **kw) as pm:
         yield pm
-    finally:
-        pm.close()
 
 
 def _signal_child(pm: ProcessModel, sig: int) -> int:

@@ -9,13 +9,11 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
-from api_support import TinyWorld, build_tiny_world, entry_for, make_settings
+from api_support import CountingConn, TinyWorld, build_tiny_world, entry_for, started_model_process
 from conftest import RedisServer
 
 from model.onerec import DeadlineExceeded, OneRec
@@ -31,41 +29,6 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     return build_tiny_world(tmp_path_factory.mktemp("tiny"))
-
-
-class CountingConn:
-    """The parent's end of a child's pipe, counting messages each way."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn, self.calls = conn, Counter[str]()
-
-    def send(self, obj: Any) -> None:
-        self.calls["send"] += 1
-        self.conn.send(obj)
-
-    def recv(self) -> Any:
-        self.calls["recv"] += 1
-        return self.conn.recv()
-
-    def fileno(self) -> int:
-        return int(self.conn.fileno())
-
-    def poll(self, timeout: float) -> bool:
-        return bool(self.conn.poll(timeout))
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-@contextmanager
-def child(world: TinyWorld, redis_url: str, ns: str, **kw: Any) -> Iterator[ProcessModel]:
-    pm = ProcessModel(world.checkpoint, make_settings(world, redis_url, ns, model_process=True), POLICY,
-                      **{"restart_backoff_s": 0.1, **kw})
-    pm.start()
-    try:
-        yield pm
-    finally:
-        pm.close()
 
 
 @asynccontextmanager
@@ -87,7 +50,7 @@ def test_one_call_is_one_message_each_way_and_no_model_thread(world: TinyWorld, 
     local = OneRec.load(world.checkpoint)
     hist, prefixes = _user(world, 2)
     want = local.complete([hist], [prefixes], 5, POLICY, [set(hist)], None)[0]
-    with child(world, redis_server.url, ns) as pm:
+    with started_model_process(world, redis_server.url, ns, POLICY) as pm:
         conn = CountingConn(pm._conn)
         pm._conn = conn  # type: ignore[assignment]
 
@@ -105,7 +68,7 @@ def test_one_call_is_one_message_each_way_and_no_model_thread(world: TinyWorld, 
 def test_jobs_that_wait_for_a_busy_child_go_in_one_call(world: TinyWorld, redis_server: RedisServer,
                                                         ns: str) -> None:
     users = [1, 2, 3, 4, 5]
-    with child(world, redis_server.url, ns) as pm:
+    with started_model_process(world, redis_server.url, ns, POLICY) as pm:
         conn = CountingConn(pm._conn)
         pm._conn = conn  # type: ignore[assignment]
         sizes: list[int] = []
@@ -132,7 +95,7 @@ def test_a_child_killed_under_a_call_is_replaced_and_the_standby_answers(world: 
     standby = OneRec.load(world.checkpoint)
     hist, prefixes = _user(world, 3)
     want = standby.complete([hist], [prefixes], 5, POLICY, [set(hist)], None)[0]
-    with child(world, redis_server.url, ns, standby=standby) as pm:
+    with started_model_process(world, redis_server.url, ns, POLICY, standby=standby) as pm:
         first = pm.pid
         assert first is not None
 
@@ -161,7 +124,7 @@ def test_a_child_killed_under_a_call_is_replaced_and_the_standby_answers(world: 
 def test_a_hung_child_is_replaced_after_the_deadline_plus_hang_s(world: TinyWorld, redis_server: RedisServer,
                                                                  ns: str) -> None:
     hist, _ = _user(world, 1)
-    with child(world, redis_server.url, ns, hang_s=0.3) as pm:
+    with started_model_process(world, redis_server.url, ns, POLICY, hang_s=0.3) as pm:
         first = pm.pid
         assert first is not None
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 import torch
-from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, running_app
+from api_support import CountingConn, TinyWorld, build_tiny_world, entry_for, make_settings, running_app
 from conftest import RedisServer
 
 from model.onerec import OneRec
@@ -120,27 +120,6 @@ def test_one_request_is_one_model_call_with_the_apps_policy(world: TinyWorld, re
         served = c.app.state.svc.policy  # type: ignore[attr-defined]
     assert all(p is served for p in models[0].policies)  # the one object the app built, not a copy
     assert nets[0].calls["encode_last"] == 3 and nets[0].calls["level_2"] == 3
-
-
-class CountingConn:
-    """Wraps the parent's end of the model process's pipe and counts messages each way."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn, self.calls = conn, Counter[str]()
-
-    def send(self, obj: Any) -> None:
-        self.calls["send"] += 1
-        self.conn.send(obj)
-
-    def recv(self) -> Any:
-        self.calls["recv"] += 1
-        return self.conn.recv()
-
-    def poll(self, timeout: float) -> bool:
-        return bool(self.conn.poll(timeout))
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 def test_one_batch_is_one_message_each_way_on_the_pipe(world: TinyWorld, redis_server: RedisServer,
