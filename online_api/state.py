@@ -118,7 +118,7 @@ class AppState:
         return self._codes.get(item_id, [])
 
     def attach(self, loaded: LoadedModel) -> None:
-        """Model is loaded: start its thread and let the completer use it."""
+        """Model is loaded: start its batcher (a thread, or the event-loop hand-off) and let the completer use it."""
         batcher: MicroBatcher
         if loaded.processes and self.settings.model_handoff == "loop":
             batcher = LoopBatcher.for_processes(loaded.processes, self.settings, on_batch=self._on_batch,
