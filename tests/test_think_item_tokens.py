@@ -138,7 +138,8 @@ def test_direct_mode_serves_a_model_without_reasoning(world: Path) -> None:
 
 
 def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None:
-    """The ahead term asks position k for target k+1 within one text, never across texts."""
+    """The ahead term asks position k for target k+1 within one text, never across texts; `next_weight` scales
+    the next-item term (0: the after-next item only)."""
     import torch.nn.functional as F
 
     from model.think.align_data import HISTORY_TAG
@@ -162,6 +163,7 @@ def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None
     with torch.no_grad():
         _, plain = lm_and_item_loss(model, head, ids, att, labels, tm, row_of, 1.0, 0.0)
         _, both = lm_and_item_loss(model, head, ids, att, labels, tm, row_of, 1.0, 0.5)
+        _, after_only = lm_and_item_loss(model, head, ids, att, labels, tm, row_of, 1.0, 0.5, next_weight=0.0)
         h = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state
         pos, tgt = targets_at_item_begin(ids, labels, tm, row_of)
         assert tgt.tolist() == [sid._row[i] for t in texts for i in t]
@@ -171,6 +173,7 @@ def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None
         ahead = F.cross_entropy(logits, torch.tensor(want))
     assert torch.allclose(plain, item_loss(head, h, pos, tgt))
     assert torch.allclose(both, plain + 0.5 * ahead, atol=1e-5)
+    assert torch.allclose(after_only, 0.5 * ahead, atol=1e-5)  # `--next-weight 0`: the after-next item only
 
 
 def test_killed_item_token_run_resumes_to_the_same_weights(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:

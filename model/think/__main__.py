@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the model one token per item, read after each history item and tied to the item head")
     a.add_argument("--item-init", type=Path, default=None,
                    help="with --item-tokens: OneRec checkpoint folder whose item embeddings initialise the rows")
+    a.add_argument("--next-weight", type=float, default=f.next_weight,
+                   help="weight of the next item in the item loss (0 with --ahead-weight: the after-next item only)")
     a.add_argument("--item-step-scale", type=float, default=f.item_step_scale,
                    help="with --item-tokens: the item rows move by this share of each optimizer step (0 = fixed)")
     a.add_argument("--item-loss-weight", type=float, default=f.item_loss_weight, help="item-head loss weight")

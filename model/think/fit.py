@@ -63,13 +63,17 @@ class FitConfig:
     max_len: int = 320  # validation prompt tokens (the training texts' cap)
     ahead_weight: float = 0.0  # item loss on the item after next too (`lm_and_item_loss`)
     item_step_scale: float = 1.0  # tied item rows move by this share of the optimizer's step (0: kept fixed)
+    next_weight: float = 1.0  # weight of the next item's cross-entropy in the item loss (`lm_and_item_loss`)
     seed: int = 0
 
 
 def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor,
                      tm: TokenMap, row_of_codes: dict[tuple[int, ...], int], item_weight: float,
-                     ahead_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     ahead_weight: float = 0.0, next_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(LM cross-entropy on labelled tokens, item cross-entropy at each labelled ``<|item_begin|>``).
+
+    The item loss is `next_weight` x the next item's cross-entropy (+ the after-next term below); `next_weight` 0
+    with `ahead_weight` > 0 trains the head for the after-next item only.
 
     With `ahead_weight` > 0 the item loss also asks each ``<|item_begin|>`` for the item *after* the next one
     (its next labelled item block in the same text): the offline tier's prefixes are read one or more
@@ -88,7 +92,7 @@ def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.T
     if item_weight <= 0:
         return lm, lm.new_zeros(())
     pos, rows = targets_at_item_begin(ids, labels, tm, row_of_codes)
-    loss = item_loss(head, h, pos, rows)
+    loss = next_weight * item_loss(head, h, pos, rows)
     if ahead_weight > 0 and rows.numel() > 1:
         same = pos[1:, 0] == pos[:-1, 0]  # consecutive targets of one text (nonzero is row-major)
         if bool(same.any()):
@@ -175,7 +179,7 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
             ids, att, labels = (t.to(dev) for t in collate([rows[i] for i in order[s]], pad))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
                 lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight,
-                                          cfg.ahead_weight)
+                                          cfg.ahead_weight, cfg.next_weight)
                 loss = lm + cfg.item_loss_weight * il
             opt.zero_grad(set_to_none=True)
             loss.backward()

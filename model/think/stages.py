@@ -270,9 +270,12 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
                     val_users=0 if refit else args.val_users, patience=args.patience,
                     stop_after=int(selection["best_epoch"]) if refit else None,
                     run="refit" if refit else "selection", save_every=args.save_every, max_len=args.max_len,
-                    ahead_weight=args.ahead_weight, item_step_scale=args.item_step_scale, seed=args.seed)
+                    ahead_weight=args.ahead_weight, item_step_scale=args.item_step_scale,
+                    next_weight=args.next_weight, seed=args.seed)
     if not 0.0 <= cfg.item_step_scale <= 1.0:
         raise SystemExit(f"--item-step-scale must be in [0, 1], got {cfg.item_step_scale}")
+    if cfg.next_weight < 0 or cfg.next_weight + cfg.ahead_weight <= 0:
+        raise SystemExit(f"--next-weight {cfg.next_weight} with --ahead-weight {cfg.ahead_weight}: nothing to train")
     hcfg = ItemHeadConfig(args.item_loss_weight, args.item_score_weight)
     head = TiedItemHead(model, tm, hcfg) if tm.has_items else ItemHead.from_codes(model, tm, ctx.sid, hcfg)
 
