@@ -233,3 +233,37 @@ def test_item_step_scale_keeps_or_slows_the_item_rows(world: Path) -> None:
     with scaled_item_step(head, 0.5):
         opt.step()
     assert torch.allclose(head.weight, before - 0.5, atol=1e-6)
+
+
+def test_dropout_acts_in_training_only_and_leaves_a_plain_model(world: Path) -> None:
+    """`--dropout p` drops the input embeddings and every layer's attention / MLP output while training
+    (`model.think.fit.residual_dropout`); eval-mode outputs are unchanged, the hooks come off after training and
+    the saved folder loads as a plain HF model (what vLLM reads)."""
+    from model.think.fit import residual_dropout
+
+    model, _, _ = load_think(world / "items")
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    model.eval()
+    plain = model(ids).logits
+    hooks = residual_dropout(model, 0.5)
+    assert len(hooks) == 1 + 2 * model.config.num_hidden_layers  # embeddings + attention and MLP per layer
+    assert torch.equal(model(ids).logits, plain)  # eval: no dropout
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(ids).logits, plain)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(model(ids).logits, plain)  # hooks off: training mode computes the same as eval again
+    with pytest.raises(ValueError):
+        residual_dropout(model, 1.0)
+
+    common = ["--data-dir", str(world / "data"), "--sid-dir", str(world / "sid")]
+    out = world / "dropout"
+    train_main(["align", "--init", str(world / "base"), "--out", str(out), "--tasks", "seq", "--warmup-steps", "0",
+                "--refit-epochs", "1", "--batch-size", "4", "--no-bf16", "--item-tokens", "--item-init",
+                str(world / "onerec"), "--dropout", "0.3", "--max-len", "400", *common])
+    trained, _, _ = load_think(out)
+    assert not trained._forward_hooks and all(not m._forward_hooks for m in trained.modules())
+    with pytest.raises(SystemExit):
+        train_main(["align", "--init", str(world / "base"), "--out", str(world / "bad"), "--tasks", "seq",
+                    "--refit-epochs", "1", "--item-tokens", "--dropout", "1.5", *common])

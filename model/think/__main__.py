@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the next item in the item loss (0 with --ahead-weight: the after-next item only)")
     a.add_argument("--item-step-scale", type=float, default=f.item_step_scale,
                    help="with --item-tokens: the item rows move by this share of each optimizer step (0 = fixed)")
+    a.add_argument("--dropout", type=float, default=f.dropout,
+                   help="training dropout on the input embeddings and each layer's residual branches (0 = none)")
     a.add_argument("--item-loss-weight", type=float, default=f.item_loss_weight, help="item-head loss weight")
     a.add_argument("--item-score-weight", type=float, default=1.0, help="item-head weight when re-ranking leaves")
     a.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=f.bf16, help="bf16 autocast (CPU)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -64,6 +65,7 @@ class FitConfig:
     ahead_weight: float = 0.0  # item loss on the item after next too (`lm_and_item_loss`)
     item_step_scale: float = 1.0  # tied item rows move by this share of the optimizer's step (0: kept fixed)
     next_weight: float = 1.0  # weight of the next item's cross-entropy in the item loss (`lm_and_item_loss`)
+    dropout: float = 0.0  # training-only dropout on the input embeddings and each layer's residual branches
     seed: int = 0
 
 
@@ -166,6 +168,7 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
     def stop_early() -> bool:
         return cfg.run == "selection" and state["epoch"] - state["best_epoch"] >= cfg.patience
 
+    hooks = residual_dropout(model, cfg.dropout)
     while state["epoch"] < last_epoch and not stop_early():
         e = state["epoch"]
         rows = epoch_rows(e)
@@ -218,6 +221,8 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
         log_step(out / LOG, {"stage": f"fit-{cfg.run}", **rec})
         checkpoint()
     bar.close()
+    for hk in hooks:
+        hk.remove()
     if cfg.run == "refit":
         save()
     elif best_weights is not None:  # the caller saves `model` again: hand it the best epoch's weights
@@ -238,6 +243,31 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
             "best_val_recall@10": state["best"] if cfg.run == "selection" else None,
             "steps_per_epoch": spe, "train_s": round(state["train_s"], 1), "curve": state["curve"],
             "fit_config": asdict(cfg)}
+
+
+def residual_dropout(model: Any, p: float) -> list[Any]:
+    """Dropout (rate `p`, training mode only) on the input embeddings and on the output of every decoder layer's
+    attention and MLP (the residual branches), as forward hooks; returns the handles (remove them after training).
+
+    The online OneRec trains 20 epochs with dropout 0.3 in the same places; the HF causal LMs here have none
+    (Qwen3: attention dropout only), and the think model memorised its training sequences from epoch 3 on. The
+    hooks leave the weights' layout alone: the saved folder and vLLM see a plain model."""
+    if p <= 0:
+        return []
+    if not 0 < p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+
+    def drop(m: torch.nn.Module, _args: Any, out: Any) -> Any:
+        if not m.training:
+            return out
+        if isinstance(out, tuple):  # attention: (output, weights)
+            return (F.dropout(out[0], p, True), *out[1:])
+        return F.dropout(out, p, True)
+
+    branches = [m for n, m in model.named_modules() if re.search(r"layers\.\d+\.(self_attn|mlp)$", n)]
+    if not branches:
+        raise ValueError("dropout: found no decoder layers (modules named layers.N.self_attn / layers.N.mlp)")
+    return [m.register_forward_hook(drop) for m in [model.get_input_embeddings(), *branches]]
 
 
 @contextmanager

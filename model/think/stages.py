@@ -271,7 +271,9 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
                     stop_after=int(selection["best_epoch"]) if refit else None,
                     run="refit" if refit else "selection", save_every=args.save_every, max_len=args.max_len,
                     ahead_weight=args.ahead_weight, item_step_scale=args.item_step_scale,
-                    next_weight=args.next_weight, seed=args.seed)
+                    next_weight=args.next_weight, dropout=args.dropout, seed=args.seed)
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise SystemExit(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 <= cfg.item_step_scale <= 1.0:
         raise SystemExit(f"--item-step-scale must be in [0, 1], got {cfg.item_step_scale}")
     if cfg.next_weight < 0 or cfg.next_weight + cfg.ahead_weight <= 0:
