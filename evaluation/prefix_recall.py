@@ -15,6 +15,9 @@ code beam, and from the item head's probability mass per prefix) and for the onl
 `--stale` feeds the think model the history without its newest item (what the offline tier saw at
 refresh time); the online model reads the fresh history, and with `--onerec-stale` also the staler one (the
 same information as the think model: what staleness alone costs). `--checkpoint ''` skips the think model.
+`--mix W` adds the ranking ``think_mix``: the think item head's prefix mass mixed with the online model's own (a, b)
+distribution from the same staler history, ``W p_think + (1 - W) p_online`` (`mixed_prefixes`): what an offline
+tier that also ran the online model at refresh time could cache.
 Not here: the offline engine, the metric.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +48,27 @@ def onerec_prefixes(onerec: OneRec, histories: Sequence[Sequence[int]], p_max: i
     return out
 
 
+def mixed_prefixes(rec: ThinkRecommender, onerec: OneRec, histories: Sequence[Sequence[int]], weight: float,
+                   p_max: int, batch_size: int = 512) -> list[list[PrefixCodes]]:
+    """Top-`p_max` (a, b) per user by log(`weight` x the think head's prefix mass + (1 - `weight`) x the online
+    model's p(a) p(b|a)), both from `histories`; `batch_size` users at a time (two (B, M) score matrices)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mix weight must be in [0, 1], got {weight}")
+    out: list[list[PrefixCodes]] = []
+    for s in range(0, len(histories), batch_size):
+        chunk = histories[s : s + batch_size]
+        pref, think = rec.prefix_logmass(chunk)
+        online = onerec.prefix_logprobs(chunk, pref)
+        # log(w e^x + (1 - w) e^y); a weight of 0 or 1 gives log(0) = -inf on one side, which logaddexp keeps exact
+        with torch.no_grad():
+            w = torch.tensor(weight)
+            mix = torch.logaddexp(think.log_softmax(-1) + w.log(), online.log_softmax(-1) + (1 - w).log())
+        top = mix.topk(min(p_max, mix.shape[1]), dim=1)
+        out += [[(int(pref[i][0]), int(pref[i][1])) for i, v in zip(row, val, strict=True) if v > -math.inf]
+                for row, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from services.config import get_settings
 
@@ -59,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stale", action="store_true", help="think model reads the history without its newest item")
     p.add_argument("--onerec-stale", action="store_true",
                    help="also the online model's own top-P from the staler history (what it would cache itself)")
+    p.add_argument("--mix", type=float, default=None, metavar="W",
+                   help="also the think head's prefix mass mixed with the online model's, both from the staler "
+                        "history, at weight W for the think model (needs --checkpoint with an item head and --onerec)")
     p.add_argument("--sample", type=int, default=None, help="fixed random subset of N users (default all)")
     p.add_argument("--seed", type=int, default=0, help="subset seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -88,6 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         secs["onerec"] = round(time.perf_counter() - t0, 1)
         if args.onerec_stale:
             sets["onerec_stale"] = onerec_prefixes(onerec, stale, max(ps))
+    if args.mix is not None:
+        if rec is None or onerec is None:
+            raise SystemExit("--mix needs both --checkpoint and --onerec")
+        if not 0.0 <= args.mix <= 1.0:
+            raise SystemExit(f"--mix must be in [0, 1], got {args.mix}")
+        t0 = time.perf_counter()
+        sets["think_mix"] = mixed_prefixes(rec, onerec, stale if args.stale else [e.history for e in ex], args.mix,
+                                           max(ps))
+        secs["think_mix"] = round(time.perf_counter() - t0, 1)
     sid = rec.sid if rec is not None else onerec.sid if onerec is not None else None
     if sid is None:
         raise SystemExit("nothing to measure: give --checkpoint and/or --onerec")
@@ -97,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     doc: dict[str, Any] = {"checkpoint": str(args.checkpoint), "onerec": str(args.onerec), "split": args.split,
                            "users": len(ex), "sample": args.sample, "stale": args.stale,
                            "think_mode": None if rec is None else "think" if rec.think else "direct",
+                           "mix": args.mix,
                            "seconds": secs, "recall": {},
                            "paired": {}}
     for P in ps:

@@ -267,3 +267,44 @@ def test_dropout_acts_in_training_only_and_leaves_a_plain_model(world: Path) -> 
     with pytest.raises(SystemExit):
         train_main(["align", "--init", str(world / "base"), "--out", str(world / "bad"), "--tasks", "seq",
                     "--refit-epochs", "1", "--item-tokens", "--dropout", "1.5", *common])
+
+
+def test_prefix_mixture_of_the_think_head_and_the_online_model(world: Path) -> None:
+    """`OneRec.prefix_logprobs` is a distribution over the trie's (a, b) prefixes (the rule of `own_prefixes`);
+    `evaluation.prefix_recall.mixed_prefixes` at weight 1 is the think head's own ranking, at 0 the online
+    model's; `prefix-recall --mix W` reports the mixture."""
+    from evaluation.prefix_recall import main as pr_main
+    from evaluation.prefix_recall import mixed_prefixes
+    from model.onerec import OneRec
+    from model.think.recommender import ThinkRecommender
+    from services.catalog import load_dataset
+
+    onerec = OneRec.load(world / "onerec")
+    rec = ThinkRecommender.load(world / "items", think=False, sid_dir=world / "sid")
+    hist = [e.history for e in load_dataset(world / "data").splits.test][:6]
+    pref = np.unique(np.asarray(tiny_sid().codes)[:, :2], axis=0)
+    lp = onerec.prefix_logprobs(hist, pref)  # (6, M)
+    assert torch.allclose(lp.exp().sum(1), torch.ones(len(hist)), atol=1e-5)  # every trie prefix, once
+    own = onerec.own_prefixes(hist, 3)
+    col = {(int(a), int(b)): i for i, (a, b) in enumerate(pref)}
+    for u, pairs in enumerate(own):  # own_prefixes' pairs come out best first under the same scores
+        scores = [float(lp[u, col[p]]) for p in pairs]
+        assert scores == sorted(scores, reverse=True)
+    # by hand for user 0, prefix 0: log p(a) + log p(b | a), both renormalised over the trie
+    h = onerec._last_hidden(hist[:1])
+    a, b = int(pref[0][0]), int(pref[0][1])
+    lb, _ = onerec._level_b(h, torch.tensor([a]))
+    assert abs(float(onerec._level_a(h)[0, a] + lb[0, b]) - float(lp[0, 0])) < 1e-5
+
+    head_only = rec.top_prefixes(hist, 4)["item_head"]
+    assert mixed_prefixes(rec, onerec, hist, 1.0, 4, batch_size=4) == head_only
+    online_only = mixed_prefixes(rec, onerec, hist, 0.0, 4)
+    assert [p[0] for p in online_only] == [max(col, key=lambda c: float(lp[u, col[c]])) for u in range(len(hist))]
+    mixed = mixed_prefixes(rec, onerec, hist, 0.5, 4)
+    assert all(len(m) == 4 and len(set(m)) == 4 for m in mixed)
+
+    out = world / "mix.json"
+    pr_main(["--checkpoint", str(world / "items"), "--onerec", str(world / "onerec"), "--mode", "direct", "--stale",
+             "--mix", "0.5", "--data-dir", str(world / "data"), "--p", "2,4", "--out-json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["mix"] == 0.5 and "think_mix@4" in doc["recall"] and "think_mix_vs_onerec@4" in doc["paired"]

@@ -216,6 +216,19 @@ class OneRec:
         return self._best_pairs(top_a, a, lb.view(B, a.shape[1], -1), n)
 
     @torch.no_grad()
+    def prefix_logprobs(self, histories: Sequence[Sequence[int]], pref: np.ndarray) -> torch.Tensor:
+        """log p(a) + log p(b|a) (each renormalised over the trie, the rule of `own_prefixes`) of the given (a, b)
+        prefixes `pref` (M, 2) for every user: (B, M); -inf for a pair off the trie."""
+        h = self._last_hidden(histories)  # (B, D)
+        B = h.shape[0]
+        pa, pb = (torch.as_tensor(np.ascontiguousarray(pref[:, j]), dtype=torch.long) for j in (0, 1))
+        a_set = torch.unique(pa)  # (A,) ascending
+        lb, _ = self._level_b(h.repeat_interleave(len(a_set), 0), a_set.repeat(B))  # (B * A, K)
+        col = torch.searchsorted(a_set, pa)  # (M,) each prefix's a among a_set
+        out = self._level_a(h)[:, pa] + lb.view(B, len(a_set), self.K)[:, col, pb]
+        return out.nan_to_num_(nan=-math.inf, neginf=-math.inf)
+
+    @torch.no_grad()
     def decode_full(self, histories: Sequence[Sequence[int]], k: int, beam: int,
                     exclude: Sequence[set[int]] | None = None, deadline: float | None = None
                     ) -> list[Scored]:

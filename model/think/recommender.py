@@ -100,6 +100,27 @@ class ThinkRecommender:
         return out
 
     @torch.no_grad()
+    @torch.no_grad()
+    def prefix_logmass(self, histories: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
+        """The item head's log probability mass per catalogue (a, b) prefix: (prefixes (M, 2), scores (B, M)),
+        direct prompt (no reasoning), users in the given order. Needs a folder with an item head."""
+        from model.think.itemhead import prefix_groups, prefix_mass
+
+        dec = self.decoder
+        if dec.item_head is None:
+            raise ValueError("prefix_logmass needs an item head (the folder has none)")
+        pref, group = prefix_groups(self.sid)
+        out = torch.empty(len(histories), len(pref))
+        order = sorted(range(len(histories)), key=lambda i: len(histories[i]))
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s : s + self.batch_size]
+            texts = [direct_prefix([self.sid.codes_of(i) for i in histories[j] if self.sid.has_item(i)],
+                                   item_ids=dec.tm.has_items) for j in chunk]
+            b = dec.prefill(dec.encode_prefixes(texts, self.max_len))
+            assert b.hidden is not None
+            out[chunk] = prefix_mass(dec.item_head.logits(b.hidden), group, len(pref))
+        return pref, out
+
     def top_prefixes(self, histories: Sequence[Sequence[int]], p_max: int, batch_size: int = 64
                      ) -> dict[str, list[list[PrefixCodes]]]:
         """Top-`p_max` (a, b) per user, best first (what the offline tier would cache; prefix recall measures
