@@ -46,6 +46,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def align_one_epoch(world: Path, name: str, *extra: str) -> Path:
+    """One refit epoch of the item-token align stage from the world's base into ``world / name``, plus `extra`."""
+    out = world / name
+    train_main(["align", "--init", str(world / "base"), "--out", str(out), "--tasks", "seq", "--warmup-steps", "0",
+                "--refit-epochs", "1", "--batch-size", "4", "--no-bf16", "--item-tokens", "--item-init",
+                str(world / "onerec"), "--max-len", "400", "--data-dir", str(world / "data"),
+                "--sid-dir", str(world / "sid"), *extra])
+    return out
+
+
 def test_item_tokens_are_recorded_and_tied(world: Path) -> None:
     model, tok, tm = load_think(world / "items")
     sid = tiny_sid()
@@ -202,11 +212,7 @@ def test_item_step_scale_keeps_or_slows_the_item_rows(world: Path) -> None:
     the way of the optimizer's step (`model.think.fit.scaled_item_step`)."""
     from model.think.fit import scaled_item_step
 
-    common = ["--data-dir", str(world / "data"), "--sid-dir", str(world / "sid")]
-    out = world / "fixed-rows"
-    train_main(["align", "--init", str(world / "base"), "--out", str(out), "--tasks", "seq", "--warmup-steps", "0",
-                "--refit-epochs", "1", "--batch-size", "4", "--no-bf16", "--item-tokens", "--item-init",
-                str(world / "onerec"), "--item-step-scale", "0", "--max-len", "400", *common])
+    out = align_one_epoch(world, "fixed-rows", "--item-step-scale", "0")
     fixed, _, tm = load_think(out)
     moved, _, _ = load_think(world / "items")  # the same recipe with the plain step (scale 1)
     sid = tiny_sid()
@@ -257,16 +263,10 @@ def test_dropout_acts_in_training_only_and_leaves_a_plain_model(world: Path) -> 
     with pytest.raises(ValueError):
         residual_dropout(model, 1.0)
 
-    common = ["--data-dir", str(world / "data"), "--sid-dir", str(world / "sid")]
-    out = world / "dropout"
-    train_main(["align", "--init", str(world / "base"), "--out", str(out), "--tasks", "seq", "--warmup-steps", "0",
-                "--refit-epochs", "1", "--batch-size", "4", "--no-bf16", "--item-tokens", "--item-init",
-                str(world / "onerec"), "--dropout", "0.3", "--max-len", "400", *common])
-    trained, _, _ = load_think(out)
+    trained, _, _ = load_think(align_one_epoch(world, "dropout", "--dropout", "0.3"))
     assert not trained._forward_hooks and all(not m._forward_hooks for m in trained.modules())
     with pytest.raises(SystemExit):
-        train_main(["align", "--init", str(world / "base"), "--out", str(world / "bad"), "--tasks", "seq",
-                    "--refit-epochs", "1", "--item-tokens", "--dropout", "1.5", *common])
+        align_one_epoch(world, "bad", "--dropout", "1.5")
 
 
 def test_prefix_mixture_of_the_think_head_and_the_online_model(world: Path) -> None:
