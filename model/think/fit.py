@@ -169,60 +169,62 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
         return cfg.run == "selection" and state["epoch"] - state["best_epoch"] >= cfg.patience
 
     hooks = residual_dropout(model, cfg.dropout)
-    while state["epoch"] < last_epoch and not stop_early():
-        e = state["epoch"]
-        rows = epoch_rows(e)
-        order = batches(rows, cfg.batch_size, cfg.seed + e)
-        model.train()
-        t0, tokens, lm_sum, it_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
-        for s in range(state["step"], len(order)):
-            g = e * spe + s
-            for grp in opt.param_groups:
-                grp["lr"] = cfg.lr * lr_multiplier(g, total, warm, MIN_LR_RATIO)
-            ids, att, labels = (t.to(dev) for t in collate([rows[i] for i in order[s]], pad))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
-                lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight,
-                                          cfg.ahead_weight, cfg.next_weight)
-                loss = lm + cfg.item_loss_weight * il
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            with scaled_item_step(head, cfg.item_step_scale):
-                opt.step()
-            tokens += int(att.sum())
-            lm_sum, it_sum, n = lm_sum + float(lm.detach()), it_sum + float(il.detach()), n + 1
-            state["step"] = s + 1
-            bar.update(1)
-            bar.set_postfix(epoch=e + 1, lm=f"{lm_sum / n:.3f}", item=f"{it_sum / n:.3f}",
-                            tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            if (s + 1) % cfg.save_every == 0:
-                state["train_s"] += time.perf_counter() - t0
-                t0, tokens = time.perf_counter(), 0
-                checkpoint()
-        state["train_s"] += time.perf_counter() - t0
-        rec: dict[str, Any] = {"epoch": e + 1, "lm_loss": round(lm_sum / max(n, 1), 4),
-                               "item_loss": round(it_sum / max(n, 1), 4), "train_s": round(state["train_s"], 1)}
-        state["epoch"], state["step"] = e + 1, 0
-        if cfg.run == "selection":
-            tv = time.perf_counter()
-            m = validate(model, head, tok, sid, val, cfg.bf16, max_len=cfg.max_len, item_ids=tm.has_items)
-            rec |= {"val_recall@10": m["recall@10"], "val_ndcg@10": m["ndcg@10"],
-                    "val_s": round(time.perf_counter() - tv, 1)}
-            if m["recall@10"] > state["best"]:
-                state["best"], state["best_epoch"] = m["recall@10"], e + 1
-                save()
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best_head = None if tied else head.weight.detach().clone()
-            bar.write(f"epoch {e + 1}: val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f} "
-                      f"(best epoch {state['best_epoch']})")
-        else:
-            bar.write(f"epoch {e + 1}: lm {rec['lm_loss']:.3f} item {rec['item_loss']:.3f} (refit, no validation)")
-        state["curve"].append(rec)
-        log_step(out / LOG, {"stage": f"fit-{cfg.run}", **rec})
-        checkpoint()
-    bar.close()
-    for hk in hooks:
-        hk.remove()
+    try:
+        while state["epoch"] < last_epoch and not stop_early():
+            e = state["epoch"]
+            rows = epoch_rows(e)
+            order = batches(rows, cfg.batch_size, cfg.seed + e)
+            model.train()
+            t0, tokens, lm_sum, it_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
+            for s in range(state["step"], len(order)):
+                g = e * spe + s
+                for grp in opt.param_groups:
+                    grp["lr"] = cfg.lr * lr_multiplier(g, total, warm, MIN_LR_RATIO)
+                ids, att, labels = (t.to(dev) for t in collate([rows[i] for i in order[s]], pad))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cpu"):
+                    lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_of_codes, cfg.item_loss_weight,
+                                              cfg.ahead_weight, cfg.next_weight)
+                    loss = lm + cfg.item_loss_weight * il
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                with scaled_item_step(head, cfg.item_step_scale):
+                    opt.step()
+                tokens += int(att.sum())
+                lm_sum, it_sum, n = lm_sum + float(lm.detach()), it_sum + float(il.detach()), n + 1
+                state["step"] = s + 1
+                bar.update(1)
+                bar.set_postfix(epoch=e + 1, lm=f"{lm_sum / n:.3f}", item=f"{it_sum / n:.3f}",
+                                tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                if (s + 1) % cfg.save_every == 0:
+                    state["train_s"] += time.perf_counter() - t0
+                    t0, tokens = time.perf_counter(), 0
+                    checkpoint()
+            state["train_s"] += time.perf_counter() - t0
+            rec: dict[str, Any] = {"epoch": e + 1, "lm_loss": round(lm_sum / max(n, 1), 4),
+                                   "item_loss": round(it_sum / max(n, 1), 4), "train_s": round(state["train_s"], 1)}
+            state["epoch"], state["step"] = e + 1, 0
+            if cfg.run == "selection":
+                tv = time.perf_counter()
+                m = validate(model, head, tok, sid, val, cfg.bf16, max_len=cfg.max_len, item_ids=tm.has_items)
+                rec |= {"val_recall@10": m["recall@10"], "val_ndcg@10": m["ndcg@10"],
+                        "val_s": round(time.perf_counter() - tv, 1)}
+                if m["recall@10"] > state["best"]:
+                    state["best"], state["best_epoch"] = m["recall@10"], e + 1
+                    save()
+                    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_head = None if tied else head.weight.detach().clone()
+                bar.write(f"epoch {e + 1}: val R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f} "
+                          f"(best epoch {state['best_epoch']})")
+            else:
+                bar.write(f"epoch {e + 1}: lm {rec['lm_loss']:.3f} item {rec['item_loss']:.3f} (refit, no validation)")
+            state["curve"].append(rec)
+            log_step(out / LOG, {"stage": f"fit-{cfg.run}", **rec})
+            checkpoint()
+    finally:  # the hooks never outlive training, even when it fails
+        bar.close()
+        for hk in hooks:
+            hk.remove()
     if cfg.run == "refit":
         save()
     elif best_weights is not None:  # the caller saves `model` again: hand it the best epoch's weights
