@@ -63,6 +63,12 @@ def test_against_serves_the_second_refresh_and_compares_paired(world: TinyWorld,
     assert same["against"]["recall@10"] == same["think_ahead"]["recall@10"]
     cmp = same["think_ahead_vs_against"]
     assert cmp["recall@10_diff"] == 0 and cmp["hits@10_only_a"] == cmp["hits@10_only_b"] == 0
+    # the bar "cached-only >= online-only", paired: its mean difference is the difference of the two reported recalls
+    key = "think_ahead_strict_vs_onerec" + ("_as_served" if out["exclude_consumed"] else "")
+    base = out["onerec_as_served" if out["exclude_consumed"] else "onerec"]["recall@10"]
+    strict = out[key]
+    assert strict["users"] == users
+    assert abs(strict["recall@10_diff"] - (out["think_ahead_strict"]["recall@10"] - base)) < 1e-5
 
 
 def test_against_refuses_entries_of_the_wrong_history(world: TinyWorld, redis_server: RedisServer,
