@@ -241,7 +241,8 @@ def test_item_step_scale_keeps_or_slows_the_item_rows(world: Path) -> None:
     assert torch.allclose(head.weight, before - 0.5, atol=1e-6)
 
 
-def test_dropout_acts_in_training_only_and_leaves_a_plain_model(world: Path) -> None:
+def test_dropout_acts_in_training_only_and_leaves_a_plain_model(world: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
     """`--dropout p` drops the input embeddings and every layer's attention / MLP output while training
     (`model.think.fit.residual_dropout`); eval-mode outputs are unchanged, the hooks come off after training and
     the saved folder loads as a plain HF model (what vLLM reads)."""
@@ -263,8 +264,22 @@ def test_dropout_acts_in_training_only_and_leaves_a_plain_model(world: Path) -> 
     with pytest.raises(ValueError):
         residual_dropout(model, 1.0)
 
-    trained, _, _ = load_think(align_one_epoch(world, "dropout", "--dropout", "0.3"))
-    assert not trained._forward_hooks and all(not m._forward_hooks for m in trained.modules())
+    # the training run registers the hooks on its model and takes them off when it ends (`fit`'s finally)
+    import model.think.fit as fit_module
+
+    seen: list[tuple[torch.nn.Module, list]] = []
+
+    def recording(m: torch.nn.Module, p: float) -> list:
+        handles = residual_dropout(m, p)
+        seen.append((m, handles))
+        return handles
+
+    monkeypatch.setattr(fit_module, "residual_dropout", recording)
+    out = align_one_epoch(world, "dropout", "--dropout", "0.3")
+    (trained_in_memory, handles), = seen
+    assert len(handles) == 1 + 2 * trained_in_memory.config.num_hidden_layers
+    assert all(not m._forward_hooks for m in trained_in_memory.modules())
+    load_think(out)  # the saved folder loads as a plain model
     with pytest.raises(SystemExit):
         align_one_epoch(world, "bad", "--dropout", "1.5")
 

@@ -77,10 +77,12 @@ class ThinkRecommender:
         return cls(model, tok, tm, sid, beam, bool(meta.get("think", False)) if think is None else think,
                    item_head=head, **kw)
 
-    def prefix(self, history: Sequence[int]) -> str:
+    def prefix(self, history: Sequence[int], think: bool | None = None) -> str:
+        """The prompt for `history`: the think-mode one or the direct one (`think`, default: this recommender's)."""
         codes = [self.sid.codes_of(i) for i in history if self.sid.has_item(i)]
         items = self.decoder.tm.has_items
-        return generation_prefix(codes, item_ids=items) if self.think else direct_prefix(codes, item_ids=items)
+        think = self.think if think is None else think
+        return generation_prefix(codes, item_ids=items) if think else direct_prefix(codes, item_ids=items)
 
     def recommend(self, examples: Sequence[Example], k: int) -> list[list[int]]:
         if k > self.beam:
@@ -114,9 +116,7 @@ class ThinkRecommender:
         order = sorted(range(len(histories)), key=lambda i: len(histories[i]))
         for s in range(0, len(order), self.batch_size):
             chunk = order[s : s + self.batch_size]
-            texts = [direct_prefix([self.sid.codes_of(i) for i in histories[j] if self.sid.has_item(i)],
-                                   item_ids=dec.tm.has_items) for j in chunk]
-            b = dec.prefill(dec.encode_prefixes(texts, self.max_len))
+            b = dec.prefill(dec.encode_prefixes([self.prefix(histories[j], think=False) for j in chunk], self.max_len))
             assert b.hidden is not None
             out[chunk] = prefix_mass(dec.item_head.logits(b.hidden), group, len(pref))
         return pref, out
