@@ -3,7 +3,8 @@
 Measures, for one user with a 50-item history: completion under 32 allowed (a, b) prefixes and full
 decode, p50/p99 over >= 1000 calls each; plus users/s of full decode at batch 16. Beam, own prefixes
 and prefix weight default to the API's settings (`services.config`), so the numbers are the served ones.
-Baseline in the same run: the trunk forward alone (the floor any decode pays). Also the CPU time of one
+Baseline in the same run: the trunk forward alone (the floor any decode pays), and for the served one-user
+engine (numpy, `model.onerec.one_user`) the batched torch path on the same calls. Also the CPU time of one
 completion (thread CPU, steadier than wall time on a shared machine) and, with ``--process``, of the same
 calls through the API's model process (`online_api.model_process.ProcessModel`: the child's CPU from /proc
 and the calling thread's), whose difference to the in-process CPU is the hand-off's cost; ``--profile N``
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from model.onerec import OneRec
+from model.onerec.numpy_net import one_blas_thread
 from model.onerec.serving import ModuleNet
 from model.policy import PolicyConfig
 from services.catalog import load_dataset
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-results", action="store_true", help="do not write the results file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    one_blas_thread()  # as the API's model process runs numpy
     onerec = OneRec.load(args.checkpoint)
     ds = load_dataset(st.data_dir)
     rng = random.Random(0)
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         trunk = timed(lambda h, pre: onerec._last_hidden([h]))
     complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
+    onerec.numpy_one_user = False  # baseline in the same run: the batched torch path for the same one-user calls
+    complete_torch = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
+    onerec.numpy_one_user = True
     full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
     # baseline in the same run: the same calls through the nn.Modules instead of the serving copy
     frozen, onerec.net = onerec.net, ModuleNet(onerec.model)
@@ -104,16 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         onerec.decode_full([h for h, _ in b], k=10, beam=args.beam)
     batch_rate = sum(len(b) for b in batches) / (time.perf_counter() - t0)
     c, f, tr = percentiles(complete), percentiles(full), percentiles(trunk)
-    cm = percentiles(complete_modules)
+    cm, ct = percentiles(complete_modules), percentiles(complete_torch)
     def one(h: list[int], pre: list[tuple[int, int, float]]) -> object:
         return onerec.complete([h], [pre], k=10, policy=policy, exclude=[set(h)])
 
-    cpu = {"complete_cpu_ms": round(cpu_ms(one, cases), 3)}
-    if args.paced_ms > 0:
-        # the same calls spaced as live traffic spaces them: caches and predictors go cold between calls
-        paced = cpu_ms(one, cases[: min(len(cases), 400)], args.paced_ms / 1000.0)
-        cpu |= {"complete_paced_cpu_ms": round(paced, 3), "paced_ms": args.paced_ms,
-                "paced_over_back_to_back": round(paced / cpu["complete_cpu_ms"], 2)}
+    cpu = engines_cpu(onerec, one, cases, args.paced_ms)
     if args.process:
         cpu |= process_cpu(args.checkpoint, st, policy, cases, cpu["complete_cpu_ms"])
     if args.profile:
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch16_users_per_s": round(batch_rate, 1),
         "trunk_p50_ms": round(tr["p50"], 3),
         "complete_over_trunk_p50": round(c["p50"] / tr["p50"], 2),
-        "complete_modules_p50_ms": round(cm["p50"], 3), "serving_copy_speedup_p50": round(cm["p50"] / c["p50"], 2),
+        "complete_modules_p50_ms": round(cm["p50"], 3), "serving_copy_speedup_p50": round(cm["p50"] / ct["p50"], 2),
+        "complete_torch_p50_ms": round(ct["p50"], 3), "numpy_speedup_p50": round(ct["p50"] / c["p50"], 2),
         "calls": args.calls, "prefixes": args.prefixes, "beam": args.beam, "threads": args.threads,
         "own_prefixes": args.own_prefixes, "prefix_weight": args.prefix_weight, **cpu,
     }
@@ -149,6 +151,31 @@ def cpu_ms(fn: Callable[[list[int], list[tuple[int, int, float]]], object], case
             if gap_s > 0:
                 time.sleep(gap_s)
         return (time.thread_time() - t) * 1000 / len(cases)
+
+
+def engines_cpu(onerec: OneRec, one: Callable[[list[int], list[tuple[int, int, float]]], object],
+                cases: list[Case], paced_ms: float) -> dict[str, float]:
+    """Thread CPU per completion of the served one-user engine (numpy) and of the batched torch path on the same
+    calls, alternated (torch, numpy, torch, numpy) so that drift on a shared host hits both; back to back and,
+    with `paced_ms` > 0, spaced as live traffic spaces them (caches and predictors go cold between calls)."""
+    runs: dict[str, list[float]] = {}
+    plans = [("", 0.0)] + ([("_paced", paced_ms / 1000.0)] if paced_ms > 0 else [])
+    for suffix, gap in plans:
+        some = cases if not gap else cases[: min(len(cases), 400)]
+        for _ in range(2):
+            for engine, flag in (("torch", False), ("numpy", True)):
+                onerec.numpy_one_user = flag
+                runs.setdefault(f"{engine}{suffix}", []).append(cpu_ms(one, some, gap))
+    onerec.numpy_one_user = True
+    ms = {name: statistics.fmean(v) for name, v in runs.items()}
+    out = {"complete_cpu_ms": round(ms["numpy"], 3), "complete_torch_cpu_ms": round(ms["torch"], 3),
+           "numpy_cpu_ratio": round(ms["numpy"] / ms["torch"], 2)}
+    if paced_ms > 0:
+        out |= {"complete_paced_cpu_ms": round(ms["numpy_paced"], 3),
+                "complete_torch_paced_cpu_ms": round(ms["torch_paced"], 3), "paced_ms": paced_ms,
+                "numpy_paced_cpu_ratio": round(ms["numpy_paced"] / ms["torch_paced"], 2),
+                "paced_over_back_to_back": round(ms["numpy_paced"] / ms["numpy"], 2)}
+    return out
 
 
 def process_cpu(checkpoint: Path, settings: object, policy: PolicyConfig, cases: list[Case],

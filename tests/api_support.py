@@ -32,6 +32,26 @@ FIRST_ITEM = 1000
 RADIX = (4, 5, 3, 2)  # codes per level; 4*5*3*2 = 120 unique codes
 
 
+class CountingNet:
+    """Wraps a serving network (torch `FrozenOneRec` or numpy `NumpyNet`: the same three calls) and counts its
+    forward calls by kind: ``encode_last``, ``level_<L>``, ``item_logits``."""
+
+    def __init__(self, net: Any) -> None:
+        self.net, self.calls = net, Counter[str]()
+
+    def encode_last(self, rows: Any) -> Any:
+        self.calls["encode_last"] += 1
+        return self.net.encode_last(rows)
+
+    def level_logits(self, h: Any, prev: Any, level: int, *cols: Any) -> Any:
+        self.calls[f"level_{level}"] += 1
+        return self.net.level_logits(h, prev, level, *cols)
+
+    def item_logits(self, h: Any, rows: Any) -> Any:
+        self.calls["item_logits"] += 1
+        return self.net.item_logits(h, rows)
+
+
 @dataclass
 class TinyWorld:
     data_dir: Path

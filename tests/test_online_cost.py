@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import pytest
 import redis
 import torch
-from api_support import CountingConn, TinyWorld, build_tiny_world, entry_for, make_settings, running_app
+from api_support import CountingConn, CountingNet, TinyWorld, build_tiny_world, entry_for, make_settings, running_app
 from conftest import RedisServer
 
 from model.onerec import OneRec
@@ -31,25 +30,6 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     return build_tiny_world(tmp_path_factory.mktemp("tiny"))
-
-
-class CountingNet:
-    """Wraps the serving network of a `OneRec` and counts its forward calls by kind."""
-
-    def __init__(self, net: Any) -> None:
-        self.net, self.calls = net, Counter[str]()
-
-    def encode_last(self, rows: torch.Tensor) -> torch.Tensor:
-        self.calls["encode_last"] += 1
-        return self.net.encode_last(rows)  # type: ignore[no-any-return]
-
-    def level_logits(self, h: torch.Tensor, prev: torch.Tensor, level: int) -> torch.Tensor:
-        self.calls[f"level_{level}"] += 1
-        return self.net.level_logits(h, prev, level)  # type: ignore[no-any-return]
-
-    def item_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        self.calls["item_logits"] += 1
-        return self.net.item_logits(h, rows)  # type: ignore[no-any-return]
 
 
 class CountingModel:
@@ -78,11 +58,19 @@ def _all_prefixes(world: TinyWorld) -> list[Prefix]:
 
 
 @pytest.mark.parametrize("users", [1, 3])
-def test_one_completion_is_one_trunk_pass_and_one_head_pass_per_level(world: TinyWorld, users: int) -> None:
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_one_completion_is_one_trunk_pass_and_one_head_pass_per_level(world: TinyWorld, users: int,
+                                                                      engine: str) -> None:
     onerec = OneRec.load(world.checkpoint)
     onerec.cfg = replace(onerec.cfg, item_score_weight=1.0)  # the served models use the item head
-    net = CountingNet(onerec.net)
-    onerec.net = net  # type: ignore[assignment]  # duck-typed: the same three calls
+    if engine == "numpy" and users == 1:  # the served engine of one-user calls (`model.onerec.one_user`)
+        one = onerec.one_user()
+        net = CountingNet(one.net)
+        one.net = net  # type: ignore[assignment]  # duck-typed: the same three calls
+    else:
+        onerec.numpy_one_user = engine == "numpy"
+        net = CountingNet(onerec.net)
+        onerec.net = net  # type: ignore[assignment]
     policy = PolicyConfig(beam=10, prefix_weight=0.25, own_prefixes=8, own_prefix_floor=0.0, exclude_consumed=True)
     hists = [world.sequences[u] for u in range(1, users + 1)]
     with torch.inference_mode():
@@ -107,8 +95,9 @@ def test_one_request_is_one_model_call_with_the_apps_policy(world: TinyWorld, re
         real = load_onerec(settings, policy)
         onerec = real.model
         assert isinstance(onerec, OneRec)
-        nets.append(CountingNet(onerec.net))
-        onerec.net = nets[-1]  # type: ignore[assignment]
+        one = onerec.one_user()  # one user per request: the served numpy engine answers
+        nets.append(CountingNet(one.net))
+        one.net = nets[-1]  # type: ignore[assignment]
         models.append(CountingModel(onerec))
         return LoadedModel(models[-1], real.sid, real.trie, real.model_id)
 
