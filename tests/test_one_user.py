@@ -1,6 +1,6 @@
-"""The numpy one-user completion (`model.onerec.one_user`, what the API runs per request) against the batched
-torch path of `OneRec.complete`: the same items in the same order with the same scores, over random users,
-prefix lists and policies; and the dispatch rule (one user and the serving snapshot: numpy; else torch)."""
+"""The numpy one-user engine (`model.onerec.one_user`, what the API runs per request) against the batched torch
+path of `OneRec.complete` / `decode_full`: the same items in the same order with the same scores, over random
+users, prefix lists and policies; and the dispatch rule (one user and the serving snapshot: numpy; else torch)."""
 
 from __future__ import annotations
 
@@ -57,10 +57,11 @@ def random_case(world: TinyWorld, rng: random.Random) -> tuple[list[int], list[P
     return hist, pre, excl
 
 
-def torch_path(onerec: OneRec, *args: Any, **kw: Any) -> Any:
+def torch_path(onerec: OneRec, method: str, *args: Any, **kw: Any) -> Any:
+    """`onerec.<method>(...)` through the batched torch path."""
     onerec.numpy_one_user = False
     try:
-        return onerec.complete(*args, **kw)
+        return getattr(onerec, method)(*args, **kw)
     finally:
         onerec.numpy_one_user = True
 
@@ -77,11 +78,16 @@ def test_numpy_one_user_equals_the_torch_path(world: TinyWorld, item_score_weigh
                               exclude_consumed=False)
         k = rng.choice([1, 5, 20])
         ex = [excl] if excl else None
-        want = torch_path(onerec, [hist], [pre], k, policy, ex)[0]
+        want = torch_path(onerec, "complete", [hist], [pre], k, policy, ex)[0]
         got = onerec.complete([hist], [pre], k, policy, ex)[0]
         assert [i for i, _ in got] == [i for i, _ in want], (hist, pre, policy, k)
         assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
         assert not set(excl) & {i for i, _ in got}
+        beam = max(policy.beam, k)
+        want = torch_path(onerec, "decode_full", [hist], k, beam, ex)[0]
+        got = onerec.decode_full([hist], k, beam, ex)[0]
+        assert [i for i, _ in got] == [i for i, _ in want], (hist, k, beam)
+        assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
         compared += 1
         nonempty += bool(want)
     assert compared == 300 and nonempty > 200  # most cases return items: the comparison is not vacuous
@@ -99,13 +105,16 @@ def test_one_user_runs_in_numpy_and_batches_in_torch(world: TinyWorld) -> None:
         # one trunk pass and one head pass per level, as the torch path (tests/test_online_cost.py)
         assert counting.calls == {"encode_last": 1, "level_0": 1, "level_1": 1, "level_2": 1, "level_3": 1,
                                   "item_logits": 1}
+        onerec.decode_full(hists[:1], 5, 5)
+        assert counting.calls["encode_last"] == 2 and counting.calls["level_0"] == 2
+        onerec.decode_full(hists, 5, 5)  # two users: torch
         onerec.complete(hists, [pre, pre], 5, policy)  # two users: the batched torch path
         onerec.numpy_one_user = False
         onerec.complete(hists[:1], [pre], 5, policy)
         onerec.numpy_one_user = True
         onerec.net = ModuleNet(onerec.model)  # the module path is a torch reference: never numpy
         onerec.complete(hists[:1], [pre], 5, policy)
-    assert counting.calls["encode_last"] == 1
+    assert counting.calls["encode_last"] == 2
 
 
 def test_deadline_and_empty_answers(world: TinyWorld) -> None:
@@ -117,7 +126,7 @@ def test_deadline_and_empty_answers(world: TinyWorld) -> None:
         onerec.complete([hist], [pre], 5, policy, deadline=time.perf_counter() - 1.0)
     # nothing valid to complete and no own prefixes: [] (the policy then decodes in full), as in torch
     bad = [[(99, 99, -1.0)]]
-    assert onerec.complete([hist], bad, 5, policy) == [[]] == torch_path(onerec, [hist], bad, 5, policy)
+    assert onerec.complete([hist], bad, 5, policy) == [[]] == torch_path(onerec, "complete", [hist], bad, 5, policy)
     # every item excluded: an empty list, not an error
     everything = {int(i) for i in world.sid.item_ids}
     assert onerec.complete([hist], [pre], 5, policy, [everything]) == [[]]

@@ -59,8 +59,8 @@ class OneRec:
             self._row_lut = np.zeros(top + 1, dtype=np.int64)
             self._row_lut[sid.item_ids] = np.arange(1, len(sid) + 1)
         self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
-        # one-user `complete` calls (the API's at low and moderate rates) run in numpy (`model.onerec.one_user`):
-        # the same ranking, about a third less CPU; its tables are built on first use
+        # one-user `complete` / `decode_full` calls (the API's at low and moderate rates) run in numpy
+        # (`model.onerec.one_user`): the same ranking, about a third less CPU; its tables are built on first use
         self.numpy_one_user = True
         self._one_user: OneUser | None = None
 
@@ -247,6 +247,8 @@ class OneRec:
         if beam < k:
             raise ValueError(f"beam ({beam}) must be >= k ({k})")
         B = len(histories)
+        if B == 1 and self.numpy_one_user and isinstance(self.net, FrozenOneRec):
+            return [self.one_user().decode_full(histories[0], k, beam, exclude[0] if exclude else None, deadline)]
         h = self._last_hidden(histories)
         self._check(deadline)
         excl = self._exclusion(exclude, B)

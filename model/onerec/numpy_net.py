@@ -100,6 +100,8 @@ class NumpyNet:
         if level > 0:
             assert prev is not None
             z = h + self.dec[prev[:, :level] + self.offset[:level]].sum(1)
+        elif cols is not None:  # level 0 of a beam search: one row per beam
+            z = np.broadcast_to(h, (cols.shape[0], h.shape[0]))
         (nw, nb), (w1, b1), (w2, b2) = self.level_heads[level]
         y = gelu(layer_norm(z, nw, nb) @ w1 + b1)
         if cols is None:

@@ -1,6 +1,7 @@
-"""`OneRec.complete` for a batch of one user, in numpy (`model.onerec.numpy_net`): what the API runs per request
-at low and moderate rates. Same rule, same scores and same order as the batched torch path in
-`model.onerec.decoding` (to float rounding; `tests/test_one_user.py` compares them), about a third less CPU.
+"""`OneRec.complete` and `OneRec.decode_full` for a batch of one user, in numpy (`model.onerec.numpy_net`): what
+the API runs per request at low and moderate rates. Same rule, same scores and same order as the batched torch
+path in `model.onerec.decoding` (to float rounding; `tests/test_one_user.py` compares them), about a third less
+CPU.
 
 Steps, as in `OneRec.complete`: the trunk once; log p(a) over the trie; the given prefixes (best offline
 score per (a, b)) plus the model's own top-N (a, b); log p(b | a) for every distinct a in one head pass;
@@ -66,9 +67,8 @@ class OneUser:
     def complete(self, history: Sequence[int], prefixes: Sequence[Prefix], k: int, policy: PolicyConfig,
                  exclude: set[int] | None = None, deadline: float | None = None) -> Scored:
         """One user's `OneRec.complete`: levels c.. under the allowed (a, b) prefixes (plus the model's own)."""
-        K, net, onerec = self.K, self.net, self.onerec
-        rows = onerec._known_rows(history)[-onerec.cfg.max_len :]
-        h = net.encode_last(rows if len(rows) else np.zeros(1, dtype=np.int64))  # (D,)
+        K, net = self.K, self.net
+        h = self._hidden(history)
         self._check(deadline)
         la = _log_softmax(np.where(self.no_root, -np.inf, net.level_logits(h, None, 0)))  # (K,)
         best: dict[tuple[int, int], float] = {}  # duplicates keep their best offline score
@@ -101,6 +101,26 @@ class OneUser:
         for level in range(2, self.levels):
             codes, nodes, scores = self._step(h, codes, nodes, scores, level, policy.beam_for(k), excl)
             self._check(deadline)
+        return self._finish(nodes, scores, k)
+
+    def decode_full(self, history: Sequence[int], k: int, beam: int, exclude: set[int] | None = None,
+                    deadline: float | None = None) -> Scored:
+        """One user's `OneRec.decode_full`: beam search over all code levels."""
+        h = self._hidden(history)
+        self._check(deadline)
+        excl = self._exclusion(exclude)
+        codes, nodes, scores = np.zeros((1, 0), np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32)
+        for level in range(self.levels):
+            codes, nodes, scores = self._step(h, codes, nodes, scores, level, beam, excl)
+            self._check(deadline)
+        return self._finish(nodes, scores, k)
+
+    def _hidden(self, history: Sequence[int]) -> np.ndarray:
+        """The trunk's last hidden state (D,) of the last max_len known items (the padding row when none)."""
+        rows = self.onerec._known_rows(history)[-self.onerec.cfg.max_len :]
+        return self.net.encode_last(rows if len(rows) else np.zeros(1, dtype=np.int64))
+
+    def _finish(self, nodes: np.ndarray, scores: np.ndarray, k: int) -> Scored:
         out: Scored = []
         for n, s in zip(nodes.tolist(), scores.tolist(), strict=True):
             if n >= 0 and s > -math.inf:
