@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--users", type=int, default=2000, help="test users seeded into Redis")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--out", type=Path, default=None, help="also write the arms' results here (JSON)")
+    p.add_argument("--results", metavar="NAME", default=None,
+                   help="also write the results file NAME.json (docs/results/ for Beauty): per distinct arm, the "
+                        "means of its runs; the runs themselves under 'arms'")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     envs = [arm_env(a) for a in arms]
@@ -66,9 +69,40 @@ def main(argv: list[str] | None = None) -> None:
                    "server_cpu_ms_per_request": r.get("server_cpu_ms_per_request"), "cpu_probe_ms": ol.cpu_probe_ms()}
             results.append(row)
             print(json.dumps(row), flush=True)
+    command = " ".join(["python -m benchmarks.online_ab", *(sys.argv[1:] if argv is None else argv)])
     if args.out is not None:
-        command = " ".join(["python -m benchmarks.online_ab", *(sys.argv[1:] if argv is None else argv)])
         args.out.write_text(json.dumps({"command": command, "arms": results}, indent=2) + "\n")
+    if args.results:
+        from services.results import write_result
+
+        path = write_result(args.results, arm_means(results), note=f"alternated arms, one API process each, same "
+                            f"seeded Redis ({args.users} onerec-beam entries, 32 prefixes); means of each arm's runs")
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "arms": results}, indent=2) + "\n")
+
+
+def arm_label(arm: str) -> str:
+    """``default`` -> ``default``; ``ONEREC_A=1+ONEREC_B=x`` -> ``a_1__b_x`` (a metric-name prefix)."""
+    if arm == "default":
+        return arm
+    return "__".join(kv.lower().removeprefix("onerec_").replace("=", "_") for kv in arm.split("+"))
+
+
+def arm_means(rows: list[dict]) -> dict[str, float]:
+    """Per distinct arm: mean p50/p99, server CPU per answer and think-ahead share of its runs, and its run count."""
+    out: dict[str, float] = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        runs = [r for r in rows if r["arm"] == arm]
+        label = arm_label(arm)
+        for key, name in (("p50_ms", "p50_ms"), ("p99_ms", "p99_ms"),
+                          ("server_cpu_ms_per_request", "cpu_ms_per_answer"),
+                          ("think_ahead_share", "think_ahead_share")):
+            vals = [float(r[key]) for r in runs if r.get(key) is not None]
+            if vals:
+                out[f"{label}_{name}"] = round(sum(vals) / len(vals), 3)
+        out[f"{label}_runs"] = len(runs)
+    out["rate"] = rows[0]["rate"] if rows else 0.0
+    return out
 
 
 if __name__ == "__main__":

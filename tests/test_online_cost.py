@@ -125,3 +125,16 @@ def test_one_batch_is_one_message_each_way_on_the_pipe(world: TinyWorld, redis_s
         assert conn.calls == {"send": 1, "recv": 1}
     finally:
         pm.close()
+
+
+def test_online_ab_results_are_the_means_of_each_arms_runs() -> None:
+    from benchmarks.online_ab import arm_label, arm_means
+
+    rows = [{"arm": a, "rate": 100.0, "p50_ms": p50, "p99_ms": p50 * 2, "server_cpu_ms_per_request": cpu,
+             "think_ahead_share": 1.0}
+            for a, p50, cpu in (("default", 2.0, 3.0), ("ONEREC_NUMPY_ONE_USER=false", 4.0, 5.0),
+                                ("default", 3.0, 4.0), ("ONEREC_NUMPY_ONE_USER=false", 5.0, 6.0))]
+    got = arm_means(rows)
+    assert arm_label("ONEREC_A=1+ONEREC_B=x") == "a_1__b_x"
+    assert got["default_p50_ms"] == 2.5 and got["default_cpu_ms_per_answer"] == 3.5 and got["default_runs"] == 2
+    assert got["numpy_one_user_false_p99_ms"] == 9.0 and got["numpy_one_user_false_cpu_ms_per_answer"] == 5.5
