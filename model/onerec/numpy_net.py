@@ -16,11 +16,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import erf
+import torch
+import torch.nn.functional as F
 
 from model.onerec.serving import FrozenOneRec
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
 def one_blas_thread() -> None:
@@ -30,10 +29,7 @@ def one_blas_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def _np(t: object) -> np.ndarray:
-    import torch
-
-    assert isinstance(t, torch.Tensor)
+def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
 
 
@@ -46,8 +42,9 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU, torch's default."""
-    return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
+    """Exact (erf) GELU, torch's default, computed by torch on the same memory (no copy): its vectorised erf
+    costs a tenth of scipy's at these sizes, the largest single cost of a one-user completion otherwise."""
+    return F.gelu(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
 
 
 class NumpyNet:

@@ -14,16 +14,32 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
+import torch
 
-from model.onerec.config import DeadlineExceeded
+from model.onerec.config import DeadlineExceeded, OneRecConfig
 from model.onerec.numpy_net import NumpyNet
+from model.onerec.serving import FrozenOneRec, ModuleNet
 from model.policy import PolicyConfig, Prefix, Scored
+from model.semantic_ids import SemanticIDs
 
-if TYPE_CHECKING:
-    from model.onerec.decoding import OneRec
+
+class Tables(Protocol):
+    """What a one-user engine reads of `model.onerec.decoding.OneRec` (named here, not imported: that module
+    imports this one)."""
+
+    net: FrozenOneRec | ModuleNet
+    cfg: OneRecConfig
+    sid: SemanticIDs
+    K: int
+    child: list[torch.Tensor]
+    _child_pad: list[torch.Tensor]
+    _kids: list[tuple[torch.Tensor, torch.Tensor]]
+    row_of: dict[int, int]
+
+    def _known_rows(self, hist: Sequence[int]) -> np.ndarray: ...
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -46,9 +62,7 @@ def _top(x: np.ndarray, n: int) -> np.ndarray:
 class OneUser:
     """The numpy tables and network one-user completions read: built once from a `OneRec`."""
 
-    def __init__(self, onerec: OneRec) -> None:
-        from model.onerec.serving import FrozenOneRec
-
+    def __init__(self, onerec: Tables) -> None:
         assert isinstance(onerec.net, FrozenOneRec), "the numpy engine copies the serving snapshot"
         self.onerec = onerec
         self.net = NumpyNet(onerec.net)
