@@ -35,6 +35,7 @@ import torch
 
 from model.metrics import PrefixCodes, paired_comparison, prefix_recall, subset
 from model.onerec import OneRec
+from model.think.itemhead import mix_logmass
 from model.think.recommender import ThinkRecommender
 from services.catalog import load_dataset
 
@@ -58,11 +59,7 @@ def mixed_prefixes(rec: ThinkRecommender, onerec: OneRec, histories: Sequence[Se
     for s in range(0, len(histories), batch_size):
         chunk = histories[s : s + batch_size]
         pref, think = rec.prefix_logmass(chunk)
-        online = onerec.prefix_logprobs(chunk, pref)
-        # log(w e^x + (1 - w) e^y); a weight of 0 or 1 gives log(0) = -inf on one side, which logaddexp keeps exact
-        with torch.no_grad():
-            w = torch.tensor(weight)
-            mix = torch.logaddexp(think.log_softmax(-1) + w.log(), online.log_softmax(-1) + (1 - w).log())
+        mix = mix_logmass(think, onerec.prefix_logprobs(chunk, pref), weight)
         top = mix.topk(min(p_max, mix.shape[1]), dim=1)
         out += [[(int(pref[i][0]), int(pref[i][1])) for i, v in zip(row, val, strict=True) if v > -math.inf]
                 for row, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)]

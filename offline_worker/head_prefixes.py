@@ -11,20 +11,26 @@ mass, a log-probability of the prefix like the code beam's.
 `EngineConfig.prefix_scores` chooses: ``auto`` (the head when the folder has one, else the code beam),
 ``item_head`` (required: a folder without a head is an error) or ``codes``. vLLM returns no hidden
 states, so the vLLM engine runs this pass on a transformers copy of the (small) model; the HF engine
-shares its own. Not here: the code beam (`offline_worker.engine_interface`), training the head (`model.think.fit`).
+shares its own. With `EngineConfig.mix_onerec` the head's mass is mixed with the online OneRec's p(a) p(b|a) from
+the same history (`mix_with`, `model.think.itemhead.mix_logmass`): the two models miss different users, so the
+mixture caches more targets than either (docs/THINK.md section 9). Not here: the code beam
+(`offline_worker.engine_interface`), training the head (`model.think.fit`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from model.semantic_ids import SemanticIDs
-from model.think.itemhead import ItemHead, load_head, prefix_groups, prefix_mass
+from model.think.itemhead import ItemHead, load_head, mix_logmass, prefix_groups, prefix_mass
+
+if TYPE_CHECKING:
+    from model.onerec import OneRec
 
 PREFIX_SCORES = ("auto", "codes", "item_head")
 Prefix = tuple[int, int, float]  # (a, b, log prefix probability); the engine's Prefix
@@ -39,6 +45,18 @@ class HeadPrefixes:
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.prefixes, self.group = prefix_groups(sid)  # (M, 2) catalogue prefixes, (N,) each item's row
+        self.mix: tuple[OneRec, float] | None = None  # (online model, think weight): `mix_with`
+
+    def mix_with(self, onerec_dir: str | Path, weight: float, sid: SemanticIDs) -> None:
+        """Rank by `weight` x the head's mass + (1 - `weight`) x the online OneRec at `onerec_dir` (same item codes)."""
+        from model.onerec import OneRec
+
+        onerec = OneRec.load(onerec_dir, sid)
+        if not np.array_equal(onerec.sid.codes, sid.codes) or not np.array_equal(onerec.sid.item_ids, sid.item_ids):
+            raise ValueError(f"mix_onerec {onerec_dir}: its semantic IDs differ from the think model's")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"mix weight must be in [0, 1], got {weight}")
+        self.mix = (onerec, weight)
 
     @classmethod
     def for_engine(cls, mode: str, model_dir: Path, sid: SemanticIDs, pad_id: int, model: Any = None,
@@ -82,11 +100,17 @@ class HeadPrefixes:
         """(B, M) log of the head's probability mass per catalogue prefix (-inf: no mass)."""
         return prefix_mass(self.head.logits(hidden), self.group, len(self.prefixes))
 
-    def top(self, contexts: Sequence[Sequence[int]], m: int) -> list[list[Prefix]]:
-        """Best `m` prefixes per context, best first."""
+    def top(self, contexts: Sequence[Sequence[int]], m: int,
+            histories: Sequence[Sequence[int] | None] | None = None) -> list[list[Prefix]]:
+        """Best `m` prefixes per context, best first; a mixed ranking (`mix_with`) needs each context's history."""
         if not contexts:
             return []
         sc = self.scores(self.hidden(contexts))
+        if self.mix is not None:
+            if histories is None or len(histories) != len(contexts) or any(h is None for h in histories):
+                raise ValueError("history: the mixed prefix ranking (mix_onerec) needs every request's item history")
+            onerec, weight = self.mix
+            sc = mix_logmass(sc, onerec.prefix_logprobs([h or [] for h in histories], self.prefixes), weight)
         val, idx = sc.topk(min(m, sc.shape[1]), dim=1)
         return [[(int(self.prefixes[x][0]), int(self.prefixes[x][1]), float(v))
                  for x, v in zip(ix, vs, strict=True) if np.isfinite(v)]

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         "auto", pattern="^(auto|codes|item_head)$",
         description="offline prefix ranking: item head mass (auto: when the checkpoint has one) or the code beam",
     )
+    prefix_mix_onerec: str = Field(
+        "", description="online OneRec checkpoint whose p(a) p(b|a), from the same history, is mixed into the "
+                        "item head's prefix mass before the top prefixes are cached ('' = off; "
+                        "`offline_worker.head_prefixes`)",
+    )
+    prefix_mix_weight: float = Field(0.5, ge=0, le=1, description="weight of the think head in that mixture")
     offline_mode: str = Field(
         "auto", pattern="^(auto|think|direct)$",
         description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "

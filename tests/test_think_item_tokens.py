@@ -323,3 +323,36 @@ def test_prefix_mixture_of_the_think_head_and_the_online_model(world: Path) -> N
              "--mix", "0.5", "--data-dir", str(world / "data"), "--p", "2,4", "--out-json", str(out)])
     doc = json.loads(out.read_text())
     assert doc["mix"] == 0.5 and "think_mix@4" in doc["recall"] and "think_mix_vs_onerec@4" in doc["paired"]
+
+
+def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
+    """With `mix_onerec` the refresh engine caches the same prefixes, in the same order, as the mixture that
+    `prefix-recall --mix` measures (`mixed_prefixes`), from each request's own history; a request without its
+    history is refused, as is a mixture without an item head."""
+    from evaluation.prefix_recall import mixed_prefixes
+    from model.onerec import OneRec
+    from model.think.recommender import ThinkRecommender
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+
+    opts = dict(samples=2, prefixes_per_sample=3, beam_a=2, max_reasoning_tokens=4, greedy=True, mode="direct")
+    eng = HFEngine(world / "items", world / "sid",
+                   EngineConfig(mix_onerec=str(world / "onerec"), mix_weight=0.3, **opts), batch_size=2, threads=1)
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    users = sorted(ds.sequences)[:5]
+    pb = PromptBuilder(eng.tokenizer, sid)
+    reqs = [ThinkRequest(u, ids, ds.sequences[u]) for u, ids in pb.build((u, ds.sequences[u]) for u in users)]
+    got = [[p[:2] for p in r.prefixes] for r in eng.think(reqs)]
+    rec = ThinkRecommender.load(world / "items", think=False, sid_dir=world / "sid")
+    want = mixed_prefixes(rec, OneRec.load(world / "onerec"), [ds.sequences[u] for u in users], 0.3, 6)
+    assert got == want
+    head_only = [[p[:2] for p in r.prefixes] for r in HFEngine(world / "items", world / "sid", EngineConfig(**opts),
+                                                               batch_size=2, threads=1).think(reqs)]
+    assert got != head_only  # the online model moved the ranking (the test can tell the two apart)
+    with pytest.raises(ValueError, match="history"):
+        eng.think([ThinkRequest(users[0], reqs[0].prompt_ids)])
+    with pytest.raises(ValueError, match="mix"):
+        EngineConfig(mix_onerec=str(world / "onerec"), prefix_scores="codes")
+    with pytest.raises(ValueError, match="mix_weight"):
+        EngineConfig(mix_onerec=str(world / "onerec"), mix_weight=1.5)

@@ -213,6 +213,17 @@ def prefix_mass(item_logits: torch.Tensor, group: torch.Tensor, num_prefixes: in
     return torch.where(mass > 0, mass.log() + m, torch.full_like(mass, float("-inf")))
 
 
+def mix_logmass(think: torch.Tensor, online: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, M) log(`weight` p_think + (1 - `weight`) p_online) over the same M prefixes, each side renormalised over
+    them: the think head's prefix mass (`prefix_mass`) mixed with the online model's p(a) p(b|a)
+    (`OneRec.prefix_logprobs`). A weight of 0 or 1 keeps one side exactly (log 0 = -inf on the other)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mix weight must be in [0, 1], got {weight}")
+    w = torch.tensor(float(weight))
+    with torch.no_grad():
+        return torch.logaddexp(think.log_softmax(-1) + w.log(), online.log_softmax(-1) + (1 - w).log())
+
+
 def prefix_scores(item_logits: torch.Tensor, sid: SemanticIDs) -> tuple[np.ndarray, torch.Tensor]:
     """Log of the head's probability mass per (a, b) prefix: returns (prefixes (M, 2), scores (B, M))."""
     pref, group = prefix_groups(sid)
