@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from think_fixtures import tiny_dataset, tiny_sid, write_dataset
+from think_fixtures import run_killed_then_resumed, tiny_dataset, tiny_sid, write_dataset
 
 from model.metrics import evaluate
 from model.think.__main__ import main as train_main
@@ -95,6 +95,47 @@ def test_resume_continues_from_checkpoint(stages: dict[str, Path], tmp_path: Pat
     stage = json.loads((out / "itemic.json").read_text())["stages"][-1]
     assert stage["multitask"]["steps"] == 2  # steps 2 and 3 only
     assert not (out / "trainer_state.pt").exists()
+
+
+def test_activation_and_enhancement_resume_after_a_kill(stages: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reasoning Activation (LoRA) killed at its second step and resumed ends with the weights of an uninterrupted
+    run; Reasoning Enhancement (GRPO) killed likewise resumes from its last save and runs each step once."""
+    root = stages["base"].parent.parent
+    common = ["--data-dir", str(root / "data"), "--sid-dir", str(root / "sid"), "--save-every", "1"]
+
+    def activate(out: Path) -> list[str]:
+        return ["activate", "--init", str(stages["ia"]), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                "--embeddings", "bow", "--lora-r", "4", "--cache-dir", str(root / "cache"), *common]
+
+    torch.manual_seed(0)
+    train_main(activate(tmp_path / "act-whole"))
+    torch.manual_seed(0)
+    st = run_killed_then_resumed(train_main, activate(tmp_path / "act-killed"), tmp_path / "act-killed", monkeypatch,
+                                 kill_at_step=2)
+    assert st["desc"] == "activate" and st["step"] == 1  # resumed from the save after step 1
+    whole, _, _ = load_think(tmp_path / "act-whole")
+    killed, _, _ = load_think(tmp_path / "act-killed")
+    init, _, _ = load_think(stages["ia"])
+    moved = False
+    for (n, p), (_, q), (_, r) in zip(whole.named_parameters(), killed.named_parameters(), init.named_parameters(),
+                                      strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
+        moved |= not torch.equal(p, r)
+    assert moved  # the LoRA updates were merged: the comparison is not between two copies of the init
+    assert not (tmp_path / "act-killed" / "trainer_state.pt").exists()
+    assert not (tmp_path / "act-killed" / "adapter").exists()
+
+    rl = tmp_path / "rl-killed"
+    enhance = ["enhance", "--init", str(stages["act"]), "--out", str(rl), "--steps", "3", "--batch-size", "2",
+               "--group", "2", "--beam", "4", "--max-think", "6", *common]
+    st = run_killed_then_resumed(train_main, enhance, rl, monkeypatch, kill_at_step=2)
+    assert st["desc"] == "enhance" and st["step"] == 1
+    steps = [json.loads(x)["step"] for x in (rl / "train_log.jsonl").read_text().splitlines()
+             if json.loads(x).get("stage") == "enhance"]
+    assert steps == [1, 2, 3]
+    assert not (rl / "trainer_state.pt").exists()
+    load_think(rl)
 
 
 def test_batched_beam_matches_single_and_is_valid(stages: dict[str, Path]) -> None:
