@@ -188,6 +188,10 @@ def _settings_key(engine: str, config: Any, sid_dir: Path) -> dict[str, Any]:
     data = Path(key.pop("grounding_data", "") or "")
     if key.get("grounded_reasoning") and (data / "items.tsv").is_file():  # the titles the grammar names, by content
         key["grounding_items"] = hashlib.sha256((data / "items.tsv").read_bytes()).hexdigest()[:12]
+    if key.get("mix_onerec"):  # the online model of a mixed prefix ranking, by content too
+        from offline_worker.engine_interface import model_id
+
+        key["mix_onerec"] = model_id(key["mix_onerec"])
     return key
 
 

@@ -352,6 +352,12 @@ def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
     assert got != head_only  # the online model moved the ranking (the test can tell the two apart)
     with pytest.raises(ValueError, match="history"):
         eng.think([ThinkRequest(users[0], reqs[0].prompt_ids)])
+    # a version names the online model by content, like the think model (shards on other mounts agree)
+    from offline_worker.__main__ import _settings_key
+    from offline_worker.engine_interface import model_id
+
+    key = _settings_key("hf", eng.config, world / "sid")
+    assert key["mix_onerec"] == model_id(world / "onerec") and key["mix_weight"] == 0.3
     with pytest.raises(ValueError, match="mix"):
         EngineConfig(mix_onerec=str(world / "onerec"), prefix_scores="codes")
     with pytest.raises(ValueError, match="mix_weight"):
