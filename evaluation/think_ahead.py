@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", action="store_true", help="write the dataset's results file "
                    "think_ahead_quality.json (docs/results/[<dataset>/] bundled data, <artifacts>/results/ else)")
     args = p.parse_args(argv)
+    if args.think_json is not None and not args.think_json.is_file():  # an input, read at the end: check it first
+        p.error(f"--think-json {args.think_json}: no such file (the output of `python -m evaluation think run "
+                "--out-json`)")
 
     ds = load_dataset(s.data_dir)
     examples = split_examples(ds, args.split, args.limit)

@@ -82,3 +82,13 @@ def test_against_refuses_entries_of_the_wrong_history(world: TinyWorld, redis_se
     _publish(redis_client, f"{ns}c", world, n_prefixes=3, holdout=0)  # a refresh of the full history
     with pytest.raises(SystemExit, match="holdout 2"):
         _run(world, redis_server.url, f"{ns}a", f"{ns}c", capsys)
+
+
+def test_a_missing_think_json_is_refused_before_the_evaluation_runs(tmp_path: Path) -> None:
+    """`--think-json` is an input read after all the decoding: a wrong path is a usage error at once, not a
+    traceback after the full run."""
+    from evaluation.think_ahead import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--think-json", str(tmp_path / "missing.json"), "--redis-url", "redis://127.0.0.1:1/0"])
+    assert err.value.code == 2
