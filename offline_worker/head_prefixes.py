@@ -51,7 +51,7 @@ class HeadPrefixes:
         """Rank by `weight` x the head's mass + (1 - `weight`) x the online OneRec at `onerec_dir` (same item codes)."""
         from model.onerec import OneRec
 
-        onerec = OneRec.load(onerec_dir, sid)
+        onerec = OneRec.load(onerec_dir)  # with the codes it was trained on, compared here
         if not np.array_equal(onerec.sid.codes, sid.codes) or not np.array_equal(onerec.sid.item_ids, sid.item_ids):
             raise ValueError(f"mix_onerec {onerec_dir}: its semantic IDs differ from the think model's")
         if not 0.0 <= weight <= 1.0:

@@ -360,5 +360,13 @@ def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
     assert key["mix_onerec"] == model_id(world / "onerec") and key["mix_weight"] == 0.3
     with pytest.raises(ValueError, match="mix"):
         EngineConfig(mix_onerec=str(world / "onerec"), prefix_scores="codes")
+    # an online model trained on other codes is refused, not mixed row by wrong row
+    other = tiny_sid()
+    other.codes[[0, 1]] = other.codes[[1, 0]]
+    save_checkpoint(build_model(OneRecConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32), other, seed=0), other,
+                    world / "onerec-other-codes")
+    with pytest.raises(ValueError, match="semantic IDs differ"):
+        HFEngine(world / "items", world / "sid", EngineConfig(mix_onerec=str(world / "onerec-other-codes"), **opts),
+                 batch_size=2, threads=1)
     with pytest.raises(ValueError, match="mix_weight"):
         EngineConfig(mix_onerec=str(world / "onerec"), mix_weight=1.5)
