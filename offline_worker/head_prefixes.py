@@ -54,8 +54,6 @@ class HeadPrefixes:
         onerec = OneRec.load(onerec_dir)  # with the codes it was trained on, compared here
         if not np.array_equal(onerec.sid.codes, sid.codes) or not np.array_equal(onerec.sid.item_ids, sid.item_ids):
             raise ValueError(f"mix_onerec {onerec_dir}: its semantic IDs differ from the think model's")
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"mix weight must be in [0, 1], got {weight}")
         self.mix = (onerec, weight)
 
     @classmethod
@@ -110,7 +108,11 @@ class HeadPrefixes:
             if histories is None or len(histories) != len(contexts) or any(h is None for h in histories):
                 raise ValueError("history: the mixed prefix ranking (mix_onerec) needs every request's item history")
             onerec, weight = self.mix
-            sc = mix_logmass(sc, onerec.prefix_logprobs([h or [] for h in histories], self.prefixes), weight)
+            # think mode has T contexts per user, one history: the online model runs once per distinct history
+            slot: dict[tuple[int, ...], int] = {}
+            row = [slot.setdefault(tuple(h or ()), len(slot)) for h in histories]
+            online = onerec.prefix_logprobs([list(h) for h in slot], self.prefixes)
+            sc = mix_logmass(sc, online[torch.as_tensor(row)], weight)
         val, idx = sc.topk(min(m, sc.shape[1]), dim=1)
         return [[(int(self.prefixes[x][0]), int(self.prefixes[x][1]), float(v))
                  for x, v in zip(ix, vs, strict=True) if np.isfinite(v)]

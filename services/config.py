@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(1.0, ge=0, description="how long the model thread waits to fill a batch")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the online model")
     numpy_one_user: bool = Field(True, description="one-user completions in numpy (model.onerec.one_user: same "
-                                                   "ranking, about a third less CPU); False: torch for every call")
+                                                   "ranking, less CPU: docs/PROFILE.md); False: torch for every call")
     model_process: bool = Field(True, description="run the online model in a child process (its own GIL, restarted "
                                                   "if it dies); False: on a thread of the API process")
     model_processes: int = Field(1, ge=1, le=16, description="model child processes, used when model_process is "

@@ -352,6 +352,16 @@ def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
     assert got != head_only  # the online model moved the ranking (the test can tell the two apart)
     with pytest.raises(ValueError, match="history"):
         eng.think([ThinkRequest(users[0], reqs[0].prompt_ids)])
+    # think mode: T sampled paths per user share one history; the online model runs once per distinct history
+    think = HFEngine(world / "items", world / "sid", EngineConfig(**{**opts, "mode": "think", "greedy": False},
+                     mix_onerec=str(world / "onerec")), batch_size=2, threads=1)
+    assert think.head_prefixes is not None and think.head_prefixes.mix is not None
+    online = think.head_prefixes.mix[0]
+    seen: list[int] = []
+    real = online.prefix_logprobs
+    online.prefix_logprobs = lambda h, pref: (seen.append(len(h)), real(h, pref))[1]  # type: ignore[method-assign]
+    res = think.think(reqs)
+    assert seen == [len(users)] and all(len(r.per_sample) == 2 for r in res)
     # a version names the online model by content, like the think model (shards on other mounts agree)
     from offline_worker.__main__ import _settings_key
     from offline_worker.engine_interface import model_id

@@ -60,7 +60,7 @@ class OneRec:
             self._row_lut[sid.item_ids] = np.arange(1, len(sid) + 1)
         self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
         # one-user `complete` / `decode_full` calls (the API's at low and moderate rates) run in numpy
-        # (`model.onerec.one_user`): the same ranking, about a third less CPU; its tables are built on first use
+        # (`model.onerec.one_user`): the same ranking, less CPU (docs/PROFILE.md); its tables are built on first use
         self.numpy_one_user = True
         self._one_user: OneUser | None = None
 
