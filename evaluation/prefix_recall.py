@@ -17,7 +17,11 @@ refresh time); the online model reads the fresh history, and with `--onerec-stal
 same information as the think model: what staleness alone costs). `--checkpoint ''` skips the think model.
 `--mix W` adds the ranking ``think_mix``: the think item head's prefix mass mixed with the online model's own (a, b)
 distribution from the same staler history, ``W p_think + (1 - W) p_online`` (`mixed_prefixes`): what an offline
-tier that also ran the online model at refresh time could cache.
+tier that also ran the online model at refresh time could cache. `--contrast B` adds ``think_contrast``: the head's
+prefixes ranked by log p_think - B log p_online from the staler history (`contrasted_prefixes`, the refresh's
+`--contrast` rule). `--union-own N` also measures what the served completion can reach: each ranking's top-P joined
+with the online model's own top-N from the fresh history (the serving default adds N = 32), paired against the online
+model's own top-(P + N) (the same number of prefixes without the offline tier).
 Not here: the offline engine, the metric.
 """
 
@@ -35,7 +39,7 @@ import torch
 
 from model.metrics import PrefixCodes, paired_comparison, prefix_recall, subset
 from model.onerec import OneRec
-from model.think.itemhead import mix_logmass
+from model.think.itemhead import contrast_rank, mix_logmass
 from model.think.recommender import ThinkRecommender
 from services.catalog import load_dataset
 
@@ -66,6 +70,25 @@ def mixed_prefixes(rec: ThinkRecommender, onerec: OneRec, histories: Sequence[Se
     return out
 
 
+def contrasted_prefixes(rec: ThinkRecommender, onerec: OneRec, histories: Sequence[Sequence[int]], beta: float,
+                        p_max: int, batch_size: int = 512) -> list[list[PrefixCodes]]:
+    """Top-`p_max` (a, b) per user by `contrast_rank` (log p_think - `beta` log p_online), both from `histories`."""
+    out: list[list[PrefixCodes]] = []
+    for s in range(0, len(histories), batch_size):
+        chunk = histories[s : s + batch_size]
+        pref, think = rec.prefix_logmass(chunk)
+        rank = contrast_rank(think, onerec.prefix_logprobs(chunk, pref), beta)
+        out += [[(int(pref[i][0]), int(pref[i][1])) for i in row]
+                for row in rank.topk(min(p_max, rank.shape[1]), dim=1).indices.tolist()]
+    return out
+
+
+def union_sets(ranked: Sequence[Sequence[int]], own: Sequence[Sequence[int]], p: int, n: int) -> list[list[int]]:
+    """Per user, the first `p` of `ranked` joined with the first `n` of `own` (flat prefix ids), own ones first,
+    duplicates once."""
+    return [list(dict.fromkeys([*o[:n], *r[:p]])) for r, o in zip(ranked, own, strict=True)]
+
+
 def main(argv: list[str] | None = None) -> None:
     from services.config import get_settings
 
@@ -84,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix", type=float, default=None, metavar="W",
                    help="also the think head's prefix mass mixed with the online model's, both from the staler "
                         "history, at weight W for the think model (needs --checkpoint with an item head and --onerec)")
+    p.add_argument("--contrast", type=float, default=None, metavar="B",
+                   help="also the think head's prefixes ranked by log p_think - B log p_online, both from the staler "
+                        "history (the refresh's --contrast; needs --checkpoint and --onerec)")
+    p.add_argument("--union-own", type=int, default=None, metavar="N",
+                   help="also each ranking's top-P joined with the online model's own top-N from the fresh history, "
+                        "paired against the online model's own top-(P + N)")
     p.add_argument("--sample", type=int, default=None, help="fixed random subset of N users (default all)")
     p.add_argument("--seed", type=int, default=0, help="subset seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -109,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     onerec = OneRec.load(args.onerec) if args.onerec else None
     if onerec is not None:
         t0 = time.perf_counter()
-        sets["onerec"] = onerec_prefixes(onerec, [e.history for e in ex], max(ps))
+        sets["onerec"] = onerec_prefixes(onerec, [e.history for e in ex], max(ps) + (args.union_own or 0))
         secs["onerec"] = round(time.perf_counter() - t0, 1)
         if args.onerec_stale:
             sets["onerec_stale"] = onerec_prefixes(onerec, stale, max(ps))
@@ -122,6 +151,17 @@ def main(argv: list[str] | None = None) -> None:
         sets["think_mix"] = mixed_prefixes(rec, onerec, stale if args.stale else [e.history for e in ex], args.mix,
                                            max(ps))
         secs["think_mix"] = round(time.perf_counter() - t0, 1)
+    if args.contrast is not None:
+        if rec is None or onerec is None:
+            raise SystemExit("--contrast needs both --checkpoint and --onerec")
+        if args.contrast < 0:
+            raise SystemExit(f"--contrast must be >= 0, got {args.contrast}")
+        t0 = time.perf_counter()
+        sets["think_contrast"] = contrasted_prefixes(rec, onerec, stale if args.stale else [e.history for e in ex],
+                                                     args.contrast, max(ps))
+        secs["think_contrast"] = round(time.perf_counter() - t0, 1)
+    if args.union_own is not None and (onerec is None or args.union_own < 1):
+        raise SystemExit("--union-own N needs --onerec and N >= 1")
     sid = rec.sid if rec is not None else onerec.sid if onerec is not None else None
     if sid is None:
         raise SystemExit("nothing to measure: give --checkpoint and/or --onerec")
@@ -131,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     doc: dict[str, Any] = {"checkpoint": str(args.checkpoint), "onerec": str(args.onerec), "split": args.split,
                            "users": len(ex), "sample": args.sample, "stale": args.stale,
                            "think_mode": None if rec is None else "think" if rec.think else "direct",
-                           "mix": args.mix,
+                           "mix": args.mix, "contrast": args.contrast, "union_own": args.union_own,
                            "seconds": secs, "recall": {},
                            "paired": {}}
     for P in ps:
@@ -144,6 +184,15 @@ def main(argv: list[str] | None = None) -> None:
                 ranked_b = [[a * K + b for a, b in c[:P]] for c in sets["onerec"]]
                 pc = paired_comparison(ranked_a, ranked_b, flat, k=P)
                 doc["paired"][f"{name}_vs_onerec@{P}"] = {k: v for k, v in pc.items() if not k.startswith("ndcg")}
+        if args.union_own:
+            doc.setdefault("union", {})
+            N = args.union_own
+            own = [[a * K + b for a, b in c] for c in sets["onerec"]]
+            for name in (n for n in sets if n != "onerec"):
+                joined = union_sets([[a * K + b for a, b in c] for c in sets[name]], own, P, N)
+                pc = paired_comparison(joined, [o[: P + N] for o in own], flat, k=P + N)
+                doc["union"][f"{name}+own{N}_vs_onerec@{P + N}"] = {k: v for k, v in pc.items()
+                                                                    if not k.startswith("ndcg")}
     print(json.dumps(doc, indent=2))
     if args.out_json:
         args.out_json.parent.mkdir(parents=True, exist_ok=True)

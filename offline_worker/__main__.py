@@ -85,7 +85,8 @@ def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
                   greedy=args.greedy or None, grounded_reasoning=getattr(args, "grounded_reasoning", None),
                   grounding_data=str(args.data) if getattr(args, "data", None) else None,
                   mode=served_mode(getattr(args, "mode", None) or settings.offline_mode, model_dir),
-                  mix_onerec=getattr(args, "mix_onerec", None), mix_weight=getattr(args, "mix_weight", None))
+                  mix_onerec=getattr(args, "mix_onerec", None), mix_weight=getattr(args, "mix_weight", None),
+                  contrast=getattr(args, "contrast", None))
     vllm = dict(dtype=args.dtype, enforce_eager=True if args.enforce_eager else None,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 block_size=args.block_size,
@@ -188,7 +189,7 @@ def _settings_key(engine: str, config: Any, sid_dir: Path) -> dict[str, Any]:
     data = Path(key.pop("grounding_data", "") or "")
     if key.get("grounded_reasoning") and (data / "items.tsv").is_file():  # the titles the grammar names, by content
         key["grounding_items"] = hashlib.sha256((data / "items.tsv").read_bytes()).hexdigest()[:12]
-    if key.get("mix_onerec"):  # the online model of a mixed prefix ranking, by content too
+    if key.get("mix_onerec"):  # the online model of a mixed or contrasted prefix ranking, by content too
         from offline_worker.engine_interface import model_id
 
         key["mix_onerec"] = model_id(key["mix_onerec"])
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "from the same history ('' = off; default ONEREC_PREFIX_MIX_ONEREC)")
     r.add_argument("--mix-weight", type=float, help="the think head's weight in that mixture (default "
                                                     "ONEREC_PREFIX_MIX_WEIGHT)")
+    r.add_argument("--contrast", type=float, help="> 0: rank by log p_think - this x log p_online (the --mix-onerec "
+                                                  "model) instead of mixing (default ONEREC_PREFIX_CONTRAST, 0 = off)")
     r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
     r.add_argument("--max-reasoning-tokens", type=int,
                    help="free reasoning's token budget (a grounded rationale gets its grammar's longest length)")

@@ -82,6 +82,7 @@ class EngineConfig:
     prefix_scores: str = setting_default("prefix_scores")  # auto | codes | item_head (`head_prefixes`)
     mix_onerec: str = setting_default("prefix_mix_onerec")  # online OneRec mixed into the head's ranking ('' = off)
     mix_weight: float = setting_default("prefix_mix_weight")  # the think head's weight in that mixture
+    contrast: float = setting_default("prefix_contrast")  # > 0: rank by think - contrast x online instead of mixing
     mode: str = setting_default("offline_mode")  # think | direct | auto (`served_mode`)
     grounded_reasoning: bool = setting_default("grounded_reasoning")  # rationale under the user's grammar
     grounding_data: str = str(setting_default("data_dir"))  # dataset folder (items.tsv) the grammar names
@@ -97,7 +98,7 @@ class EngineConfig:
             samples=s.reasoning_samples, prefixes_per_sample=s.prefixes_per_sample, beam_a=s.prefix_beam_a,
             max_reasoning_tokens=s.max_reasoning_tokens, temperature=s.reasoning_temperature, top_k=s.reasoning_top_k,
             top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores, mode=s.offline_mode,
-            mix_onerec=s.prefix_mix_onerec, mix_weight=s.prefix_mix_weight,
+            mix_onerec=s.prefix_mix_onerec, mix_weight=s.prefix_mix_weight, contrast=s.prefix_contrast,
             grounded_reasoning=s.grounded_reasoning, grounding_data=str(s.data_dir),
         )  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -110,6 +111,10 @@ class EngineConfig:
             raise ValueError(f"prefix_scores: expected one of {PREFIX_SCORES}, got {self.prefix_scores!r}")
         if not 0.0 <= self.mix_weight <= 1.0:
             raise ValueError(f"mix_weight: expected a weight in [0, 1], got {self.mix_weight!r}")
+        if self.contrast < 0:
+            raise ValueError(f"contrast: expected >= 0, got {self.contrast!r}")
+        if self.contrast > 0 and not self.mix_onerec:
+            raise ValueError("contrast > 0 contrasts the online model named by mix_onerec; mix_onerec is empty")
         if self.mix_onerec and self.prefix_scores == "codes":
             raise ValueError("mix_onerec mixes the online model into the item head's ranking; "
                              "prefix_scores=codes has none")
@@ -283,9 +288,13 @@ class Engine(ABC):
             return
         log.info("prefixes ranked by the item head of %s", self.model_dir)
         if self.config.mix_onerec:
-            self.head_prefixes.mix_with(self.config.mix_onerec, self.config.mix_weight, self.sid)
-            log.info("... mixed with the online model %s at think weight %.2f", self.config.mix_onerec,
-                     self.config.mix_weight)
+            self.head_prefixes.mix_with(self.config.mix_onerec, self.config.mix_weight, self.sid, self.config.contrast)
+            if self.config.contrast > 0:
+                log.info("... contrasted with the online model %s at %.2f", self.config.mix_onerec,
+                         self.config.contrast)
+            else:
+                log.info("... mixed with the online model %s at think weight %.2f", self.config.mix_onerec,
+                         self.config.mix_weight)
 
     def prefixes(self, contexts: list[list[int]], m: int | None = None,
                  histories: Sequence[Sequence[int] | None] | None = None) -> list[list[Prefix]]:

@@ -13,7 +13,10 @@ mass, a log-probability of the prefix like the code beam's.
 states, so the vLLM engine runs this pass on a transformers copy of the (small) model; the HF engine
 shares its own. With `EngineConfig.mix_onerec` the head's mass is mixed with the online OneRec's p(a) p(b|a) from
 the same history (`mix_with`, `model.think.itemhead.mix_logmass`): the two models miss different users, so the
-mixture caches more targets than either (docs/THINK.md section 9). Not here: the code beam
+mixture caches more targets than either (docs/THINK.md section 9). With `EngineConfig.contrast` > 0 the online model
+instead moves the ranking away from the prefixes it proposes itself (`model.think.itemhead.contrast_rank`), which the
+served completion adds anyway from the fresher history; the stored score stays the head's own log mass
+(docs/THINK.md section 12). Not here: the code beam
 (`offline_worker.engine_interface`), training the head (`model.think.fit`).
 """
 
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from model.semantic_ids import SemanticIDs
-from model.think.itemhead import ItemHead, load_head, mix_logmass, prefix_groups, prefix_mass
+from model.think.itemhead import ItemHead, contrast_rank, load_head, mix_logmass, prefix_groups, prefix_mass
 
 if TYPE_CHECKING:
     from model.onerec import OneRec
@@ -46,15 +49,20 @@ class HeadPrefixes:
         self.batch_size = batch_size
         self.prefixes, self.group = prefix_groups(sid)  # (M, 2) catalogue prefixes, (N,) each item's row
         self.mix: tuple[OneRec, float] | None = None  # (online model, think weight): `mix_with`
+        self.contrast = 0.0  # > 0: the online model is contrasted, not mixed (`mix_with`)
 
-    def mix_with(self, onerec_dir: str | Path, weight: float, sid: SemanticIDs) -> None:
-        """Rank by `weight` x the head's mass + (1 - `weight`) x the online OneRec at `onerec_dir` (same item codes)."""
+    def mix_with(self, onerec_dir: str | Path, weight: float, sid: SemanticIDs, contrast: float = 0.0) -> None:
+        """Rank by `weight` x the head's mass + (1 - `weight`) x the online OneRec at `onerec_dir` (same item codes);
+        with `contrast` > 0 by log p_think - `contrast` x log p_online instead (`contrast_rank`)."""
         from model.onerec import OneRec
+
+        if contrast < 0:
+            raise ValueError(f"contrast must be >= 0, got {contrast}")
 
         onerec = OneRec.load(onerec_dir)  # with the codes it was trained on, compared here
         if not np.array_equal(onerec.sid.codes, sid.codes) or not np.array_equal(onerec.sid.item_ids, sid.item_ids):
             raise ValueError(f"mix_onerec {onerec_dir}: its semantic IDs differ from the think model's")
-        self.mix = (onerec, weight)
+        self.mix, self.contrast = (onerec, weight), float(contrast)
 
     @classmethod
     def for_engine(cls, mode: str, model_dir: Path, sid: SemanticIDs, pad_id: int, model: Any = None,
@@ -100,10 +108,12 @@ class HeadPrefixes:
 
     def top(self, contexts: Sequence[Sequence[int]], m: int,
             histories: Sequence[Sequence[int] | None] | None = None) -> list[list[Prefix]]:
-        """Best `m` prefixes per context, best first; a mixed ranking (`mix_with`) needs each context's history."""
+        """Best `m` prefixes per context, best first; a ranking with the online model (`mix_with`) needs each
+        context's history. The stored score is the ranking's log mass (the head's, or the mixture's)."""
         if not contexts:
             return []
         sc = self.scores(self.hidden(contexts))
+        rank = sc
         if self.mix is not None:
             if histories is None or len(histories) != len(contexts) or any(h is None for h in histories):
                 raise ValueError("history: the mixed prefix ranking (mix_onerec) needs every request's item history")
@@ -112,8 +122,13 @@ class HeadPrefixes:
             slot: dict[tuple[int, ...], int] = {}
             row = [slot.setdefault(tuple(h or ()), len(slot)) for h in histories]
             online = onerec.prefix_logprobs([list(h) for h in slot], self.prefixes)
-            sc = mix_logmass(sc, online[torch.as_tensor(row)], weight)
-        val, idx = sc.topk(min(m, sc.shape[1]), dim=1)
+            online = online[torch.as_tensor(row)]
+            if self.contrast > 0:
+                rank = contrast_rank(sc, online, self.contrast)
+            else:
+                rank = sc = mix_logmass(sc, online, weight)
+        idx = rank.topk(min(m, sc.shape[1]), dim=1).indices
+        val = sc.gather(1, idx)
         return [[(int(self.prefixes[x][0]), int(self.prefixes[x][1]), float(v))
                  for x, v in zip(ix, vs, strict=True) if np.isfinite(v)]
                 for ix, vs in zip(idx.tolist(), val.tolist(), strict=True)]

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
                         "`offline_worker.head_prefixes`)",
     )
     prefix_mix_weight: float = Field(0.5, ge=0, le=1, description="weight of the think head in that mixture")
+    prefix_contrast: float = Field(
+        0.0, ge=0, le=4,
+        description="> 0: rank the head's prefixes by log p_think - this x log p_online (the model prefix_mix_onerec "
+                    "names, same history) instead of mixing: cached slots move away from prefixes the online model "
+                    "proposes itself (0 = off)",
+    )
     offline_mode: str = Field(
         "auto", pattern="^(auto|think|direct)$",
         description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "

@@ -325,6 +325,53 @@ def test_prefix_mixture_of_the_think_head_and_the_online_model(world: Path) -> N
     assert doc["mix"] == 0.5 and "think_mix@4" in doc["recall"] and "think_mix_vs_onerec@4" in doc["paired"]
 
 
+def test_offline_engine_caches_the_contrasted_ranking(world: Path) -> None:
+    """With `contrast` > 0 the refresh engine caches the prefixes `prefix-recall --contrast` measures
+    (`contrasted_prefixes`: log p_think - B log p_online), in that order, each stored with the head's own log mass
+    (not the ranking score); `--union-own` reports the served reach; a contrast without an online model is refused."""
+    from evaluation.prefix_recall import contrasted_prefixes
+    from evaluation.prefix_recall import main as pr_main
+    from model.onerec import OneRec
+    from model.think.recommender import ThinkRecommender
+    from offline_worker.__main__ import _settings_key
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+
+    opts = dict(samples=2, prefixes_per_sample=3, beam_a=2, max_reasoning_tokens=4, greedy=True, mode="direct")
+    eng = HFEngine(world / "items", world / "sid", EngineConfig(mix_onerec=str(world / "onerec"), contrast=2.0, **opts),
+                   batch_size=2, threads=1)
+    ds = tiny_dataset(n_users=16)
+    users = sorted(ds.sequences)[:5]
+    pb = PromptBuilder(eng.tokenizer, tiny_sid())
+    reqs = [ThinkRequest(u, ids, ds.sequences[u]) for u, ids in pb.build((u, ds.sequences[u]) for u in users)]
+    res = eng.think(reqs)
+    got = [[p[:2] for p in r.prefixes] for r in res]
+    rec = ThinkRecommender.load(world / "items", think=False, sid_dir=world / "sid")
+    hist = [ds.sequences[u] for u in users]
+    assert got == contrasted_prefixes(rec, OneRec.load(world / "onerec"), hist, 2.0, 6)
+    head_only = [[p[:2] for p in r.prefixes] for r in HFEngine(world / "items", world / "sid", EngineConfig(**opts),
+                                                               batch_size=2, threads=1).think(reqs)]
+    assert got != head_only  # the contrast moved the ranking (the test can tell the two apart)
+    pref, mass = rec.prefix_logmass(hist)
+    row = {(int(a), int(b)): j for j, (a, b) in enumerate(pref)}
+    for i, r in enumerate(res):  # stored: the think head's log mass of each cached prefix
+        assert [p[2] for p in r.prefixes] == pytest.approx([float(mass[i, row[p[:2]]]) for p in r.prefixes], abs=1e-4)
+    assert _settings_key("hf", eng.config, world / "sid")["contrast"] == 2.0
+    with pytest.raises(ValueError, match="mix_onerec is empty"):
+        EngineConfig(contrast=0.5)
+    with pytest.raises(ValueError, match="contrast"):
+        EngineConfig(mix_onerec=str(world / "onerec"), contrast=-1.0)
+    out = world / "contrast.json"
+    pr_main(["--checkpoint", str(world / "items"), "--onerec", str(world / "onerec"), "--mode", "direct", "--stale",
+             "--contrast", "2", "--union-own", "2", "--data-dir", str(world / "data"), "--p", "2,4", "--out-json",
+             str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["contrast"] == 2.0 and "think_contrast@4" in doc["recall"]
+    union = doc["union"]["think_contrast+own2_vs_onerec@6"]
+    assert union["users"] == doc["users"] and "recall@6_diff_ci95" in union
+
+
 def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
     """With `mix_onerec` the refresh engine caches the same prefixes, in the same order, as the mixture that
     `prefix-recall --mix` measures (`mixed_prefixes`), from each request's own history; a request without its

@@ -224,6 +224,21 @@ def mix_logmass(think: torch.Tensor, online: torch.Tensor, weight: float) -> tor
         return torch.logaddexp(think.log_softmax(-1) + w.log(), online.log_softmax(-1) + (1 - w).log())
 
 
+ONLINE_LOG_FLOOR = -50.0  # the online model's log p below which a prefix counts as "not proposed" (contrast)
+
+
+def contrast_rank(think: torch.Tensor, online: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B, M) ranking scores log p_think - `beta` log p_online over the same M prefixes, each side renormalised over
+    them (the online side floored at `ONLINE_LOG_FLOOR`, so a prefix it gives no mass gets a finite bonus): the think
+    head's prefixes, moved away from those the online model proposes itself from the same history. The served
+    completion adds the online model's own top prefixes from the fresher history, so a cached slot spent on one of
+    them buys little. A ranking, not a probability: the refresh stores the think model's own log mass."""
+    if beta < 0:
+        raise ValueError(f"contrast must be >= 0, got {beta}")
+    with torch.no_grad():
+        return think.log_softmax(-1) - beta * online.log_softmax(-1).clamp(min=ONLINE_LOG_FLOOR)
+
+
 def prefix_scores(item_logits: torch.Tensor, sid: SemanticIDs) -> tuple[np.ndarray, torch.Tensor]:
     """Log of the head's probability mass per (a, b) prefix: returns (prefixes (M, 2), scores (B, M))."""
     pref, group = prefix_groups(sid)
