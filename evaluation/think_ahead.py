@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="also complete under the lightweight model's own top-N prefixes (0: cached prefixes only; "
                         "with N > 0 the strict variant is reported too, as think_ahead_strict)")
     p.add_argument("--own-floor", type=float, default=s.own_prefix_floor, help="offline score offset of own prefixes")
+    p.add_argument("--own-only", type=lambda t: [int(x) for x in t.split(",") if x], default=[], metavar="N[,N]",
+                   help="also the online model alone completing under its own top-N prefixes (no cached ones), paired "
+                        "with think-ahead: e.g. 64 = as many prefixes as cached + own, without the offline tier")
     p.add_argument("--wide-beams", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                    help="also report the lightweight model alone at these beam widths (e.g. 40,64)")
     p.add_argument("--against", default=None, metavar="NAMESPACE[:VERSION]",
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.think_json is not None and not args.think_json.is_file():  # an input, read at the end: check it first
         p.error(f"--think-json {args.think_json}: no such file (the output of `python -m evaluation think run "
                 "--out-json`)")
+    if any(n < 1 for n in args.own_only):
+        p.error(f"--own-only: prefix counts >= 1 expected, got {args.own_only}")
 
     ds = load_dataset(s.data_dir)
     examples = split_examples(ds, args.split, args.limit)
@@ -265,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         _, ranked_own = run(own_only, source, "own prefixes only (ablation)")
         metrics["own_prefixes_only"] = score(ranked_own, targets)
         metrics["think_ahead_vs_own_prefixes_only"] = paired_comparison(ranked_ta, ranked_own, targets)
+    for n in args.own_only:  # the offline tier's slots given to the online model instead (same completion work)
+        wider = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight, own_prefixes=n,
+                                           own_prefix_floor=args.own_floor, use_cached=False)
+        _, ranked_wide = run(wider, source, f"own top-{n} prefixes only")
+        metrics[f"own_prefixes_only_{n}"] = score(ranked_wide, targets)
+        metrics[f"think_ahead_vs_own_prefixes_only_{n}"] = paired_comparison(ranked_ta, ranked_wide, targets)
     if args.against:  # the same served policy over another refresh's entries of the same users
         namespace, _, version = args.against.partition(":")
         other = StoreSource(ThinkStore(connect(args.redis_url), namespace), version or None)

@@ -92,3 +92,22 @@ def test_a_missing_think_json_is_refused_before_the_evaluation_runs(tmp_path: Pa
     with pytest.raises(SystemExit) as err:
         main(["--think-json", str(tmp_path / "missing.json"), "--redis-url", "redis://127.0.0.1:1/0"])
     assert err.value.code == 2
+
+
+def test_own_only_arm_is_the_online_model_under_its_own_top_n(world: TinyWorld, redis_server: RedisServer,
+                                                               redis_client: redis.Redis, ns: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`--own-only N`: the online model alone under its own top-N prefixes (no cached ones), paired with think-ahead;
+    at the served N it is exactly the own-prefixes ablation; a count below 1 is a usage error."""
+    from evaluation.think_ahead import main
+
+    _publish(redis_client, ns, world, n_prefixes=3)
+    main(["--checkpoint", str(world.checkpoint), "--source", "redis", "--redis-url", redis_server.url, "--namespace",
+          ns, "--beam", "10", "--own-prefixes", "2", "--own-only", "2,6"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["own_prefixes_only_2"] == out["own_prefixes_only"]
+    assert out["think_ahead_vs_own_prefixes_only_6"]["users"] == len(world.sequences)
+    assert set(out["own_prefixes_only_6"]) >= {"recall@10", "ndcg@10"}
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(world.checkpoint), "--own-only", "0"])
+    assert exc.value.code == 2
