@@ -206,13 +206,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def result_metrics(doc: dict[str, Any]) -> dict[str, Any]:
-    """The results-file metrics of a summary: recall per ranking and P, and each think ranking minus the online
-    model's own top-P (paired, 95% bootstrap interval)."""
+    """The results-file metrics of a summary: recall per ranking and P, each think ranking minus the online model's
+    own top-P (paired, 95% bootstrap interval), and with `--union-own` each union minus the own top-(P + N)."""
     out: dict[str, Any] = {"users": doc["users"]}
     for key, r in doc["recall"].items():
         name, p = key.rsplit("@", 1)
         out[f"{name}_recall@{p}"] = r["recall"]
     for key, pc in doc["paired"].items():
+        name, p = key.rsplit("@", 1)
+        out[f"{name}_diff@{p}"] = pc[f"recall@{p}_diff"]
+        out[f"{name}_diff_ci95@{p}"] = pc[f"recall@{p}_diff_ci95"]
+    for key, pc in doc.get("union", {}).items():  # --union-own: cached + own top-N vs own top-(P + N)
         name, p = key.rsplit("@", 1)
         out[f"{name}_diff@{p}"] = pc[f"recall@{p}_diff"]
         out[f"{name}_diff_ci95@{p}"] = pc[f"recall@{p}_diff_ci95"]

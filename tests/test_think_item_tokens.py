@@ -370,6 +370,9 @@ def test_offline_engine_caches_the_contrasted_ranking(world: Path) -> None:
     assert doc["contrast"] == 2.0 and "think_contrast@4" in doc["recall"]
     union = doc["union"]["think_contrast+own2_vs_onerec@6"]
     assert union["users"] == doc["users"] and "recall@6_diff_ci95" in union
+    from evaluation.prefix_recall import result_metrics
+
+    assert result_metrics(doc)["think_contrast+own2_vs_onerec_diff@6"] == union["recall@6_diff"]
 
 
 def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
