@@ -189,6 +189,8 @@ def _settings_key(engine: str, config: Any, sid_dir: Path) -> dict[str, Any]:
     data = Path(key.pop("grounding_data", "") or "")
     if key.get("grounded_reasoning") and (data / "items.tsv").is_file():  # the titles the grammar names, by content
         key["grounding_items"] = hashlib.sha256((data / "items.tsv").read_bytes()).hexdigest()[:12]
+    if not key.get("contrast"):  # off: versions keep the names they had before the setting existed
+        key.pop("contrast", None)
     if key.get("mix_onerec"):  # the online model of a mixed or contrasted prefix ranking, by content too
         from offline_worker.engine_interface import model_id
 

@@ -58,7 +58,6 @@ class HeadPrefixes:
 
         if contrast < 0:
             raise ValueError(f"contrast must be >= 0, got {contrast}")
-
         onerec = OneRec.load(onerec_dir)  # with the codes it was trained on, compared here
         if not np.array_equal(onerec.sid.codes, sid.codes) or not np.array_equal(onerec.sid.item_ids, sid.item_ids):
             raise ValueError(f"mix_onerec {onerec_dir}: its semantic IDs differ from the think model's")

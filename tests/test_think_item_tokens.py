@@ -358,6 +358,7 @@ def test_offline_engine_caches_the_contrasted_ranking(world: Path) -> None:
     for i, r in enumerate(res):  # stored: the think head's log mass of each cached prefix
         assert [p[2] for p in r.prefixes] == pytest.approx([float(mass[i, row[p[:2]]]) for p in r.prefixes], abs=1e-4)
     assert _settings_key("hf", eng.config, world / "sid")["contrast"] == 2.0
+    assert "contrast" not in _settings_key("hf", EngineConfig(**opts), world / "sid")  # off: version names unchanged
     with pytest.raises(ValueError, match="mix_onerec is empty"):
         EngineConfig(contrast=0.5)
     with pytest.raises(ValueError, match="contrast"):
