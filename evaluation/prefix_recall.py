@@ -21,7 +21,8 @@ tier that also ran the online model at refresh time could cache. `--contrast B` 
 prefixes ranked by log p_think - B log p_online from the staler history (`contrasted_prefixes`, the refresh's
 `--contrast` rule). `--union-own N` also measures what the served completion can reach: each ranking's top-P joined
 with the online model's own top-N from the fresh history (the serving default adds N = 32), paired against the online
-model's own top-(P + N) (the same number of prefixes without the offline tier).
+model's own top-(P + N) (as many prefixes without the offline tier; the union counts a prefix both sets hold once,
+so it may be smaller).
 Not here: the offline engine, the metric.
 """
 
