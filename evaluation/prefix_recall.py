@@ -16,9 +16,9 @@ code beam, and from the item head's probability mass per prefix) and for the onl
 refresh time); the online model reads the fresh history, and with `--onerec-stale` also the staler one (the
 same information as the think model: what staleness alone costs). `--checkpoint ''` skips the think model.
 `--mix W` adds the ranking ``think_mix``: the think item head's prefix mass mixed with the online model's own (a, b)
-distribution from the same staler history, ``W p_think + (1 - W) p_online`` (`mixed_prefixes`): what an offline
+distribution from the same staler history, ``W p_think + (1 - W) p_online`` (`online_ranked_prefixes`): what an offline
 tier that also ran the online model at refresh time could cache. `--contrast B` adds ``think_contrast``: the head's
-prefixes ranked by log p_think - B log p_online from the staler history (`contrasted_prefixes`, the refresh's
+prefixes ranked by log p_think - B log p_online from the staler history (`online_ranked_prefixes`, the refresh's
 `--contrast` rule). `--union-own N` also measures what the served completion can reach: each ranking's top-P joined
 with the online model's own top-N from the fresh history (the serving default adds N = 32), paired against the online
 model's own top-(P + N) (as many prefixes without the offline tier; the union counts a prefix both sets hold once,
@@ -40,7 +40,7 @@ import torch
 
 from model.metrics import PrefixCodes, paired_comparison, prefix_recall, subset
 from model.onerec import OneRec
-from model.think.itemhead import contrast_rank, mix_logmass
+from model.think.itemhead import rank_with_online
 from model.think.recommender import ThinkRecommender
 from services.catalog import load_dataset
 
@@ -54,33 +54,23 @@ def onerec_prefixes(onerec: OneRec, histories: Sequence[Sequence[int]], p_max: i
     return out
 
 
-def mixed_prefixes(rec: ThinkRecommender, onerec: OneRec, histories: Sequence[Sequence[int]], weight: float,
-                   p_max: int, batch_size: int = 512) -> list[list[PrefixCodes]]:
-    """Top-`p_max` (a, b) per user by log(`weight` x the think head's prefix mass + (1 - `weight`) x the online
-    model's p(a) p(b|a)), both from `histories`; `batch_size` users at a time (two (B, M) score matrices)."""
+def online_ranked_prefixes(rec: ThinkRecommender, onerec: OneRec, histories: Sequence[Sequence[int]], p_max: int,
+                           weight: float = 0.5, contrast: float = 0.0, batch_size: int = 512
+                           ) -> list[list[PrefixCodes]]:
+    """Top-`p_max` (a, b) per user by the refresh's rule with the online model (`rank_with_online`): the think head's
+    prefix mass mixed with the online model's p(a) p(b|a) at think weight `weight`, or with `contrast` > 0 ranked by
+    log p_think - `contrast` log p_online; both from `histories`, `batch_size` users at a time (two (B, M) score
+    matrices). A prefix whose stored score is -inf is dropped, as the refresh drops it."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"mix weight must be in [0, 1], got {weight}")
     out: list[list[PrefixCodes]] = []
     for s in range(0, len(histories), batch_size):
         chunk = histories[s : s + batch_size]
         pref, think = rec.prefix_logmass(chunk)
-        mix = mix_logmass(think, onerec.prefix_logprobs(chunk, pref), weight)
-        top = mix.topk(min(p_max, mix.shape[1]), dim=1)
+        rank, stored = rank_with_online(think, onerec.prefix_logprobs(chunk, pref), weight, contrast)
+        idx = rank.topk(min(p_max, rank.shape[1]), dim=1).indices
         out += [[(int(pref[i][0]), int(pref[i][1])) for i, v in zip(row, val, strict=True) if v > -math.inf]
-                for row, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
-    return out
-
-
-def contrasted_prefixes(rec: ThinkRecommender, onerec: OneRec, histories: Sequence[Sequence[int]], beta: float,
-                        p_max: int, batch_size: int = 512) -> list[list[PrefixCodes]]:
-    """Top-`p_max` (a, b) per user by `contrast_rank` (log p_think - `beta` log p_online), both from `histories`."""
-    out: list[list[PrefixCodes]] = []
-    for s in range(0, len(histories), batch_size):
-        chunk = histories[s : s + batch_size]
-        pref, think = rec.prefix_logmass(chunk)
-        rank = contrast_rank(think, onerec.prefix_logprobs(chunk, pref), beta)
-        out += [[(int(pref[i][0]), int(pref[i][1])) for i in row]
-                for row in rank.topk(min(p_max, rank.shape[1]), dim=1).indices.tolist()]
+                for row, val in zip(idx.tolist(), stored.gather(1, idx).tolist(), strict=True)]
     return out
 
 
@@ -149,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         if not 0.0 <= args.mix <= 1.0:
             raise SystemExit(f"--mix must be in [0, 1], got {args.mix}")
         t0 = time.perf_counter()
-        sets["think_mix"] = mixed_prefixes(rec, onerec, stale if args.stale else [e.history for e in ex], args.mix,
-                                           max(ps))
+        sets["think_mix"] = online_ranked_prefixes(rec, onerec, stale if args.stale else [e.history for e in ex],
+                                                   max(ps), weight=args.mix)
         secs["think_mix"] = round(time.perf_counter() - t0, 1)
     if args.contrast is not None:
         if rec is None or onerec is None:
@@ -158,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.contrast < 0:
             raise SystemExit(f"--contrast must be >= 0, got {args.contrast}")
         t0 = time.perf_counter()
-        sets["think_contrast"] = contrasted_prefixes(rec, onerec, stale if args.stale else [e.history for e in ex],
-                                                     args.contrast, max(ps))
+        sets["think_contrast"] = online_ranked_prefixes(rec, onerec, stale if args.stale else [e.history for e in ex],
+                                                        max(ps), contrast=args.contrast)
         secs["think_contrast"] = round(time.perf_counter() - t0, 1)
     if args.union_own is not None and (onerec is None or args.union_own < 1):
         raise SystemExit("--union-own N needs --onerec and N >= 1")

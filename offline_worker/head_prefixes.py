@@ -14,7 +14,7 @@ states, so the vLLM engine runs this pass on a transformers copy of the (small) 
 shares its own. With `EngineConfig.mix_onerec` the head's mass is mixed with the online OneRec's p(a) p(b|a) from
 the same history (`mix_with`, `model.think.itemhead.mix_logmass`): the two models miss different users, so the
 mixture caches more targets than either (docs/THINK.md section 9). With `EngineConfig.contrast` > 0 the online model
-instead moves the ranking away from the prefixes it proposes itself (`model.think.itemhead.contrast_rank`), which the
+instead moves the ranking away from the prefixes it proposes itself (`model.think.itemhead.rank_with_online`), which the
 served completion adds anyway from the fresher history; the stored score stays the head's own log mass
 (docs/THINK.md section 12). Not here: the code beam
 (`offline_worker.engine_interface`), training the head (`model.think.fit`).
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from model.semantic_ids import SemanticIDs
-from model.think.itemhead import ItemHead, contrast_rank, load_head, mix_logmass, prefix_groups, prefix_mass
+from model.think.itemhead import ItemHead, load_head, prefix_groups, prefix_mass, rank_with_online
 
 if TYPE_CHECKING:
     from model.onerec import OneRec
@@ -121,11 +121,7 @@ class HeadPrefixes:
             slot: dict[tuple[int, ...], int] = {}
             row = [slot.setdefault(tuple(h or ()), len(slot)) for h in histories]
             online = onerec.prefix_logprobs([list(h) for h in slot], self.prefixes)
-            online = online[torch.as_tensor(row)]
-            if self.contrast > 0:
-                rank = contrast_rank(sc, online, self.contrast)
-            else:
-                rank = sc = mix_logmass(sc, online, weight)
+            rank, sc = rank_with_online(sc, online[torch.as_tensor(row)], weight, self.contrast)
         idx = rank.topk(min(m, sc.shape[1]), dim=1).indices
         val = sc.gather(1, idx)
         return [[(int(self.prefixes[x][0]), int(self.prefixes[x][1]), float(v))

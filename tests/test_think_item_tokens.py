@@ -286,10 +286,10 @@ def test_dropout_acts_in_training_only_and_leaves_a_plain_model(world: Path, mon
 
 def test_prefix_mixture_of_the_think_head_and_the_online_model(world: Path) -> None:
     """`OneRec.prefix_logprobs` is a distribution over the trie's (a, b) prefixes (the rule of `own_prefixes`);
-    `evaluation.prefix_recall.mixed_prefixes` at weight 1 is the think head's own ranking, at 0 the online
+    `evaluation.prefix_recall.online_ranked_prefixes` at weight 1 is the think head's own ranking, at 0 the online
     model's; `prefix-recall --mix W` reports the mixture."""
     from evaluation.prefix_recall import main as pr_main
-    from evaluation.prefix_recall import mixed_prefixes
+    from evaluation.prefix_recall import online_ranked_prefixes
     from model.onerec import OneRec
     from model.think.recommender import ThinkRecommender
     from services.catalog import load_dataset
@@ -312,10 +312,10 @@ def test_prefix_mixture_of_the_think_head_and_the_online_model(world: Path) -> N
     assert abs(float(onerec._level_a(h)[0, a] + lb[0, b]) - float(lp[0, 0])) < 1e-5
 
     head_only = rec.top_prefixes(hist, 4)["item_head"]
-    assert mixed_prefixes(rec, onerec, hist, 1.0, 4, batch_size=4) == head_only
-    online_only = mixed_prefixes(rec, onerec, hist, 0.0, 4)
+    assert online_ranked_prefixes(rec, onerec, hist, 4, weight=1.0, batch_size=4) == head_only
+    online_only = online_ranked_prefixes(rec, onerec, hist, 4, weight=0.0)
     assert [p[0] for p in online_only] == [max(col, key=lambda c: float(lp[u, col[c]])) for u in range(len(hist))]
-    mixed = mixed_prefixes(rec, onerec, hist, 0.5, 4)
+    mixed = online_ranked_prefixes(rec, onerec, hist, 4, weight=0.5)
     assert all(len(m) == 4 and len(set(m)) == 4 for m in mixed)
 
     out = world / "mix.json"
@@ -327,10 +327,11 @@ def test_prefix_mixture_of_the_think_head_and_the_online_model(world: Path) -> N
 
 def test_offline_engine_caches_the_contrasted_ranking(world: Path) -> None:
     """With `contrast` > 0 the refresh engine caches the prefixes `prefix-recall --contrast` measures
-    (`contrasted_prefixes`: log p_think - B log p_online), in that order, each stored with the head's own log mass
-    (not the ranking score); `--union-own` reports the served reach; a contrast without an online model is refused."""
-    from evaluation.prefix_recall import contrasted_prefixes
+    (`online_ranked_prefixes` with `contrast`: log p_think - B log p_online), in that order, each stored with the
+    head's own log mass (not the ranking score); `--union-own` reports the served reach; a contrast without an online
+    model is refused."""
     from evaluation.prefix_recall import main as pr_main
+    from evaluation.prefix_recall import online_ranked_prefixes
     from model.onerec import OneRec
     from model.think.recommender import ThinkRecommender
     from offline_worker.__main__ import _settings_key
@@ -349,7 +350,7 @@ def test_offline_engine_caches_the_contrasted_ranking(world: Path) -> None:
     got = [[p[:2] for p in r.prefixes] for r in res]
     rec = ThinkRecommender.load(world / "items", think=False, sid_dir=world / "sid")
     hist = [ds.sequences[u] for u in users]
-    assert got == contrasted_prefixes(rec, OneRec.load(world / "onerec"), hist, 2.0, 6)
+    assert got == online_ranked_prefixes(rec, OneRec.load(world / "onerec"), hist, 6, contrast=2.0)
     head_only = [[p[:2] for p in r.prefixes] for r in HFEngine(world / "items", world / "sid", EngineConfig(**opts),
                                                                batch_size=2, threads=1).think(reqs)]
     assert got != head_only  # the contrast moved the ranking (the test can tell the two apart)
@@ -378,9 +379,9 @@ def test_offline_engine_caches_the_contrasted_ranking(world: Path) -> None:
 
 def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
     """With `mix_onerec` the refresh engine caches the same prefixes, in the same order, as the mixture that
-    `prefix-recall --mix` measures (`mixed_prefixes`), from each request's own history; a request without its
+    `prefix-recall --mix` measures (`online_ranked_prefixes`), from each request's own history; a request without its
     history is refused, as is a mixture without an item head."""
-    from evaluation.prefix_recall import mixed_prefixes
+    from evaluation.prefix_recall import online_ranked_prefixes
     from model.onerec import OneRec
     from model.think.recommender import ThinkRecommender
     from offline_worker.engine_interface import EngineConfig, ThinkRequest
@@ -396,7 +397,7 @@ def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
     reqs = [ThinkRequest(u, ids, ds.sequences[u]) for u, ids in pb.build((u, ds.sequences[u]) for u in users)]
     got = [[p[:2] for p in r.prefixes] for r in eng.think(reqs)]
     rec = ThinkRecommender.load(world / "items", think=False, sid_dir=world / "sid")
-    want = mixed_prefixes(rec, OneRec.load(world / "onerec"), [ds.sequences[u] for u in users], 0.3, 6)
+    want = online_ranked_prefixes(rec, OneRec.load(world / "onerec"), [ds.sequences[u] for u in users], 6, weight=0.3)
     assert got == want
     head_only = [[p[:2] for p in r.prefixes] for r in HFEngine(world / "items", world / "sid", EngineConfig(**opts),
                                                                batch_size=2, threads=1).think(reqs)]

@@ -239,6 +239,18 @@ def contrast_rank(think: torch.Tensor, online: torch.Tensor, beta: float) -> tor
         return think.log_softmax(-1) - beta * online.log_softmax(-1).clamp(min=ONLINE_LOG_FLOOR)
 
 
+def rank_with_online(think: torch.Tensor, online: torch.Tensor, weight: float, contrast: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranking, stored score), both (B, M): the think head's prefix mass `think` with the online model's log p
+    `online` over the same prefixes. `contrast` > 0: rank by `contrast_rank`, store the head's own mass; else the
+    mixture at think weight `weight` (`mix_logmass`) for both. The one rule of the refresh
+    (`offline_worker.head_prefixes`) and of `evaluation.prefix_recall`."""
+    if contrast > 0:
+        return contrast_rank(think, online, contrast), think
+    mixed = mix_logmass(think, online, weight)
+    return mixed, mixed
+
+
 def prefix_scores(item_logits: torch.Tensor, sid: SemanticIDs) -> tuple[np.ndarray, torch.Tensor]:
     """Log of the head's probability mass per (a, b) prefix: returns (prefixes (M, 2), scores (B, M))."""
     pref, group = prefix_groups(sid)
