@@ -20,6 +20,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +148,8 @@ class ThinkAheadRecommender:
             raise RuntimeError(f"entry source returned {len(entries)} entries for {len(examples)} users")
         prefixes = [self.usable(en) for en in entries]
         histories = [e.history for e in examples]
-        ranked = asyncio.run(rank_batch(self.policy, self.model, self.popularity, histories, prefixes, k))
+        items = [en.items if en is not None else None for en in entries]
+        ranked = asyncio.run(rank_batch(self.policy, self.model, self.popularity, histories, prefixes, k, items))
         out: list[list[int]] = []
         for r, pre in zip(ranked, prefixes, strict=True):
             out.append([it for it, _, _ in r.items])
@@ -196,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="also complete under the lightweight model's own top-N prefixes (0: cached prefixes only; "
                         "with N > 0 the strict variant is reported too, as think_ahead_strict)")
     p.add_argument("--own-floor", type=float, default=s.own_prefix_floor, help="offline score offset of own prefixes")
+    p.add_argument("--item-weight", type=float, default=s.item_weight,
+                   help="weight of the entries' item log-probs in the think-ahead ranking (default ONEREC_ITEM_WEIGHT)")
+    p.add_argument("--item-weights", type=lambda t: [float(x) for x in t.split(",") if x], default=[], metavar="W[,W]",
+                   help="also serve with these item weights, each paired with think-ahead (a diagnostic on this split)")
     p.add_argument("--own-only", type=lambda t: [int(x) for x in t.split(",") if x], default=[], metavar="N[,N]",
                    help="also the online model alone completing under its own top-N prefixes (no cached ones), paired "
                         "with think-ahead: e.g. 64 = as many prefixes as cached + own, without the offline tier")
@@ -212,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                 "--out-json`)")
     if any(n < 1 for n in args.own_only):
         p.error(f"--own-only: prefix counts >= 1 expected, got {args.own_only}")
+    if args.item_weight < 0 or any(w < 0 for w in args.item_weights):
+        p.error("--item-weight/--item-weights: weights >= 0 expected")
 
     ds = load_dataset(s.data_dir)
     examples = split_examples(ds, args.split, args.limit)
@@ -225,11 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         source = OneRecPrefixSource(onerec)
     # the served policy (Settings), with the flags' overrides; "protocol": the same with consumed items allowed
-    served = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
-                                        own_prefixes=args.own_prefixes, own_prefix_floor=args.own_floor)
-    plain = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
-                                       own_prefixes=args.own_prefixes, own_prefix_floor=args.own_floor,
-                                       exclude_consumed=False)
+    def policy(**overrides: Any) -> PolicyConfig:
+        return PolicyConfig.from_settings(s, **{"beam": args.beam, "prefix_weight": args.prefix_weight,
+                                                "own_prefixes": args.own_prefixes, "own_prefix_floor": args.own_floor,
+                                                "item_weight": args.item_weight, **overrides})
+
+    served = policy()
+    plain = policy(exclude_consumed=False)
     popularity = train_popularity(ds.sequences, args.split, {int(i) for i in onerec.sid.item_ids})
 
     def run(policy: PolicyConfig, src: EntrySource, desc: str) -> tuple[ThinkAheadRecommender, list[list[int]]]:
@@ -257,25 +267,29 @@ def main(argv: list[str] | None = None) -> None:
         # the bar is think-ahead >= onerec: is a difference there at all? (a = think-ahead, b = onerec)
         metrics["think_ahead_vs_onerec"] = paired_comparison(ranked_ta, ranked_onerec, targets)
     if args.own_prefixes > 0:
-        strict = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight, own_prefixes=0)
+        strict = policy(own_prefixes=0)
         _, ranked_strict = run(strict, source, "think-ahead (cached prefixes only)")
         metrics["think_ahead_strict"] = score(ranked_strict, targets)
         # the bar "cached-only >= online-only", paired (a = cached prefixes only, b = online-only by the same rule)
         metrics["think_ahead_strict_vs_onerec" + ("_as_served" if served.exclude_consumed else "")] = paired_comparison(
             ranked_strict, ranked_onerec_served if served.exclude_consumed else ranked_onerec, targets)
         # ablation: what the cached prefixes add over the online model's own ones (a = think-ahead, b = own only)
-        own_only = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight,
-                                              own_prefixes=args.own_prefixes, own_prefix_floor=args.own_floor,
-                                              use_cached=False)
+        own_only = policy(use_cached=False)  # the item scores stay: this isolates the cached prefixes
         _, ranked_own = run(own_only, source, "own prefixes only (ablation)")
         metrics["own_prefixes_only"] = score(ranked_own, targets)
         metrics["think_ahead_vs_own_prefixes_only"] = paired_comparison(ranked_ta, ranked_own, targets)
     for n in args.own_only:  # the offline tier's slots given to the online model instead (same completion work)
-        wider = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=args.prefix_weight, own_prefixes=n,
-                                           own_prefix_floor=args.own_floor, use_cached=False)
+        wider = policy(own_prefixes=n, use_cached=False, item_weight=0.0)  # nothing of the offline tier
         _, ranked_wide = run(wider, source, f"own top-{n} prefixes only")
         metrics[f"own_prefixes_only_{n}"] = score(ranked_wide, targets)
         metrics[f"think_ahead_vs_own_prefixes_only_{n}"] = paired_comparison(ranked_ta, ranked_wide, targets)
+    for w in args.item_weights:  # the weight of the offline item scores (a = this weight, b = think-ahead as served)
+        _, ranked_w = run(policy(item_weight=w), source, f"think-ahead, item weight {w:g}")
+        metrics[f"think_ahead_item_weight_{w:g}"] = score(ranked_w, targets)
+        metrics[f"think_ahead_item_weight_{w:g}_vs_think_ahead"] = paired_comparison(ranked_w, ranked_ta, targets)
+        if served.exclude_consumed:
+            metrics[f"think_ahead_item_weight_{w:g}_vs_onerec_as_served"] = paired_comparison(
+                ranked_w, ranked_onerec_served, targets)
     if args.against:  # the same served policy over another refresh's entries of the same users
         namespace, _, version = args.against.partition(":")
         other = StoreSource(ThinkStore(connect(args.redis_url), namespace), version or None)
@@ -294,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(metrics, indent=2))
     if args.results and args.limit is None:
         note = (f"split={args.split}, beam={args.beam}, source={args.source}, prefix_weight={args.prefix_weight}, "
+                f"item_weight={args.item_weight}, "
                 f"own_prefixes={args.own_prefixes}, own_floor={args.own_floor}, "
                 f"exclude_consumed={served.exclude_consumed} (think_ahead and onerec_as_served: as served; "
                 "onerec and think_ahead_protocol: the protocol's plain rule)")

@@ -1,9 +1,10 @@
 """Choose the think-ahead completion settings on the validation split (never on test).
 
-The served policy's completion has three knobs (`model.policy.PolicyConfig`, `OneRec.complete`): how
+The served policy's completion has four knobs (`model.policy.PolicyConfig`, `OneRec.complete`): how
 many of the lightweight model's own top (a, b) prefixes join the cached ones (``own_prefixes``), the
-weight of the offline prefix log-prob (``prefix_weight``) and the offline score given to own prefixes
-(``own_floor``). This module scores a
+weight of the offline prefix log-prob (``prefix_weight``), the offline score given to own prefixes
+(``own_floor``) and the weight of the entries' item log-probs (``item_weight``; entries written with
+``refresh --items N``). This module scores a
 grid of them on validation users whose entries an offline refresh wrote from the history one
 interaction staler than the validation history (``refresh --holdout 3``), next to the lightweight
 model alone, and writes every row plus the best setting to a JSON file. Test numbers then come from
@@ -52,13 +53,15 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def grid(own: Sequence[int], weights: Sequence[float], floors: Sequence[float]) -> list[tuple[int, float, float]]:
-    """Distinct settings: the floor only matters with own prefixes and a non-zero prefix weight."""
-    out: list[tuple[int, float, float]] = []
-    for n, w, f in itertools.product(own, weights, floors):
+def grid(own: Sequence[int], weights: Sequence[float], floors: Sequence[float],
+         item_weights: Sequence[float] = (0.0,)) -> list[tuple[int, float, float, float]]:
+    """Distinct settings (own, prefix weight, floor, item weight): the floor only matters with own prefixes and a
+    non-zero prefix weight."""
+    out: list[tuple[int, float, float, float]] = []
+    for n, w, f, iw in itertools.product(own, weights, floors, item_weights):
         f = f if n > 0 and w != 0 else 0.0
-        if (n, w, f) not in out:
-            out.append((n, w, f))
+        if (n, w, f, iw) not in out:
+            out.append((n, w, f, iw))
     return out
 
 
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--own", type=_ints, default=[0, 16, 20, 32], help="own-prefix counts, comma separated")
     p.add_argument("--weights", type=_floats, default=[0.0, 0.1, 0.25, 0.5, 1.0], help="prefix weights")
     p.add_argument("--floors", type=_floats, default=[0.0], help="own-prefix floors")
+    p.add_argument("--item-weights", type=_floats, default=[0.0],
+                   help="weights of the entries' item log-probs (entries from refresh --items N)")
     p.add_argument("--out", type=Path, default=Path("docs/think/think_ahead_tuning.json"))
     args = p.parse_args(argv)
 
@@ -106,13 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     base = score(ranked_base, targets)
     ranked: list[list[list[int]]] = []
     popularity = train_popularity(ds.sequences, "valid", {int(i) for i in onerec.sid.item_ids})
-    for n, w, f in grid(args.own, args.weights, args.floors):
+    with_items = sum(1 for en in entries.values() if en is not None and en.items)
+    if any(args.item_weights) and not with_items:
+        raise SystemExit(f"--item-weights: no entry of version {version} holds items (refresh with --items N)")
+    for n, w, f, iw in grid(args.own, args.weights, args.floors, args.item_weights):
         t0 = time.perf_counter()
         # the served policy (consumed-item rule and fill included) with this grid point's completion knobs
-        policy = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=w, own_prefixes=n, own_prefix_floor=f)
+        policy = PolicyConfig.from_settings(s, beam=args.beam, prefix_weight=w, own_prefixes=n, own_prefix_floor=f,
+                                            item_weight=iw)
         ranked.append(rank(ThinkAheadRecommender(onerec, source, policy, popularity), examples,
-                           desc=f"own={n} w={w} floor={f}"))  # fmt: skip
-        rows.append({"own_prefixes": n, "prefix_weight": w, "own_floor": f, "metrics": score(ranked[-1], targets),
+                           desc=f"own={n} w={w} floor={f} item={iw}"))  # fmt: skip
+        rows.append({"own_prefixes": n, "prefix_weight": w, "own_floor": f, "item_weight": iw,
+                     "metrics": score(ranked[-1], targets),
                      "vs_onerec": paired_comparison(ranked[-1], ranked_base, targets),
                      "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             r["best_vs_this"] = paired_comparison(ranked[i_best], ranked[i], targets)
     cmd = " ".join(["python -m evaluation.tune", *(argv if argv is not None else sys.argv[1:])])
     out = {"split": "valid", "users": len(examples), "version": version, "coverage": round(coverage, 4),
+           "entries_with_items": with_items,
            "beam": args.beam, "onerec": base, "rows": rows, "best": best,
            "command": cmd}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ Given a user's fresh history (already capped), the usable cached (a, b) prefixes
 1. **consumed rule**: with `PolicyConfig.exclude_consumed`, items of the history are never listed;
 2. **candidates**: with cached prefixes, complete levels c, d under them plus the online model's own
    top-`own_prefixes` (a, b) (`OneRec.complete`; the offline log-prob weighted by `prefix_weight`):
-   source ``think-ahead``;
+   source ``think-ahead``; with `item_weight` > 0 and items in the entry, the completion's whole beam is ranked
+   again with the think model's item log-probs added (`with_item_scores`) before the top k are kept;
 3. no entry, or nothing found under its prefixes: decode all levels (source ``online-only``), unless the
    model call failed in a way a second call cannot fix (the model answers None for such a user);
 4. **fill rule**: a list still shorter than k is padded with the most popular items that are neither
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 THINK, ONLINE, FALLBACK = "think-ahead", "online-only", "fallback"
 Prefix = tuple[int, int, float]  # (a, b, offline log-prob)
+ItemScore = tuple[int, float]  # (item id, offline log-prob of the item)
 Scored = list[tuple[int, float]]  # (item_id, score), best first
 
 
@@ -45,11 +47,13 @@ class PolicyConfig:
     own_prefix_floor: float  # offline score of an own prefix: the weakest cached one + this
     exclude_consumed: bool  # never list an item of the user's history
     use_cached: bool = True  # False: ablation, users with an entry completed under own prefixes only
+    item_weight: float = 0.0  # weight of the entry's item log-probs in the think-ahead ranking; 0: off
 
     def __post_init__(self) -> None:
-        if self.beam < 1 or self.own_prefixes < 0 or self.prefix_weight < 0:
-            raise ValueError(f"PolicyConfig: beam >= 1, own_prefixes >= 0, prefix_weight >= 0 expected, got "
-                             f"{self.beam}, {self.own_prefixes}, {self.prefix_weight}")
+        if self.beam < 1 or self.own_prefixes < 0 or self.prefix_weight < 0 or self.item_weight < 0:
+            raise ValueError(f"PolicyConfig: beam >= 1, own_prefixes >= 0, prefix_weight >= 0, item_weight >= 0 "
+                             f"expected, got {self.beam}, {self.own_prefixes}, {self.prefix_weight}, "
+                             f"{self.item_weight}")
         if not self.use_cached and self.own_prefixes <= 0:
             raise ValueError("use_cached=False needs own_prefixes > 0 (there would be nothing to complete)")
 
@@ -58,7 +62,7 @@ class PolicyConfig:
         """The served options (`ONEREC_BEAM`, `ONEREC_PREFIX_WEIGHT`, ...), with `overrides` on top."""
         cfg = cls(beam=settings.beam, prefix_weight=settings.prefix_weight, own_prefixes=settings.own_prefixes,
                   own_prefix_floor=settings.own_prefix_floor,
-                  exclude_consumed=settings.consumed_rule().exclude)
+                  exclude_consumed=settings.consumed_rule().exclude, item_weight=settings.item_weight)
         return replace(cfg, **overrides)
 
     def beam_for(self, k: int) -> int:
@@ -68,6 +72,19 @@ class PolicyConfig:
     def consumed(self, history: Sequence[int]) -> set[int]:
         """The consumed-item rule: what may not be listed for this history."""
         return set(history) if self.exclude_consumed else set()
+
+
+def with_item_scores(scored: Scored, items: Sequence[ItemScore] | None, weight: float) -> Scored:
+    """`scored` ranked again by score + `weight` x the offline item log-prob, best first (ties keep their order).
+    An item missing from `items` (the think model's top-N only) gets the weakest stored log-prob: an upper bound
+    of its own, and a constant, so such items keep their order among themselves. No items or weight 0: unchanged."""
+    if weight <= 0 or not items:
+        return scored
+    lp: dict[int, float] = {}
+    for it, v in items:
+        lp.setdefault(it, v)
+    floor = min(lp.values())
+    return sorted(((it, s + weight * lp.get(it, floor)) for it, s in scored), key=lambda x: -x[1])
 
 
 class Popularity:
@@ -114,10 +131,13 @@ class Ranked:
 
 async def rank_batch(cfg: PolicyConfig, model: PolicyModel | None, popularity: Popularity,
                      histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix] | None],
-                     k: int) -> list[Ranked]:
-    """The policy (module docstring) for a batch of users; `model` None: the model is not consulted."""
+                     k: int, items: Sequence[Sequence[ItemScore] | None] | None = None) -> list[Ranked]:
+    """The policy (module docstring) for a batch of users; `model` None: the model is not consulted. `items`: each
+    user's offline item log-probs (the entry's; None or [] for none), used when `cfg.item_weight` > 0."""
     if len(prefixes) != len(histories):
         raise ValueError(f"prefixes: one entry per history expected, got {len(prefixes)} for {len(histories)}")
+    if items is not None and len(items) != len(histories):
+        raise ValueError(f"items: one entry per history expected, got {len(items)} for {len(histories)}")
     consumed = [cfg.consumed(h) for h in histories]
     out = [Ranked([], FALLBACK) for _ in histories]
     retry = [model is not None for _ in histories]
@@ -125,9 +145,12 @@ async def rank_batch(cfg: PolicyConfig, model: PolicyModel | None, popularity: P
         think = [i for i, p in enumerate(prefixes) if p]
         if think:
             given = [list(prefixes[i] or []) if cfg.use_cached else [] for i in think]
-            done = await model.complete([histories[i] for i in think], given, k, [consumed[i] for i in think])
-            for i, scored in zip(think, done, strict=True):
+            offline = [items[i] if items is not None and cfg.item_weight > 0 else None for i in think]
+            n = cfg.beam_for(k) if any(offline) else k  # the item scores rank the whole beam, not only its top k
+            done = await model.complete([histories[i] for i in think], given, n, [consumed[i] for i in think])
+            for i, scored, its in zip(think, done, offline, strict=True):
                 if scored:
+                    scored = with_item_scores(scored, its, cfg.item_weight)
                     out[i] = Ranked([(it, s, THINK) for it, s in scored[:k]], THINK)
                 retry[i] = scored is not None
         full = [i for i, r in enumerate(out) if not r.items and retry[i]]

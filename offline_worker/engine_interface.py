@@ -56,7 +56,7 @@ from model.think.checkpoint import load_tokenizer, read_itemic
 from model.think.grounding import Grounding
 from model.think.itemhead import HEAD_DIR
 from model.trie import CodeTrie
-from offline_worker.head_prefixes import PREFIX_SCORES, HeadPrefixes, Prefix
+from offline_worker.head_prefixes import PREFIX_SCORES, HeadPrefixes, ItemScore, Prefix
 from offline_worker.prompts import answer_ids
 from services.catalog import load_items
 from services.config import Settings, setting_default
@@ -83,6 +83,7 @@ class EngineConfig:
     mix_onerec: str = setting_default("prefix_mix_onerec")  # online OneRec mixed into the head's ranking ('' = off)
     mix_weight: float = setting_default("prefix_mix_weight")  # the think head's weight in that mixture
     contrast: float = setting_default("prefix_contrast")  # > 0: rank by think - contrast x online instead of mixing
+    items: int = setting_default("think_items")  # the head's top-N items stored per user (0: none)
     mode: str = setting_default("offline_mode")  # think | direct | auto (`served_mode`)
     grounded_reasoning: bool = setting_default("grounded_reasoning")  # rationale under the user's grammar
     grounding_data: str = str(setting_default("data_dir"))  # dataset folder (items.tsv) the grammar names
@@ -99,6 +100,7 @@ class EngineConfig:
             max_reasoning_tokens=s.max_reasoning_tokens, temperature=s.reasoning_temperature, top_k=s.reasoning_top_k,
             top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores, mode=s.offline_mode,
             mix_onerec=s.prefix_mix_onerec, mix_weight=s.prefix_mix_weight, contrast=s.prefix_contrast,
+            items=s.think_items,
             grounded_reasoning=s.grounded_reasoning, grounding_data=str(s.data_dir),
         )  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -113,6 +115,8 @@ class EngineConfig:
             raise ValueError(f"mix_weight: expected a weight in [0, 1], got {self.mix_weight!r}")
         if self.contrast < 0:
             raise ValueError(f"contrast: expected >= 0, got {self.contrast!r}")
+        if self.items < 0:
+            raise ValueError(f"items: expected >= 0, got {self.items!r}")
         if self.contrast > 0 and not self.mix_onerec:
             raise ValueError("contrast > 0 contrasts the online model named by mix_onerec; mix_onerec is empty")
         if self.mix_onerec and self.prefix_scores == "codes":
@@ -161,6 +165,7 @@ class ThinkResult:
     per_sample: list[list[Prefix]] = field(default_factory=list)  # (T, <= m), best first
     truncated: int = 0  # paths that hit their budget without `</think>` (grounded: only an aborted path)
     closed: bool = True  # path 0 (the stored reasoning) ended with `</think>` within the token budget
+    items: list[ItemScore] = field(default_factory=list)  # the item head's top items (path 0), `EngineConfig.items`
 
 
 @dataclass(frozen=True)
@@ -300,10 +305,20 @@ class Engine(ABC):
                  histories: Sequence[Sequence[int] | None] | None = None) -> list[list[Prefix]]:
         """Top-m prefixes per context (ending in ``<|item_begin|>``): item head, or the code beam; `histories` (item
         ids per context) feed the online model of a mixed ranking (`EngineConfig.mix_onerec`)."""
+        return self.prefixes_and_items(contexts, m, histories)[0]
+
+    def prefixes_and_items(self, contexts: list[list[int]], m: int | None = None,
+                           histories: Sequence[Sequence[int] | None] | None = None
+                           ) -> tuple[list[list[Prefix]], list[list[ItemScore]]]:
+        """`prefixes`, and per context the item head's top `EngineConfig.items` items with their log-probs from the
+        same forward pass ([] per context with the code beam or `items` 0)."""
         if self.head_prefixes is None:
-            return self.prefix_beam(contexts, m)
+            if self.config.items > 0:
+                raise ValueError(f"items: {self.model_dir} ranks prefixes by the code beam (no item head), so it has "
+                                 "no item scores to store; use items=0")
+            return self.prefix_beam(contexts, m), [[] for _ in contexts]
         t0 = time.perf_counter()
-        out = self.head_prefixes.top(contexts, m or self.config.prefixes_per_sample, histories)
+        out = self.head_prefixes.rank(contexts, m or self.config.prefixes_per_sample, histories, self.config.items)
         self._add_time("head_s", time.perf_counter() - t0)
         return out
 
@@ -382,7 +397,7 @@ class Engine(ABC):
         t1 = time.perf_counter()
         split = [self._split_reasoning(g) for g in generated]
         contexts = [prompts[p.req] + ids + self.answer_ids for p, (ids, _) in zip(paths, split, strict=True)]
-        beams = self.prefixes(contexts, histories=[requests[p.req].history for p in paths])
+        beams, items = self.prefixes_and_items(contexts, histories=[requests[p.req].history for p in paths])
         self.timings["reason_s"] += t1 - t0
         self.timings["prefix_s"] += time.perf_counter() - t1
         results = []
@@ -396,6 +411,7 @@ class Engine(ABC):
                     reasoning_ids=[split[j][0] for j in idx],
                     prefixes=union_prefixes(per),
                     per_sample=per,
+                    items=items[idx[0]],  # the greedy path's
                     truncated=sum(split[j][1] for j in idx),
                     closed=not split[idx[0]][1],
                 )
@@ -427,8 +443,8 @@ class Engine(ABC):
                 raise ValueError(f"prompt_ids of user {r.user_id}: expected a generation_prefix ending in <think>")
             contexts.append(r.prompt_ids[:-1] + [item_begin])
         t0 = time.perf_counter()
-        beams = self.prefixes(contexts, self.config.samples * self.config.prefixes_per_sample,
-                              [r.history for r in requests])
+        beams, items = self.prefixes_and_items(contexts, self.config.samples * self.config.prefixes_per_sample,
+                                               [r.history for r in requests])
         self.timings["prefix_s"] += time.perf_counter() - t0
         return [ThinkResult(user_id=r.user_id, reasoning="", reasoning_ids=[[]], prefixes=union_prefixes([b]),
-                            per_sample=[b]) for r, b in zip(requests, beams, strict=True)]
+                            per_sample=[b], items=it) for r, b, it in zip(requests, beams, items, strict=True)]

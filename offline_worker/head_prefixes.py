@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 PREFIX_SCORES = ("auto", "codes", "item_head")
 Prefix = tuple[int, int, float]  # (a, b, log prefix probability); the engine's Prefix
+ItemScore = tuple[int, float]  # (item id, the head's log-probability of the item)
 
 
 class HeadPrefixes:
@@ -48,6 +49,7 @@ class HeadPrefixes:
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.prefixes, self.group = prefix_groups(sid)  # (M, 2) catalogue prefixes, (N,) each item's row
+        self.item_ids = np.asarray(sid.item_ids)  # head row -> item id
         self.mix: tuple[OneRec, float] | None = None  # (online model, think weight): `mix_with`
         self.contrast = 0.0  # > 0: the online model is contrasted, not mixed (`mix_with`)
 
@@ -107,11 +109,20 @@ class HeadPrefixes:
 
     def top(self, contexts: Sequence[Sequence[int]], m: int,
             histories: Sequence[Sequence[int] | None] | None = None) -> list[list[Prefix]]:
-        """Best `m` prefixes per context, best first; a ranking with the online model (`mix_with`) needs each
-        context's history. The stored score is the ranking's log mass (the head's, or the mixture's)."""
+        """Best `m` prefixes per context, best first (`rank` without items)."""
+        return self.rank(contexts, m, histories)[0]
+
+    def rank(self, contexts: Sequence[Sequence[int]], m: int,
+             histories: Sequence[Sequence[int] | None] | None = None, items: int = 0
+             ) -> tuple[list[list[Prefix]], list[list[ItemScore]]]:
+        """Best `m` prefixes per context, best first, and the head's own top-`items` items with their
+        log-probabilities (the item log-softmax over the catalogue; [] per context when `items` is 0). A ranking
+        with the online model (`mix_with`) needs each context's history. The stored prefix score is the ranking's
+        log mass (the head's, or the mixture's); the items are always the head's own."""
         if not contexts:
-            return []
-        sc = self.scores(self.hidden(contexts))
+            return [], []
+        logits = self.head.logits(self.hidden(contexts))
+        sc = prefix_mass(logits, self.group, len(self.prefixes))
         rank = sc
         if self.mix is not None:
             if histories is None or len(histories) != len(contexts) or any(h is None for h in histories):
@@ -124,6 +135,12 @@ class HeadPrefixes:
             rank, sc = rank_with_online(sc, online[torch.as_tensor(row)], weight, self.contrast)
         idx = rank.topk(min(m, sc.shape[1]), dim=1).indices
         val = sc.gather(1, idx)
-        return [[(int(self.prefixes[x][0]), int(self.prefixes[x][1]), float(v))
-                 for x, v in zip(ix, vs, strict=True) if np.isfinite(v)]
-                for ix, vs in zip(idx.tolist(), val.tolist(), strict=True)]
+        prefixes = [[(int(self.prefixes[x][0]), int(self.prefixes[x][1]), float(v))
+                     for x, v in zip(ix, vs, strict=True) if np.isfinite(v)]
+                    for ix, vs in zip(idx.tolist(), val.tolist(), strict=True)]
+        if items <= 0:
+            return prefixes, [[] for _ in contexts]
+        top_lp, top_ix = torch.log_softmax(logits, -1).topk(min(items, logits.shape[1]), dim=1)
+        ids = self.item_ids[top_ix.numpy()]
+        return prefixes, [[(int(i), float(v)) for i, v in zip(ir, vr, strict=True) if np.isfinite(v)]
+                          for ir, vr in zip(ids.tolist(), top_lp.tolist(), strict=True)]

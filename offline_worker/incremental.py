@@ -117,7 +117,7 @@ def run_incremental(
                 entries = {
                     r.user_id: ThinkEntry(r.reasoning, [(a, b, float(s)) for a, b, s in r.prefixes],
                                           len(histories[r.user_id]), list(histories[r.user_id][-HISTORY_TAIL:]),
-                                          engine.model_id, now)  # fmt: skip
+                                          engine.model_id, now, list(r.items))  # fmt: skip
                     for r in results
                 }
                 report.computed += store.write_live_entries(version, entries, opts.ttl_s)

@@ -265,6 +265,7 @@ def _entries(results: Sequence[Any], histories: dict[int, list[int]], model: str
             history_tail=list(histories[r.user_id][-HISTORY_TAIL:]),
             model_id=model,
             created_at=now,
+            items=[(int(i), float(lp)) for i, lp in getattr(r, "items", [])],
         )
         for r in results
     }

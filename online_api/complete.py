@@ -180,7 +180,9 @@ class Completer:
         # the one policy (`model.policy`); with Redis down and nothing sent, nothing is known about the user:
         # popular items at once, without the model
         model = _BatcherModel(self, deadline, reasons) if fetched is not None or history else None
-        ranked: Ranked = (await rank_batch(self.policy, model, self.popularity, [history], [prefixes or None], k))[0]
+        items = [entry.items if entry is not None and prefixes else None]
+        ranked: Ranked = (await rank_batch(self.policy, model, self.popularity, [history], [prefixes or None], k,
+                                           items))[0]
         for r in reasons:
             self.m.fallbacks.labels(r).inc()
         source = ranked.source

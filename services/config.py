@@ -108,6 +108,9 @@ class Settings(BaseSettings):
                                           "0: cached prefixes only (the paper's design, R@10 .0495 vs .0837 with 32 "
                                           "on Beauty test, for ~12-16% more model time: docs/RESULTS.md)")
     own_prefix_floor: float = Field(0.0, le=0, description="offline score of an own prefix: weakest given + this")
+    item_weight: float = Field(0.0, ge=0, description="think-ahead: weight of the think model's item log-prob (the "
+                                                      "entry's items) when the completion's candidates are ranked; "
+                                                      "0 = off (`model.policy`, docs/THINK.md section 13)")
     redis_backoff_ms: float = Field(250.0, ge=0, description="skip Redis this long once the breaker opens")
     redis_breaker_failures: int = Field(3, ge=1, description="failed Redis round trips in a row that open the breaker")
     redis_max_connections: int = Field(64, ge=1, description="size of the online Redis pool")
@@ -138,6 +141,8 @@ class Settings(BaseSettings):
                     "names, same history) instead of mixing: cached slots move away from prefixes the online model "
                     "proposes itself (0 = off)",
     )
+    think_items: int = Field(0, ge=0, le=1000, description="offline: store the think head's top-N items with their "
+                                                          "log-probs in each entry (0 = none; needs an item head)")
     offline_mode: str = Field(
         "auto", pattern="^(auto|think|direct)$",
         description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "

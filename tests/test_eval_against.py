@@ -111,3 +111,36 @@ def test_own_only_arm_is_the_online_model_under_its_own_top_n(world: TinyWorld, 
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", str(world.checkpoint), "--own-only", "0"])
     assert exc.value.code == 2
+
+
+def test_item_weights_rank_with_the_entries_items(world: TinyWorld, redis_server: RedisServer,
+                                                  redis_client: redis.Redis, ns: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`--item-weights W[,W]`: think-ahead with the entries' item log-probs at each weight, paired with think-ahead as
+    served; weight 0 is the served arm itself (item_weight 0 by default), a large weight moves the lists, and
+    `--item-weight W` serves what the sweep's arm W measured."""
+    from evaluation.think_ahead import main
+
+    _publish(redis_client, ns, world, n_prefixes=3)
+    store = ThinkStore(redis_client, ns)
+    ids = [int(i) for i in world.sid.item_ids.tolist()]
+    entries = {u: store.get_entry("v1", u) for u in world.sequences}
+    for en in entries.values():  # a ranking the model does not have: the catalogue's last items, in reverse
+        assert en is not None
+        en.items = [(i, -0.2 * r) for r, i in enumerate(reversed(ids[-60:]))]
+    store.begin_version("v2", {"model": "think-test"})
+    store.write_entries("v2", {u: en for u, en in entries.items() if en is not None}, 3600)
+    store.publish("v2", len(entries))
+    base = ["--checkpoint", str(world.checkpoint), "--source", "redis", "--redis-url", redis_server.url,
+            "--namespace", ns, "--beam", "10", "--own-prefixes", "2"]
+    main([*base, "--item-weights", "0,20"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["think_ahead_item_weight_0"] == out["think_ahead"]
+    assert out["think_ahead_item_weight_0_vs_think_ahead"]["ndcg@10_diff"] == 0
+    assert out["think_ahead_item_weight_20"]["ndcg@10"] != out["think_ahead"]["ndcg@10"]
+    assert out["think_ahead_item_weight_20_vs_onerec_as_served"]["users"] == len(world.sequences)
+    main([*base, "--item-weight", "20"])
+    assert json.loads(capsys.readouterr().out)["think_ahead"] == out["think_ahead_item_weight_20"]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--item-weights", "-1"])
+    assert exc.value.code == 2

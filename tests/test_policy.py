@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 import redis
@@ -26,15 +27,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     return build_tiny_world(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.mark.parametrize("exclude_consumed", [True, False])
+@pytest.mark.parametrize(("exclude_consumed", "item_weight"), [(True, 0.0), (False, 0.0), (True, 2.0)])
 def test_evaluation_ranks_as_served(world: TinyWorld, redis_server: RedisServer, redis_client: redis.Redis, ns: str,
-                                    exclude_consumed: bool) -> None:
+                                    exclude_consumed: bool, item_weight: float) -> None:
     """Same entry, same history, same Settings: the served list and the evaluated list are the same items in
-    the same order, for users with an entry (think-ahead) and without one (online-only)."""
-    settings = make_settings(world, redis_server.url, ns, exclude_consumed=exclude_consumed, own_prefixes=4)
+    the same order, for users with an entry (think-ahead) and without one (online-only); with item scores in the
+    entries (`item_weight` > 0) too."""
+    settings = make_settings(world, redis_server.url, ns, exclude_consumed=exclude_consumed, own_prefixes=4,
+                             item_weight=item_weight)
     store = ThinkStore(redis_client, ns)
     with_entry = [3, 5, 8, 13]
     entries: dict[int, ThinkEntry] = {u: entry_for(world, u, n_prefixes=2) for u in with_entry}
+    if item_weight:  # the catalogue's last items scored high, in reverse order: a ranking the model does not have
+        ids = [int(i) for i in world.sid.item_ids.tolist()]
+        for en in entries.values():
+            en.items = [(i, -0.3 * r) for r, i in enumerate(reversed(ids[-40:]))]
     store.begin_version("v1", {"model": "think-test"})
     store.write_entries("v1", entries, 3600)
     store.publish("v1", len(entries))
@@ -106,3 +113,36 @@ def test_policy_rules() -> None:
     assert [i for i, _, _ in _rank(served, None, [(0, 0, -0.1)]).items] == [2, 3, 4, 5]
     with pytest.raises(ValueError, match="own_prefixes"):
         PolicyConfig.from_settings(Settings(), own_prefixes=0, use_cached=False)
+
+
+def test_item_scores_rank_the_whole_beam() -> None:
+    """With `item_weight` > 0 the model is asked for the whole beam and the entry's item log-probs re-rank it
+    before the top k are kept; items the entry does not list get its weakest log-prob; weight 0 changes nothing."""
+    beam = [(10, -1.0), (11, -1.5), (12, -2.0), (13, -2.5), (14, -3.0), (15, -3.5)]
+
+    class Asked(Scripted):
+        def __init__(self) -> None:
+            super().__init__(None, None)
+            self.k: list[int] = []
+
+        async def complete(self, histories: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Prefix]], k: int,
+                           exclude: Sequence[set[int]]) -> list[Scored | None]:
+            self.k.append(k)
+            return [beam[:k]]
+
+    items = [(14, -0.1), (15, -0.2), (10, -3.0)]  # 11, 12, 13 unlisted: the floor, -3.0
+    cfg = PolicyConfig.from_settings(Settings(), beam=6, own_prefixes=0, item_weight=1.0)
+    m = Asked()
+    r = asyncio.run(rank_batch(cfg, m, Popularity([[1]]), [[1, 9]], [[(0, 0, -0.1)]], 3, [items]))[0]
+    assert m.k == [6] and r.source == THINK
+    assert r.items == [(14, pytest.approx(-3.1), THINK), (15, pytest.approx(-3.7), THINK),
+                       (10, pytest.approx(-4.0), THINK)]
+    # weight 0, or no items: the model's own top k, asked for k only
+    for c, its in ((replace(cfg, item_weight=0.0), [items]), (cfg, [None])):
+        m = Asked()
+        r = asyncio.run(rank_batch(c, m, Popularity([[1]]), [[1, 9]], [[(0, 0, -0.1)]], 3, its))[0]
+        assert m.k == [3] and [i for i, _, _ in r.items] == [10, 11, 12]
+    with pytest.raises(ValueError, match="items"):
+        asyncio.run(rank_batch(cfg, Asked(), Popularity([[1]]), [[1]], [None], 3, []))
+    with pytest.raises(ValueError, match="item_weight"):
+        replace(cfg, item_weight=-1.0)

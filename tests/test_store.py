@@ -85,6 +85,17 @@ def test_encode_decode_round_trip_and_compact() -> None:
     assert all(len(str(lp).split(".")[-1]) <= 4 for _, _, lp in decode_entry(raw).prefixes)
 
 
+def test_items_round_trip_and_entries_without_them_decode_unchanged() -> None:
+    """The think model's items (optional key "i"): kept in order, log-probs to 4 decimals; an entry without items
+    encodes without the key (the value older readers and writers know) and decodes with items []."""
+    e = ThinkEntry("r", [(1, 2, -0.1)], 1, [1], "m", 1.0, [(42, -0.123456), (7, -2.5), (2**40, -9.0)])
+    raw = encode_entry(e)
+    assert json.loads(raw)["i"] == [[42, -0.1235], [7, -2.5], [2**40, -9.0]]
+    assert decode_entry(raw).items == [(42, -0.1235), (7, -2.5), (2**40, -9.0)]
+    plain = encode_entry(make_entry(3))
+    assert "i" not in json.loads(plain) and decode_entry(plain).items == []
+
+
 def test_encode_keeps_prefix_order_and_unicode() -> None:
     e = ThinkEntry("喜欢护肤 ✓", [(3, 4, -0.5), (1, 2, -0.1)], 0, [], "m", 0.0)
     d = decode_entry(encode_entry(e))
@@ -99,6 +110,9 @@ def test_encode_keeps_prefix_order_and_unicode() -> None:
         ("prefixes", {"prefixes": [(1, 2, float("-inf"))]}),
         ("prefixes", {"prefixes": [(-1, 2, -0.1)]}),
         ("prefixes", {"prefixes": [(True, 2, -0.1)]}),
+        ("items", {"items": [(1, float("nan"))]}),
+        ("items", {"items": [(-3, -0.1)]}),
+        ("items", {"items": [(1, -0.1, 2)]}),
         ("history_len", {"history_len": -1}),
         ("history_tail", {"history_tail": [1, "2"]}),
         ("entry", {"reasoning": "x" * (MAX_VALUE_BYTES + 1)}),
@@ -124,6 +138,10 @@ BAD_VALUES: dict[str, bytes] = {
     "bad_prefix": json.dumps({**_good_obj(), "p": [[1, 2]]}).encode(),
     "bool_code": json.dumps({**_good_obj(), "p": [[True, 2, -0.1]]}).encode(),
     "str_tail": json.dumps({**_good_obj(), "ht": ["1"]}).encode(),
+    "items_not_list": json.dumps({**_good_obj(), "i": {"1": -0.1}}).encode(),
+    "bad_item": json.dumps({**_good_obj(), "i": [[1, -0.1, 3]]}).encode(),
+    "bool_item": json.dumps({**_good_obj(), "i": [[False, -0.1]]}).encode(),
+    "overflow_item_logprob": json.dumps({**_good_obj(), "i": [[1, "inf"]]}).replace('"inf"', "-1e400").encode(),
     "nan": encode_entry(make_entry()).replace(b'"t":', b'"t":NaN,"x":'),
     "overflow_time": encode_entry(make_entry()).replace(b'"t":', b'"t":1e400,"x":'),
     "overflow_logprob": json.dumps({**_good_obj(), "p": [[1, 2, "inf"]]}).replace('"inf"', "-1e400").encode(),

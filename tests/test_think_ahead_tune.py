@@ -12,7 +12,9 @@ from services.store import ThinkEntry
 def test_grid_skips_settings_that_cannot_differ() -> None:
     rows = grid([0, 16], [0.0, 0.5], [0.0, -1.0])
     # the floor only matters with own prefixes and a non-zero prefix weight
-    assert rows == [(0, 0.0, 0.0), (0, 0.5, 0.0), (16, 0.0, 0.0), (16, 0.5, 0.0), (16, 0.5, -1.0)]
+    assert rows == [(0, 0.0, 0.0, 0.0), (0, 0.5, 0.0, 0.0), (16, 0.0, 0.0, 0.0), (16, 0.5, 0.0, 0.0),
+                    (16, 0.5, -1.0, 0.0)]
+    assert grid([16], [0.25], [0.0], [0.0, 1.0]) == [(16, 0.25, 0.0, 0.0), (16, 0.25, 0.0, 1.0)]
 
 
 def test_cached_source_answers_by_user() -> None:

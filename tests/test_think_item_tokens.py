@@ -147,6 +147,41 @@ def test_direct_mode_serves_a_model_without_reasoning(world: Path) -> None:
         EngineConfig(mode="fast")
 
 
+def test_offline_engine_stores_the_heads_top_items(world: Path) -> None:
+    """With `items` = N the engine returns, per user, the item head's top-N items and their log-probs (the item
+    log-softmax over the catalogue), as the think model scores them itself from the direct prompt (the decoder of
+    `ThinkRecommender`, not the engine's pass); the refresh writes them into the entries; items=0 stores none."""
+    from model.think.recommender import ThinkRecommender
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+    from offline_worker.refresh import _entries
+
+    opts = dict(samples=2, prefixes_per_sample=3, beam_a=2, max_reasoning_tokens=4, greedy=True, mode="direct")
+    eng = HFEngine(world / "items", world / "sid", EngineConfig(items=5, **opts), batch_size=2, threads=1)
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    users = sorted(ds.sequences)[:4]
+    reqs = [ThinkRequest(u, ids, ds.sequences[u])
+            for u, ids in PromptBuilder(eng.tokenizer, sid).build((u, ds.sequences[u]) for u in users)]
+    res = eng.think(reqs)
+    rec = ThinkRecommender.load(world / "items", think=False, sid_dir=world / "sid")
+    dec = rec.decoder
+    assert dec.item_head is not None
+    for u, r in zip(users, res, strict=True):
+        b = dec.prefill(dec.encode_prefixes([rec.prefix(ds.sequences[u], think=False)], rec.max_len))
+        assert b.hidden is not None
+        lp, ix = torch.log_softmax(dec.item_head.logits(b.hidden), -1)[0].topk(5)
+        assert [i for i, _ in r.items] == [int(sid.item_ids[j]) for j in ix.tolist()]
+        assert [v for _, v in r.items] == pytest.approx(lp.tolist(), abs=1e-4)
+    entries = _entries(res, {u: ds.sequences[u] for u in users}, "m")
+    assert [entries[u].items for u in users] == [r.items for r in res]
+    plain = HFEngine(world / "items", world / "sid", EngineConfig(**opts), batch_size=2, threads=1).think(reqs)
+    assert all(r.items == [] for r in plain)
+    assert [r.prefixes for r in plain] == [r.prefixes for r in res]  # the items change nothing else
+    with pytest.raises(ValueError, match="items"):
+        EngineConfig(items=-1)
+
+
 def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None:
     """The ahead term asks position k for target k+1 within one text, never across texts; `next_weight` scales
     the next-item term (0: the after-next item only)."""

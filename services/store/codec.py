@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 SCHEMA_VERSION = 1
@@ -31,6 +31,9 @@ class ThinkEntry:
     history_tail: list[int]  # last few item ids of that history (staleness checks)
     model_id: str
     created_at: float  # unix seconds
+    # (item_id, log-prob) of the think model's own top items, best first; [] when the refresh stored none. Optional
+    # key "i" in the value, so entries written before it decode unchanged (docs/THINK.md section 13).
+    items: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _is_int(x: object) -> bool:
@@ -81,7 +84,7 @@ def encode_entry(entry: ThinkEntry) -> bytes:
     created = float(entry.created_at)
     if not math.isfinite(created):
         raise ValueError(f"created_at: must be finite, got {entry.created_at!r}")
-    obj = {
+    obj: dict[str, Any] = {
         "v": SCHEMA_VERSION,
         "r": entry.reasoning,
         "p": prefixes,
@@ -90,10 +93,37 @@ def encode_entry(entry: ThinkEntry) -> bytes:
         "m": entry.model_id,
         "t": round(created, 3),
     }
+    if entry.items:
+        obj["i"] = _encode_items(entry.items)
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     if len(raw) > MAX_VALUE_BYTES:
         raise ValueError(f"entry: encoded size {len(raw)} bytes exceeds {MAX_VALUE_BYTES}")
     return raw
+
+
+def _encode_items(items: Iterable[tuple[int, float]]) -> list[list[float | int]]:
+    out: list[list[float | int]] = []
+    for it in items:
+        if len(it) != 2:
+            raise ValueError(f"items: expected (item_id, logprob), got {it!r}")
+        (i,) = _check_ints("items", it[:1])
+        lp = float(it[1])
+        if not math.isfinite(lp):
+            raise ValueError(f"items: logprob must be finite, got {it[1]!r}")
+        out.append([i, round(lp, 4)])
+    return out
+
+
+def _decode_items(raw: Any) -> list[tuple[int, float]]:
+    if not isinstance(raw, list):
+        raise CorruptValue("field i must be a list")
+    out: list[tuple[int, float]] = []
+    for q in raw:
+        if (not isinstance(q, list) or len(q) != 2 or not _stored_id(q[0]) or not isinstance(q[1], int | float)
+                or isinstance(q[1], bool) or not math.isfinite(q[1])):
+            raise CorruptValue(f"bad item {q!r}")
+        out.append((q[0], float(q[1])))
+    return out
 
 
 def _reject_constant(name: str) -> Any:
@@ -145,7 +175,8 @@ def decode_entry(raw: bytes | str) -> ThinkEntry:
         ):
             raise CorruptValue(f"bad prefix {q!r}")
         prefixes.append((q[0], q[1], float(q[2])))
-    return ThinkEntry(r, prefixes, hl, list(ht), m, float(t))
+    items = _decode_items(obj["i"]) if "i" in obj else []
+    return ThinkEntry(r, prefixes, hl, list(ht), m, float(t), items)
 
 
 def _parse_history(raw: list[Any]) -> tuple[list[int], int]:
