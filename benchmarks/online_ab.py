@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=15.0, help="seconds per arm")
     p.add_argument("--users", type=int, default=2000, help="test users seeded into Redis")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--entry-items", type=int, default=0,
+                   help="items per seeded entry (random catalogue items: what ONEREC_ITEM_WEIGHT > 0 costs, not its "
+                        "quality)")
     p.add_argument("--out", type=Path, default=None, help="also write the arms' results here (JSON)")
     p.add_argument("--results", metavar="NAME", default=None,
                    help="also write the results file NAME.json (docs/results/ for Beauty): per distinct arm, the "
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with redis_server() as server:
         url = server.url
-        users = ol.seed_redis(url, "bench", checkpoint, args.users, 32, "bench")
+        users = ol.seed_redis(url, "bench", checkpoint, args.users, 32, "bench", items=args.entry_items)
         for arm, extra in zip(arms, envs, strict=True):
             env = {"ONEREC_REDIS_URL": url, "ONEREC_NAMESPACE": "bench", "ONEREC_ONEREC_DIR": str(checkpoint),
                    "PYTHONPATH": str(ROOT), **extra}  # fmt: skip
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         from services.results import write_result
 
         path = write_result(args.results, arm_means(results), note=f"alternated arms, one API process each, same "
-                            f"seeded Redis ({args.users} onerec-beam entries, 32 prefixes); means of each arm's runs")
+                            f"seeded Redis ({args.users} onerec-beam entries, 32 prefixes, {args.entry_items} items); "
+                                 "means of each arm's runs")
         doc = json.loads(path.read_text())
         path.write_text(json.dumps({**doc, "arms": results}, indent=2) + "\n")
 

@@ -304,12 +304,14 @@ def bench_examples(n_users: int) -> list[Any]:
 
 
 def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes: int, version: str,
-               entries: str = "onerec-beam", think_dir: Path | None = None) -> list[int]:
+               entries: str = "onerec-beam", think_dir: Path | None = None, items: int = 0) -> list[int]:
     """Fresh histories (test split) and entries from one-interaction-staler histories; returns the users.
 
     `entries` ``think``: a real offline refresh by the OneRec-Think checkpoint (`think_dir`, vLLM, the served
     offline settings) over the staler histories, as in deployment; ``onerec-beam``: the lightweight model's
-    own beam with a fixed reasoning text (cheap; the reliability benchmarks use it)."""
+    own beam with a fixed reasoning text (cheap; the reliability benchmarks use it), and with `items` > 0 that
+    many catalogue items per entry with descending log-probs (random per user: a stand-in for the think head's
+    items whose cost, not quality, is measured)."""
     from services.store import ThinkStore
     from services.store.connect import connect
 
@@ -320,7 +322,7 @@ def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes
         model = "think refresh"
     else:
         model = "bench-onerec-beam"
-        by_user = _onerec_beam_entries(checkpoint, examples, prefixes)
+        by_user = _onerec_beam_entries(checkpoint, examples, prefixes, items)
         store = ThinkStore(connect(redis_url), ns)
         store.begin_version(version, {"model": model})
         store.write_entries(version, by_user, 3600)
@@ -333,11 +335,15 @@ def seed_redis(redis_url: str, ns: str, checkpoint: Path, n_users: int, prefixes
     return [e.user_id for e in examples]
 
 
-def _onerec_beam_entries(checkpoint: Path, examples: list[Any], prefixes: int) -> dict[int, Any]:
+def _onerec_beam_entries(checkpoint: Path, examples: list[Any], prefixes: int, items: int = 0) -> dict[int, Any]:
+    import numpy as np
+
     from evaluation.think_ahead import OneRecPrefixSource
     from model.onerec import OneRec
 
-    source = OneRecPrefixSource(OneRec.load(checkpoint), prefixes=prefixes, beam=max(64, prefixes * 2))
+    onerec = OneRec.load(checkpoint)
+    source = OneRecPrefixSource(onerec, prefixes=prefixes, beam=max(64, prefixes * 2))
+    catalogue = np.asarray(onerec.sid.item_ids)
     out = {}
     for s in range(0, len(examples), 256):
         batch = examples[s : s + 256]
@@ -345,6 +351,9 @@ def _onerec_beam_entries(checkpoint: Path, examples: list[Any], prefixes: int) -
             assert en is not None
             en.reasoning = REASONING
             en.model_id = "bench-onerec-beam"
+            if items > 0:
+                picked = np.random.default_rng(e.user_id).choice(catalogue, min(items, len(catalogue)), replace=False)
+                en.items = [(int(i), -1.0 - 0.05 * r) for r, i in enumerate(picked)]
             out[e.user_id] = en
     return out
 

@@ -171,15 +171,16 @@ def test_option_objects_agree_with_one_settings() -> None:
     assert EngineConfig.from_settings(s).k_a == s.prefix_beam_a
 
     changed = Settings(beam=7, prefix_weight=0.5, own_prefixes=3, exclude_consumed=False, prefix_beam_a=5,
-                       reasoning_samples=4, history_max=30, think_history_cap=20, refresh_chunk=17)
+                       reasoning_samples=4, history_max=30, think_history_cap=20, refresh_chunk=17, item_weight=0.75,
+                       think_items=12)
     policy = PolicyConfig.from_settings(changed)
     # option fields are named like their settings
     assert asdict(policy) == {"beam": 7, "prefix_weight": 0.5, "own_prefixes": 3,
                               "own_prefix_floor": changed.own_prefix_floor, "exclude_consumed": False,
-                              "use_cached": True}
+                              "use_cached": True, "item_weight": 0.75}
     assert all(getattr(changed, f) == v for f, v in asdict(policy).items() if f != "use_cached")
     engine, refresh = EngineConfig.from_settings(changed), RefreshOptions.from_settings(changed)
-    assert (engine.k_a, engine.samples) == (5, 4)
+    assert (engine.k_a, engine.samples, engine.items) == (5, 4, 12)
     assert (refresh.history_max, refresh.history_cap, refresh.chunk) == (30, 20, 17)
     # overrides (command-line flags) win; None means "not given"
     assert EngineConfig.from_settings(changed, beam_a=None, samples=2).samples == 2
