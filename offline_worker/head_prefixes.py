@@ -141,6 +141,6 @@ class HeadPrefixes:
         if items <= 0:
             return prefixes, [[] for _ in contexts]
         top_lp, top_ix = torch.log_softmax(logits, -1).topk(min(items, logits.shape[1]), dim=1)
-        ids = self.item_ids[top_ix.numpy()]
+        ids = self.item_ids[top_ix.cpu().numpy()]
         return prefixes, [[(int(i), float(v)) for i, v in zip(ir, vr, strict=True) if np.isfinite(v)]
                           for ir, vr in zip(ids.tolist(), top_lp.tolist(), strict=True)]

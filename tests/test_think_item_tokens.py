@@ -175,6 +175,10 @@ def test_offline_engine_stores_the_heads_top_items(world: Path) -> None:
         assert [v for _, v in r.items] == pytest.approx(lp.tolist(), abs=1e-4)
     entries = _entries(res, {u: ds.sequences[u] for u in users}, "m")
     assert [entries[u].items for u in users] == [r.items for r in res]
+    from offline_worker.__main__ import _settings_key
+
+    assert _settings_key("hf", eng.config, world / "sid")["items"] == 5  # a version with items is another version
+    assert "items" not in _settings_key("hf", EngineConfig(**opts), world / "sid")  # off: version names unchanged
     plain = HFEngine(world / "items", world / "sid", EngineConfig(**opts), batch_size=2, threads=1).think(reqs)
     assert all(r.items == [] for r in plain)
     assert [r.prefixes for r in plain] == [r.prefixes for r in res]  # the items change nothing else
