@@ -1,4 +1,4 @@
-"""``python -m evaluation think run|ablation|recipe|vllm-check``: quality of OneRec-Think folders.
+"""``python -m evaluation think run|choose-mode|ablation|recipe|vllm-check``: quality of OneRec-Think folders.
 
 ``run`` evaluates one folder in mode ``think`` (reasoning, then all codes) or ``direct`` (codes only: the
 Base and +IA rows of the ablation) with `model.think.recommender.ThinkRecommender` on the shared harness
@@ -7,6 +7,10 @@ and think_recipe.json; ``vllm-check`` loads a folder in vLLM and writes reasonin
 
     python -m evaluation think run --checkpoint artifacts/think/current --mode think --out-json /tmp/x.json
     python -m evaluation think ablation --base-json b.json --ia-json i.json --ia-r-json r.json
+    python -m evaluation think choose-mode --checkpoint artifacts/think/current --sample 2000
+
+``choose-mode`` evaluates both modes on the same validation users and records the better one in the folder's
+itemic.json (`model.think.checkpoint.record_mode`): what ``--mode auto`` here and the offline refresh then serve.
 
 `--sample N` evaluates a fixed random subset of N users (seeded), which the output records.
 Not here: training, the recommender and the metrics (model layer), the offline worker's vLLM engine.
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 
 from model.metrics import evaluate, split_examples, subset
-from model.think.checkpoint import read_itemic
+from model.think.checkpoint import read_itemic, record_mode
 from model.think.recommender import ThinkRecommender
 
 
@@ -71,6 +75,29 @@ def run(args: argparse.Namespace) -> dict:
     return doc
 
 
+def choose_mode(args: argparse.Namespace) -> dict:
+    """Direct and think mode on the same validation users; the better R@10 (then N@10) is recorded as the mode to
+    serve these weights in; a tie goes to direct (no reasoning to decode). Test users are never read."""
+    runs = {m: run(argparse.Namespace(**{**vars(args), "mode": m, "split": "valid", "show": 0, "out_json": None}))
+            for m in ("direct", "think")}
+    key = {m: (r["metrics"]["recall@10"], r["metrics"]["ndcg@10"]) for m, r in runs.items()}
+    mode = "think" if key["think"] > key["direct"] else "direct"
+    first = runs["direct"]
+    record = {"mode": mode, "split": "valid", "users": first["users"], "sample": first["sample"],
+              "seed": first["seed"], "beam": first["beam"], "code_weight": first["code_weight"],
+              "max_think": args.max_think, "metrics": {m: r["metrics"] for m, r in runs.items()},
+              "seconds": {m: r["seconds"] for m, r in runs.items()}, "command": args.command,
+              "date": time.strftime("%Y-%m-%d")}
+    if not args.dry_run:
+        record_mode(args.checkpoint, record)
+    print(json.dumps({"chosen": mode, "recorded": not args.dry_run,
+                      **{m: {"recall@10": r, "ndcg@10": n} for m, (r, n) in key.items()}}))
+    if args.out_json:
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_json).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def ablation(args: argparse.Namespace) -> Path:
     """Combine three `run` outputs into docs/results/think_ablation.json."""
     from services.results import write_result
@@ -87,10 +114,11 @@ def ablation(args: argparse.Namespace) -> Path:
     metrics["users"] = users.pop()
     metrics["beam"] = arms["ia_r"]["beam"]
     metrics["eval_s"] = {name: a["seconds"] for name, a in arms.items()}
+    metrics["mode"] = {name: a["mode"] for name, a in arms.items()}
     sample = arms["ia_r"]["sample"]
     note = (f"Beauty {arms['ia_r']['split']}, full catalogue, beam {metrics['beam']}; "
             + (f"fixed random subset of {metrics['users']} users (seed {arms['ia_r']['seed']})" if sample
-               else "all users") + "; base/ia in direct mode, ia_r in think mode")
+               else "all users") + "; modes: " + ", ".join(f"{n} {a['mode']}" for n, a in arms.items()))
     command = " && ".join(a["command"] for a in arms.values())
     return write_result("think_ablation", metrics, command=command, note=note)
 
@@ -179,6 +207,26 @@ def _vllm_generate(llm: Any, rec: ThinkRecommender, histories: Sequence[Sequence
     return out
 
 
+def _eval_options(q: argparse.ArgumentParser, s: Any) -> None:
+    """The options `run` and `choose-mode` share (`s`: the settings, for the default folders)."""
+    q.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think HF folder")
+    q.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
+    q.add_argument("--beam", type=int, default=10, help="beam width (>= 10 for reported numbers)")
+    q.add_argument("--max-think", type=int, default=32, help="max reasoning tokens")
+    q.add_argument("--item-weight", type=float, default=None,
+                   help="item-head weight when re-ranking leaves (default: the folder's; 0 = codes only)")
+    q.add_argument("--batch-size", type=int, default=64, help="users per decoding batch")
+    q.add_argument("--bf16", action="store_true", help="bf16 autocast while decoding (CPU)")
+    q.add_argument("--code-weight", type=float, default=None,
+                   help="item head: rank its top --beam items by item log-prob + this x code log-prob "
+                        "(default: re-rank the code beam's leaves instead)")
+    q.add_argument("--limit", type=int, default=None, help="first N users only")
+    q.add_argument("--sample", type=int, default=None, help="fixed random subset of N users")
+    q.add_argument("--seed", type=int, default=0, help="seed of --sample and of the shown examples")
+    q.add_argument("--threads", type=int, default=None, help="torch threads")
+    q.add_argument("--device", default=None, help="torch device for the model (default: cpu)")
+
+
 def main(argv: list[str] | None = None) -> None:
     from services.config import get_settings
 
@@ -186,27 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m evaluation think", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="evaluate one checkpoint")
-    r.add_argument("--checkpoint", type=Path, default=s.resolved("think"), help="OneRec-Think HF folder")
     r.add_argument("--mode", choices=["think", "direct", "auto"], default="auto",
-                   help="think: reasoning then codes; direct: codes only; auto: from the folder's last stage")
-    r.add_argument("--data-dir", type=Path, default=s.data_dir, help="dataset folder")
+                   help="think: reasoning then codes; direct: codes only; auto: the mode chosen on validation "
+                        "(choose-mode), else from the folder's last stage")
     r.add_argument("--split", choices=["valid", "test"], default="test", help="held-out item")
-    r.add_argument("--beam", type=int, default=10, help="beam width (>= 10 for reported numbers)")
-    r.add_argument("--max-think", type=int, default=32, help="max reasoning tokens")
-    r.add_argument("--item-weight", type=float, default=None,
-                   help="item-head weight when re-ranking leaves (default: the folder's; 0 = codes only)")
-    r.add_argument("--batch-size", type=int, default=64, help="users per decoding batch")
-    r.add_argument("--bf16", action="store_true", help="bf16 autocast while decoding (CPU)")
-    r.add_argument("--code-weight", type=float, default=None,
-                   help="item head: rank its top --beam items by item log-prob + this x code log-prob "
-                        "(default: re-rank the code beam's leaves instead)")
-    r.add_argument("--limit", type=int, default=None, help="first N users only")
-    r.add_argument("--sample", type=int, default=None, help="fixed random subset of N users")
-    r.add_argument("--seed", type=int, default=0, help="seed of --sample and of the shown examples")
     r.add_argument("--show", type=int, default=5, help="users whose reasoning is stored in --out-json")
     r.add_argument("--out-json", type=Path, default=None, help="write metrics (+ examples) here")
-    r.add_argument("--threads", type=int, default=None, help="torch threads")
-    r.add_argument("--device", default=None, help="torch device for the model (default: cpu)")
+    m = sub.add_parser("choose-mode", help="evaluate think and direct mode on validation users; record the better")
+    m.add_argument("--dry-run", action="store_true", help="print the choice, do not write itemic.json")
+    m.add_argument("--out-json", type=Path, default=None, help="also write the record here")
+    for q in (r, m):
+        _eval_options(q, s)
     a = sub.add_parser("ablation", help="write docs/results/think_ablation.json from three run outputs")
     a.add_argument("--base-json", type=Path, required=True, help="run output of the Base arm")
     a.add_argument("--ia-json", type=Path, required=True, help="run output of the +IA arm")
@@ -235,10 +273,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.out_json:
             args.out_json.write_text(json.dumps(recs, indent=2) + "\n")
         return
+    if args.cmd in ("run", "choose-mode") and args.threads:
+        torch.set_num_threads(args.threads)
     if args.cmd == "run":
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run(args)
+    elif args.cmd == "choose-mode":
+        if args.sample is None and args.limit is None:
+            args.sample = 2000  # both modes on 2,000 validation users: about a minute each at this scale
+        choose_mode(args)
     elif args.cmd == "recipe":
         print(recipe_result(args))
     else:

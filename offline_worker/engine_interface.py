@@ -11,8 +11,9 @@ the best score. When the checkpoint has an item head (`model.think.itemhead`) an
 after the reasoning, no level-a/b requests.
 
 ``EngineConfig.mode`` ``direct`` skips the reasoning (history -> ``<|item_begin|>`` -> prefixes), the mode of a
-model without reasoning training; ``think`` does the above; ``auto`` (`served_mode`) picks think only for a model
-whose itemic.json says it learned to reason. The concrete mode is part of the engine settings a version records.
+model without reasoning training; ``think`` does the above; ``auto`` (`served_mode`) serves the mode chosen on
+validation for these weights when one is recorded, else think only for a model whose itemic.json says it learned to
+reason. The concrete mode is part of the engine settings a version records.
 
 ``EngineConfig.grounded_reasoning`` (think mode) decodes every path under its user's grammar
 (`model.think.grounding`: the user's own recent history items by short title, the catalogue's category labels
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from model.semantic_ids import SemanticIDs
-from model.think.checkpoint import load_tokenizer, read_itemic
+from model.think.checkpoint import chosen_mode, load_tokenizer, read_itemic
 from model.think.grounding import Grounding
 from model.think.itemhead import HEAD_DIR
 from model.trie import CodeTrie
@@ -179,14 +180,19 @@ class _Path:
 
 
 def served_mode(mode: str, model_dir: Path | str) -> str:
-    """The concrete offline mode: ``auto`` serves the mode the model was trained for: ``direct`` when its last
-    stage is Itemic Alignment (history -> item, no reasoning learned), ``think`` after the reasoning stages
-    (itemic.json ``think: true``) and for any other folder (a base model, an external one: the full path)."""
+    """The concrete offline mode. ``auto``: the mode chosen on validation for these weights when one is recorded
+    (`model.think.checkpoint.chosen_mode`, written by ``python -m evaluation think choose-mode``); else the mode
+    the model was trained for: ``direct`` when its last stage is Itemic Alignment (history -> item, no reasoning
+    learned), ``think`` after the reasoning stages (itemic.json ``think: true``) and for any other folder (a base
+    model, an external one: the full path)."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if mode != "auto":
         return mode
     meta = read_itemic(model_dir)
+    chosen = chosen_mode(meta)
+    if chosen is not None:
+        return chosen
     stages = [st.get("stage") for st in meta.get("stages", [])]
     return "direct" if not meta.get("think") and stages and stages[-1] == "align" else "think"
 

@@ -471,3 +471,43 @@ def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
                  batch_size=2, threads=1)
     with pytest.raises(ValueError, match="mix_weight"):
         EngineConfig(mix_onerec=str(world / "onerec"), mix_weight=1.5)
+
+
+def test_choose_mode_records_the_better_validation_mode_for_these_weights_only(world: Path, tmp_path: Path) -> None:
+    """`evaluation think choose-mode` runs both modes on the same validation users and records the better one;
+    `auto` (the refresh and the evaluation alike) then serves it; a later stage's copy does not inherit it."""
+    import shutil
+
+    from evaluation.think import main as eval_main
+    from model.think.checkpoint import chosen_mode, read_itemic, record_mode
+    from model.think.recommender import ThinkRecommender
+    from offline_worker.engine_interface import served_mode
+
+    folder = tmp_path / "items"
+    shutil.copytree(world / "items", folder)
+    assert served_mode("auto", folder) == "direct"  # align-only: direct, nothing chosen yet
+    common = ["--checkpoint", str(folder), "--data-dir", str(world / "data"), "--beam", "10", "--max-think", "4",
+              "--code-weight", "0", "--threads", "1", "--limit", "12"]
+    runs = {}
+    for m in ("direct", "think"):
+        out = tmp_path / f"{m}.json"
+        eval_main(["run", *common, "--mode", m, "--split", "valid", "--show", "0", "--out-json", str(out)])
+        runs[m] = json.loads(out.read_text())
+    assert {r["split"] for r in runs.values()} == {"valid"} and runs["direct"]["users"] == 12
+    eval_main(["choose-mode", *common, "--out-json", str(tmp_path / "choice.json")])
+    rec = read_itemic(folder)["served_mode"]
+    key = {m: (r["metrics"]["recall@10"], r["metrics"]["ndcg@10"]) for m, r in runs.items()}
+    assert rec["mode"] == ("think" if key["think"] > key["direct"] else "direct")
+    assert rec["metrics"] == {m: r["metrics"] for m, r in runs.items()} and rec["users"] == 12
+    assert json.loads((tmp_path / "choice.json").read_text())["mode"] == rec["mode"]
+    # the record wins over the training history, in the refresh and in the evaluation's auto mode
+    for mode in ("think", "direct"):
+        record_mode(folder, {"mode": mode})
+        assert served_mode("auto", folder) == mode and served_mode("direct", folder) == "direct"
+        assert ThinkRecommender.load(folder, beam=10).think is (mode == "think")
+    # a later stage copies the folder and adds a stage: the choice was for other weights
+    meta = read_itemic(folder)
+    meta["stages"] = meta["stages"] + [{"stage": "activate"}]
+    assert chosen_mode(meta) is None
+    with pytest.raises(ValueError, match="mode must be one of"):
+        record_mode(folder, {"mode": "auto"})

@@ -3,7 +3,8 @@
 Every folder is a plain HF folder (loadable by vLLM) plus ``itemic.json``: the code layout
 (``num_levels``, ``codebook_size``, ``offset``, marker ids) and the stage history written by training.
 ``save_think(model, tokenizer, tokmap, folder)`` / ``load_think(folder) -> (model, tokenizer, TokenMap)``;
-``read_itemic(folder)``; ``load_tokenizer(folder)`` (left padding).
+``read_itemic(folder)``; ``load_tokenizer(folder)`` (left padding); the serving mode chosen on validation
+(``record_mode`` writes it, ``chosen_mode`` reads it back for the same weights only).
 Not here: the token layout (`model.think.tokens`), building a base model (`model.think.base_model`), the item
 head's own file (`model.think.itemhead`).
 """
@@ -18,6 +19,8 @@ from model.think.tokens import ItemicTokenError, special_ids, token_map
 from model.trie import TokenMap
 
 ITEMIC_JSON = "itemic.json"
+MODE_KEY = "served_mode"  # itemic.json: the offline mode chosen on validation (`evaluation think choose-mode`)
+MODES = ("think", "direct")
 
 
 def save_think(model: Any, tokenizer: Any, tokmap: TokenMap, folder: Path | str, extra: dict | None = None) -> Path:
@@ -52,6 +55,29 @@ def read_itemic(folder: Path | str) -> dict:
         raise FileNotFoundError(f"{path} missing: {folder} is not a OneRec-Think folder (build one with "
                                 "`python -m model.think base`)")
     return json.loads(path.read_text())
+
+
+def chosen_mode(meta: dict) -> str | None:
+    """The mode (think | direct) chosen on validation for these weights, or None: none chosen, or the record
+    belongs to earlier weights (a later stage copied the folder and trained on: its stage count differs)."""
+    rec = meta.get(MODE_KEY)
+    if not isinstance(rec, dict) or rec.get("mode") not in MODES:
+        return None
+    return str(rec["mode"]) if rec.get("stages") == len(meta.get("stages", [])) else None
+
+
+def record_mode(folder: Path | str, record: dict) -> dict:
+    """Store a validation choice (``record["mode"]`` think | direct, plus its evidence) in ``itemic.json``, stamped
+    with the folder's stage count so a later stage's copy does not inherit it; written atomically."""
+    if record.get("mode") not in MODES:
+        raise ValueError(f"record_mode: mode must be one of {MODES}, got {record.get('mode')!r}")
+    path = Path(folder) / ITEMIC_JSON
+    meta = read_itemic(folder)
+    meta[MODE_KEY] = {**record, "stages": len(meta.get("stages", []))}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(path)
+    return meta
 
 
 def load_tokenizer(folder: Path | str) -> tuple[Any, TokenMap]:

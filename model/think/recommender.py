@@ -21,7 +21,7 @@ import torch
 from model.metrics import PrefixCodes
 from model.semantic_ids import SemanticIDs
 from model.think.align_data import direct_prefix, generation_prefix
-from model.think.checkpoint import load_think, read_itemic
+from model.think.checkpoint import chosen_mode, load_think, read_itemic
 from model.think.decode import Decoder
 from model.trie import CodeTrie, TokenMap
 from services.catalog import Example
@@ -49,7 +49,8 @@ class ThinkRecommender:
     @classmethod
     def load(cls, folder: Path | str, beam: int = 10, think: bool | None = None, sid_dir: Path | None = None,
              device: str | None = None, item_weight: float | None = None, **kw: Any) -> ThinkRecommender:
-        """From an HF folder written by `model.think.stages`; `think=None` follows the folder's last stage.
+        """From an HF folder written by `model.think.stages`; `think=None` serves the mode chosen on validation for
+        these weights (`model.think.checkpoint.chosen_mode`) when one is recorded, else follows the last stage.
 
         The folder's item head (``item_head/weight.safetensors``), if any, re-ranks the beam's leaves with its
         saved weight; `item_weight` overrides it (0 = codes only).
@@ -74,8 +75,10 @@ class ThinkRecommender:
             head.cfg.score_weight = item_weight
         if head is not None and head.cfg.score_weight == 0:
             head = None
-        return cls(model, tok, tm, sid, beam, bool(meta.get("think", False)) if think is None else think,
-                   item_head=head, **kw)
+        if think is None:
+            chosen = chosen_mode(meta)
+            think = bool(meta.get("think", False)) if chosen is None else chosen == "think"
+        return cls(model, tok, tm, sid, beam, think, item_head=head, **kw)
 
     def prefix(self, history: Sequence[int], think: bool | None = None) -> str:
         """The prompt for `history`: the think-mode one or the direct one (`think`, default: this recommender's)."""
