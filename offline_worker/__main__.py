@@ -86,7 +86,8 @@ def engine_spec(args: argparse.Namespace, settings: Settings) -> Any:
                   grounding_data=str(args.data) if getattr(args, "data", None) else None,
                   mode=served_mode(getattr(args, "mode", None) or settings.offline_mode, model_dir),
                   mix_onerec=getattr(args, "mix_onerec", None), mix_weight=getattr(args, "mix_weight", None),
-                  contrast=getattr(args, "contrast", None), items=getattr(args, "items", None))
+                  contrast=getattr(args, "contrast", None), items=getattr(args, "items", None),
+                  explain=getattr(args, "explain", None) or None)
     vllm = dict(dtype=args.dtype, enforce_eager=True if args.enforce_eager else None,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 block_size=args.block_size,
@@ -189,7 +190,7 @@ def _settings_key(engine: str, config: Any, sid_dir: Path) -> dict[str, Any]:
     data = Path(key.pop("grounding_data", "") or "")
     if key.get("grounded_reasoning") and (data / "items.tsv").is_file():  # the titles the grammar names, by content
         key["grounding_items"] = hashlib.sha256((data / "items.tsv").read_bytes()).hexdigest()[:12]
-    for name in ("contrast", "items"):  # off: versions keep the names they had before the setting existed
+    for name in ("contrast", "items", "explain"):  # off: versions keep the names they had before the setting existed
         if not key.get(name):
             key.pop(name, None)
     if key.get("mix_onerec"):  # the online model of a mixed or contrasted prefix ranking, by content too
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "model) instead of mixing (default ONEREC_PREFIX_CONTRAST, 0 = off)")
     r.add_argument("--items", type=int, help="store the think head's top-N items with their log-probs in each entry "
                                              "(default ONEREC_THINK_ITEMS, 0 = none)")
+    r.add_argument("--explain", action="store_true",
+                   help="direct mode: also store the model's greedy rationale for display (it does not condition the "
+                        "prefixes; default ONEREC_OFFLINE_EXPLAIN)")
     r.add_argument("--beam-a", type=int, help="level-a codes expanded per path (default: ONEREC_PREFIX_BEAM_A)")
     r.add_argument("--max-reasoning-tokens", type=int,
                    help="free reasoning's token budget (a grounded rationale gets its grammar's longest length)")

@@ -15,10 +15,14 @@ model without reasoning training; ``think`` does the above; ``auto`` (`served_mo
 validation for these weights when one is recorded, else think only for a model whose itemic.json says it learned to
 reason. The concrete mode is part of the engine settings a version records.
 
-``EngineConfig.grounded_reasoning`` (think mode) decodes every path under its user's grammar
-(`model.think.grounding`: the user's own recent history items by short title, the catalogue's category labels
-of ``grounding_data``, fixed connectives), so a stored rationale never names a product the user did not
-buy; each `ThinkRequest` then carries the user's ``history``. vLLM gets the grammar as structured outputs,
+``EngineConfig.explain`` (direct mode) also decodes the greedy rationale of the think prompt of the same history and
+stores it as the entry's reasoning, for display: the prefixes stay the direct ranking's, so the stored text explains
+the user's history in the model's words but did not condition the cached prefixes (identical with and without it).
+
+``EngineConfig.grounded_reasoning`` (think mode, and the rationale of ``explain``) decodes every path under its
+user's grammar (`model.think.grounding`: the user's own recent history items by short title, the catalogue's
+category labels of ``grounding_data``, fixed connectives), so a stored rationale never names a product the user did
+not buy; each `ThinkRequest` then carries the user's ``history``. vLLM gets the grammar as structured outputs,
 the HF engine through xgrammar's transformers logits processor (the same library). Both settings are
 recorded in the version's engine settings.
 
@@ -86,6 +90,7 @@ class EngineConfig:
     contrast: float = setting_default("prefix_contrast")  # > 0: rank by think - contrast x online instead of mixing
     items: int = setting_default("think_items")  # the head's top-N items stored per user (0: none)
     mode: str = setting_default("offline_mode")  # think | direct | auto (`served_mode`)
+    explain: bool = setting_default("offline_explain")  # direct mode: also store the greedy rationale (display only)
     grounded_reasoning: bool = setting_default("grounded_reasoning")  # rationale under the user's grammar
     grounding_data: str = str(setting_default("data_dir"))  # dataset folder (items.tsv) the grammar names
     greedy: bool = False  # every path greedy (then all T paths coincide; equivalence tests)
@@ -101,7 +106,7 @@ class EngineConfig:
             max_reasoning_tokens=s.max_reasoning_tokens, temperature=s.reasoning_temperature, top_k=s.reasoning_top_k,
             top_p=s.reasoning_top_p, seed=s.offline_seed, prefix_scores=s.prefix_scores, mode=s.offline_mode,
             mix_onerec=s.prefix_mix_onerec, mix_weight=s.prefix_mix_weight, contrast=s.prefix_contrast,
-            items=s.think_items,
+            items=s.think_items, explain=s.offline_explain,
             grounded_reasoning=s.grounded_reasoning, grounding_data=str(s.data_dir),
         )  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -118,6 +123,8 @@ class EngineConfig:
             raise ValueError(f"contrast: expected >= 0, got {self.contrast!r}")
         if self.items < 0:
             raise ValueError(f"items: expected >= 0, got {self.items!r}")
+        if self.explain and self.mode == "think":
+            raise ValueError("explain adds a display rationale to direct mode; think mode stores its own reasoning")
         if self.contrast > 0 and not self.mix_onerec:
             raise ValueError("contrast > 0 contrasts the online model named by mix_onerec; mix_onerec is empty")
         if self.mix_onerec and self.prefix_scores == "codes":
@@ -268,8 +275,8 @@ class Engine(ABC):
                                                        0.0)
         # set by `_attach_head` once a subclass has its model: prefixes by the item head instead of the code beam
         self.head_prefixes: HeadPrefixes | None = None
-        self.grounding: Grounding | None = None  # the grammar pieces of grounded reasoning (think mode only)
-        if self.config.grounded_reasoning and self.config.mode == "think":
+        self.grounding: Grounding | None = None  # the grammar pieces of grounded reasoning (think mode, explain)
+        if self.config.grounded_reasoning and (self.config.mode == "think" or self.config.explain):
             if not self.config.grounding_data:
                 raise ValueError("grounding_data: grounded_reasoning needs the dataset folder (items.tsv titles)")
             self.grounding = Grounding.build(load_items(Path(self.config.grounding_data) / "items.tsv"), sid)
@@ -452,5 +459,19 @@ class Engine(ABC):
         beams, items = self.prefixes_and_items(contexts, self.config.samples * self.config.prefixes_per_sample,
                                                [r.history for r in requests])
         self.timings["prefix_s"] += time.perf_counter() - t0
-        return [ThinkResult(user_id=r.user_id, reasoning="", reasoning_ids=[[]], prefixes=union_prefixes([b]),
-                            per_sample=[b], items=it) for r, b, it in zip(requests, beams, items, strict=True)]
+        rationales = self._explain(requests) if self.config.explain else [([], False)] * len(requests)
+        return [ThinkResult(user_id=r.user_id, reasoning=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                            reasoning_ids=[ids], prefixes=union_prefixes([b]), per_sample=[b], items=it,
+                            truncated=int(cut), closed=not cut)
+                for r, b, it, (ids, cut) in zip(requests, beams, items, rationales, strict=True)]
+
+    def _explain(self, requests: Sequence[ThinkRequest]) -> list[tuple[list[int], bool]]:
+        """Direct mode's display rationale: each request's greedy reasoning from its ``<think>`` prompt (under its
+        grammar when grounded), as (ids before the stop id, cut by the budget)."""
+        t0 = time.perf_counter()
+        prompts = [r.prompt_ids for r in requests]
+        paths = [_Path(i, 0, True, _path_seed(self.config.seed, r.user_id, 0)) for i, r in enumerate(requests)]
+        grammars = self._grammars(requests)
+        generated = self._reason(prompts, paths) if grammars is None else self._reason(prompts, paths, grammars)
+        self.timings["reason_s"] += time.perf_counter() - t0
+        return [self._split_reasoning(g) for g in generated]

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "
                     "auto (direct for an align-only model, think otherwise); recorded in the version's meta",
     )
+    offline_explain: bool = Field(
+        False, description="direct mode: also write the think model's rationale (greedy, from the <think> prompt of "
+                           "the same history) into each entry for display; the prefixes stay the direct ranking's, "
+                           "so the rationale does not condition them; recorded in the version's meta",
+    )
     grounded_reasoning: bool = Field(
         False, description="think mode: decode each rationale under the user's grammar (own history items, category "
                            "labels, fixed connectives; `model.think.grounding`); recorded in the version's meta",

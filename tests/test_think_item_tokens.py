@@ -186,6 +186,47 @@ def test_offline_engine_stores_the_heads_top_items(world: Path) -> None:
         EngineConfig(items=-1)
 
 
+def test_direct_mode_explains_with_the_think_prompts_rationale_and_the_same_prefixes(world: Path) -> None:
+    """`explain` in direct mode stores, per user, the greedy rationale the think mode decodes from the same
+    history (think mode's path 0, token for token), while the prefixes stay exactly the direct ranking's; the
+    version is named apart only when on; think mode rejects it (it stores its own reasoning)."""
+    from offline_worker.__main__ import _settings_key
+    from offline_worker.engine_interface import EngineConfig, ThinkRequest
+    from offline_worker.hf_engine import HFEngine
+    from offline_worker.prompts import PromptBuilder
+    from offline_worker.refresh import UNCLOSED_REASONING, _entries
+
+    opts = dict(samples=2, prefixes_per_sample=3, beam_a=2, max_reasoning_tokens=6, greedy=True)
+    ds, sid = tiny_dataset(n_users=16), tiny_sid()
+    users = sorted(ds.sequences)[:4]
+
+    def think(**cfg: object) -> list:
+        eng = HFEngine(world / "items", world / "sid", EngineConfig(**{**opts, **cfg}), batch_size=2, threads=1)  # type: ignore[arg-type]
+        reqs = [ThinkRequest(u, ids, ds.sequences[u])
+                for u, ids in PromptBuilder(eng.tokenizer, sid).build((u, ds.sequences[u]) for u in users)]
+        return eng.think(reqs)
+
+    plain, explained, thought = think(mode="direct"), think(mode="direct", explain=True), think(mode="think")
+    assert [r.prefixes for r in explained] == [r.prefixes for r in plain]
+    assert all(r.reasoning == "" for r in plain)
+    assert [r.reasoning_ids[0] for r in explained] == [r.reasoning_ids[0] for r in thought]
+    assert [r.reasoning for r in explained] == [r.reasoning for r in thought]
+    assert any(r.reasoning for r in explained)
+    assert [(r.closed, r.truncated) for r in explained] == [(r.closed, int(not r.closed)) for r in thought]
+    entries = _entries(explained, {u: ds.sequences[u] for u in users}, "m")
+    assert [entries[u].reasoning for u in users] == [r.reasoning if r.closed else UNCLOSED_REASONING for r in explained]
+    # grounded: every rationale closes under the user's grammar, and is the think mode's, word for word
+    grounded = dict(grounded_reasoning=True, grounding_data=str(world / "data"))
+    g_explained, g_thought = think(mode="direct", explain=True, **grounded), think(mode="think", **grounded)
+    assert all(r.closed and r.reasoning for r in g_explained)
+    assert [r.reasoning for r in g_explained] == [r.reasoning for r in g_thought]
+    assert [r.prefixes for r in g_explained] == [r.prefixes for r in plain]
+    assert _settings_key("hf", EngineConfig(mode="direct", explain=True, **opts), world / "sid")["explain"] is True
+    assert "explain" not in _settings_key("hf", EngineConfig(mode="direct", **opts), world / "sid")
+    with pytest.raises(ValueError, match="explain"):
+        EngineConfig(mode="think", explain=True)
+
+
 def test_ahead_loss_pairs_each_item_with_the_one_after_next(world: Path) -> None:
     """The ahead term asks position k for target k+1 within one text, never across texts; `next_weight` scales
     the next-item term (0: the after-next item only)."""
