@@ -99,11 +99,13 @@ def choose_mode(args: argparse.Namespace) -> dict:
 
 
 def ablation(args: argparse.Namespace) -> Path:
-    """Combine three `run` outputs into docs/results/think_ablation.json."""
+    """Combine three `run` outputs (and optionally the +IA+R weights in their other mode) into
+    docs/results/think_ablation.json."""
     from services.results import write_result
 
     arms = {name: json.loads(Path(p).read_text()) for name, p in
-            (("base", args.base_json), ("ia", args.ia_json), ("ia_r", args.ia_r_json))}
+            (("base", args.base_json), ("ia", args.ia_json), ("ia_r", args.ia_r_json),
+             ("ia_r_other_mode", args.ia_r_other_json)) if p is not None}
     users = {a["users"] for a in arms.values()}
     if len(users) != 1:
         raise SystemExit(f"the three runs evaluated different user counts: {users}")
@@ -248,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("ablation", help="write docs/results/think_ablation.json from three run outputs")
     a.add_argument("--base-json", type=Path, required=True, help="run output of the Base arm")
     a.add_argument("--ia-json", type=Path, required=True, help="run output of the +IA arm")
-    a.add_argument("--ia-r-json", type=Path, required=True, help="run output of the +IA+R arm")
+    a.add_argument("--ia-r-json", type=Path, required=True, help="run output of the +IA+R arm (its served mode)")
+    a.add_argument("--ia-r-other-json", type=Path, default=None,
+                   help="optional: the +IA+R weights in the other mode (recorded as ia_r_other_mode)")
     c = sub.add_parser("recipe", help="write docs/results/think_recipe.json from selection/refit run outputs")
     c.add_argument("--selection-json", type=Path, required=True, help="run output of the selection (train-only) model")
     c.add_argument("--refit-json", type=Path, default=None, help="run output of the refit model")

@@ -514,7 +514,8 @@ def test_offline_engine_caches_the_mixed_ranking(world: Path) -> None:
         EngineConfig(mix_onerec=str(world / "onerec"), mix_weight=1.5)
 
 
-def test_choose_mode_records_the_better_validation_mode_for_these_weights_only(world: Path, tmp_path: Path) -> None:
+def test_choose_mode_records_the_better_validation_mode_for_these_weights_only(world: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`evaluation think choose-mode` runs both modes on the same validation users and records the better one;
     `auto` (the refresh and the evaluation alike) then serves it; a later stage's copy does not inherit it."""
     import shutil
@@ -552,3 +553,14 @@ def test_choose_mode_records_the_better_validation_mode_for_these_weights_only(w
     assert chosen_mode(meta) is None
     with pytest.raises(ValueError, match="mode must be one of"):
         record_mode(folder, {"mode": "auto"})
+    # the ablation file names each arm's mode, and keeps the +IA+R weights' other mode when given
+    import services.results
+
+    monkeypatch.setattr(services.results, "results_location",
+                        lambda dataset=None: (tmp_path / "results", tmp_path / "RESULTS.md", "beauty"))
+    d, t = str(tmp_path / "direct.json"), str(tmp_path / "think.json")
+    eval_main(["ablation", "--base-json", d, "--ia-json", d, "--ia-r-json", d, "--ia-r-other-json", t])
+    doc = json.loads((tmp_path / "results" / "think_ablation.json").read_text())
+    assert doc["metrics"]["mode"] == {"base": "direct", "ia": "direct", "ia_r": "direct", "ia_r_other_mode": "think"}
+    assert doc["metrics"]["ia_r_other_mode"] == {k: runs["think"]["metrics"][k] for k in doc["metrics"]["ia_r"]}
+    assert "ia_r direct" in doc["note"] and "ia_r_other_mode think" in doc["note"]
