@@ -77,14 +77,20 @@ def run(args: argparse.Namespace) -> dict:
 
 def choose_mode(args: argparse.Namespace) -> dict:
     """Direct and think mode on the same validation users; the better R@10 (then N@10) is recorded as the mode to
-    serve these weights in; a tie goes to direct (no reasoning to decode). Test users are never read."""
+    serve these weights in; a tie goes to direct (no reasoning to decode). Test users are never read. A folder refit
+    on train + valid has seen the validation targets: recorded as ``valid_seen`` and warned about."""
+    seen = any(st.get("run") == "refit" for st in read_itemic(args.checkpoint).get("stages", []))
+    if seen:
+        print("choose-mode: this folder was refit on train + valid, so the validation targets were training targets; "
+              "the choice compares the modes on seen items (choose on the selection run's folder when it matters)",
+              file=sys.stderr)
     runs = {m: run(argparse.Namespace(**{**vars(args), "mode": m, "split": "valid", "show": 0, "out_json": None}))
             for m in ("direct", "think")}
     key = {m: (r["metrics"]["recall@10"], r["metrics"]["ndcg@10"]) for m, r in runs.items()}
     mode = "think" if key["think"] > key["direct"] else "direct"
     first = runs["direct"]
     record = {"mode": mode, "split": "valid", "users": first["users"], "sample": first["sample"],
-              "seed": first["seed"], "beam": first["beam"], "code_weight": first["code_weight"],
+              "seed": first["seed"], "beam": first["beam"], "code_weight": first["code_weight"], "valid_seen": seen,
               "max_think": args.max_think, "metrics": {m: r["metrics"] for m, r in runs.items()},
               "seconds": {m: r["seconds"] for m, r in runs.items()}, "command": args.command,
               "date": time.strftime("%Y-%m-%d")}

@@ -541,6 +541,7 @@ def test_choose_mode_records_the_better_validation_mode_for_these_weights_only(w
     key = {m: (r["metrics"]["recall@10"], r["metrics"]["ndcg@10"]) for m, r in runs.items()}
     assert rec["mode"] == ("think" if key["think"] > key["direct"] else "direct")
     assert rec["metrics"] == {m: r["metrics"] for m, r in runs.items()} and rec["users"] == 12
+    assert rec["valid_seen"] is True  # the world's folder was refit on train + valid: its choice says so
     assert json.loads((tmp_path / "choice.json").read_text())["mode"] == rec["mode"]
     # the record wins over the training history, in the refresh and in the evaluation's auto mode
     for mode in ("think", "direct"):
