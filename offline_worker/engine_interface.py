@@ -124,7 +124,8 @@ class EngineConfig:
         if self.items < 0:
             raise ValueError(f"items: expected >= 0, got {self.items!r}")
         if self.explain and self.mode == "think":
-            raise ValueError("explain adds a display rationale to direct mode; think mode stores its own reasoning")
+            raise ValueError("explain adds a display rationale to direct mode; this model is served in think mode, "
+                             "which stores its own reasoning: drop --explain / ONEREC_OFFLINE_EXPLAIN")
         if self.contrast > 0 and not self.mix_onerec:
             raise ValueError("contrast > 0 contrasts the online model named by mix_onerec; mix_onerec is empty")
         if self.mix_onerec and self.prefix_scores == "codes":
