@@ -114,7 +114,7 @@ def ablation(args: argparse.Namespace) -> Path:
              ("ia_r_other_mode", args.ia_r_other_json)) if p is not None}
     users = {a["users"] for a in arms.values()}
     if len(users) != 1:
-        raise SystemExit(f"the three runs evaluated different user counts: {users}")
+        raise SystemExit(f"the ablation's runs evaluated different user counts: {users}")
     keys = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
     metrics: dict[str, Any] = {name: {k: a["metrics"][k] for k in keys} for name, a in arms.items()}
     metrics["base_model"] = arms["ia_r"]["base_model"]

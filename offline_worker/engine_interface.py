@@ -403,16 +403,10 @@ class Engine(ABC):
                     slot[key] = len(paths)
                     paths.append(_Path(i, t, greedy, _path_seed(cfg.seed, r.user_id, t)))
         prompts = [r.prompt_ids for r in requests]
-        t0 = time.perf_counter()
-        grammars = self._grammars(requests)
-        self._add_time("grammar_s", time.perf_counter() - t0)
-        # free reasoning keeps the two-argument call, so engines without grammar support still work
-        generated = self._reason(prompts, paths) if grammars is None else self._reason(prompts, paths, grammars)
+        split = self._reasoning(requests, paths)
         t1 = time.perf_counter()
-        split = [self._split_reasoning(g) for g in generated]
         contexts = [prompts[p.req] + ids + self.answer_ids for p, (ids, _) in zip(paths, split, strict=True)]
         beams, items = self.prefixes_and_items(contexts, histories=[requests[p.req].history for p in paths])
-        self.timings["reason_s"] += t1 - t0
         self.timings["prefix_s"] += time.perf_counter() - t1
         results = []
         for i, r in enumerate(requests):
@@ -460,19 +454,22 @@ class Engine(ABC):
         beams, items = self.prefixes_and_items(contexts, self.config.samples * self.config.prefixes_per_sample,
                                                [r.history for r in requests])
         self.timings["prefix_s"] += time.perf_counter() - t0
-        rationales = self._explain(requests) if self.config.explain else [([], False)] * len(requests)
+        rationales = ([([], False)] * len(requests) if not self.config.explain else  # the display rationale: path 0
+                      self._reasoning(requests, [_Path(i, 0, True, _path_seed(self.config.seed, r.user_id, 0))
+                                                 for i, r in enumerate(requests)]))
         return [ThinkResult(user_id=r.user_id, reasoning=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
                             reasoning_ids=[ids], prefixes=union_prefixes([b]), per_sample=[b], items=it,
                             truncated=int(cut), closed=not cut)
                 for r, b, it, (ids, cut) in zip(requests, beams, items, rationales, strict=True)]
 
-    def _explain(self, requests: Sequence[ThinkRequest]) -> list[tuple[list[int], bool]]:
-        """Direct mode's display rationale: each request's greedy reasoning from its ``<think>`` prompt (under its
-        grammar when grounded), as (ids before the stop id, cut by the budget)."""
+    def _reasoning(self, requests: Sequence[ThinkRequest], paths: list[_Path]) -> list[tuple[list[int], bool]]:
+        """Each path's reasoning from its request's ``<think>`` prompt (under the request's grammar when grounded),
+        as (ids before the stop id, cut by the budget): think mode's paths and direct mode's display rationale."""
         t0 = time.perf_counter()
         prompts = [r.prompt_ids for r in requests]
-        paths = [_Path(i, 0, True, _path_seed(self.config.seed, r.user_id, 0)) for i, r in enumerate(requests)]
         grammars = self._grammars(requests)
+        self._add_time("grammar_s", time.perf_counter() - t0)
+        # free reasoning keeps the two-argument call, so engines without grammar support still work
         generated = self._reason(prompts, paths) if grammars is None else self._reason(prompts, paths, grammars)
         self.timings["reason_s"] += time.perf_counter() - t0
         return [self._split_reasoning(g) for g in generated]

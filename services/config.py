@@ -146,7 +146,8 @@ class Settings(BaseSettings):
     offline_mode: str = Field(
         "auto", pattern="^(auto|think|direct)$",
         description="offline decoding: think (reasoning, then prefixes), direct (history -> prefixes, no reasoning) or "
-                    "auto (direct for an align-only model, think otherwise); recorded in the version's meta",
+                    "auto (the mode `evaluation think choose-mode` recorded for the model, else direct for an "
+                    "align-only model, think otherwise); recorded in the version's meta",
     )
     offline_explain: bool = Field(
         False, description="direct mode: also write the think model's rationale (greedy, from the <think> prompt of "

@@ -543,6 +543,17 @@ def test_choose_mode_records_the_better_validation_mode_for_these_weights_only(w
     assert rec["metrics"] == {m: r["metrics"] for m, r in runs.items()} and rec["users"] == 12
     assert rec["valid_seen"] is True  # the world's folder was refit on train + valid: its choice says so
     assert json.loads((tmp_path / "choice.json").read_text())["mode"] == rec["mode"]
+    # the rule itself, both ways: the better R@10 wins, then N@10; a tie goes to direct
+    import evaluation.think as et
+
+    for think_m, want in (((0.3, 0.1), "think"), ((0.2, 0.2), "think"), ((0.2, 0.1), "direct"), ((0.1, 0.3), "direct")):
+        fake = {"direct": (0.2, 0.1), "think": think_m}
+        monkeypatch.setattr(et, "run", lambda a, f=fake: {**runs[a.mode], "metrics": {
+            "recall@10": f[a.mode][0], "ndcg@10": f[a.mode][1]}})
+        eval_main(["choose-mode", *common, "--dry-run", "--out-json", str(tmp_path / "fake.json")])
+        assert json.loads((tmp_path / "fake.json").read_text())["mode"] == want, (think_m, want)
+    monkeypatch.undo()
+    assert read_itemic(folder)["served_mode"] == rec  # --dry-run wrote nothing
     # the record wins over the training history, in the refresh and in the evaluation's auto mode
     for mode in ("think", "direct"):
         record_mode(folder, {"mode": mode})

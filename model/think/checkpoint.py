@@ -20,7 +20,7 @@ from model.trie import TokenMap
 
 ITEMIC_JSON = "itemic.json"
 MODE_KEY = "served_mode"  # itemic.json: the offline mode chosen on validation (`evaluation think choose-mode`)
-MODES = ("think", "direct")
+CHOSEN_MODES = ("think", "direct")  # what a validation choice may record (no "auto")
 
 
 def save_think(model: Any, tokenizer: Any, tokmap: TokenMap, folder: Path | str, extra: dict | None = None) -> Path:
@@ -61,7 +61,7 @@ def chosen_mode(meta: dict) -> str | None:
     """The mode (think | direct) chosen on validation for these weights, or None: none chosen, or the record
     belongs to earlier weights (a later stage copied the folder and trained on: its stage count differs)."""
     rec = meta.get(MODE_KEY)
-    if not isinstance(rec, dict) or rec.get("mode") not in MODES:
+    if not isinstance(rec, dict) or rec.get("mode") not in CHOSEN_MODES:
         return None
     return str(rec["mode"]) if rec.get("stages") == len(meta.get("stages", [])) else None
 
@@ -69,8 +69,8 @@ def chosen_mode(meta: dict) -> str | None:
 def record_mode(folder: Path | str, record: dict) -> dict:
     """Store a validation choice (``record["mode"]`` think | direct, plus its evidence) in ``itemic.json``, stamped
     with the folder's stage count so a later stage's copy does not inherit it; written atomically."""
-    if record.get("mode") not in MODES:
-        raise ValueError(f"record_mode: mode must be one of {MODES}, got {record.get('mode')!r}")
+    if record.get("mode") not in CHOSEN_MODES:
+        raise ValueError(f"record_mode: mode must be one of {CHOSEN_MODES}, got {record.get('mode')!r}")
     path = Path(folder) / ITEMIC_JSON
     meta = read_itemic(folder)
     meta[MODE_KEY] = {**record, "stages": len(meta.get("stages", []))}
