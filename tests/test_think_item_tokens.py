@@ -576,3 +576,72 @@ def test_choose_mode_records_the_better_validation_mode_for_these_weights_only(w
     assert doc["metrics"]["mode"] == {"base": "direct", "ia": "direct", "ia_r": "direct", "ia_r_other_mode": "think"}
     assert doc["metrics"]["ia_r_other_mode"] == {k: runs["think"]["metrics"][k] for k in doc["metrics"]["ia_r"]}
     assert "ia_r direct" in doc["note"] and "ia_r_other_mode think" in doc["note"]
+
+
+def test_activation_loss_trains_the_item_head_after_the_rationale(world: Path) -> None:
+    """With item tokens, the activation loss is LM + item cross-entropy at the ``<|item_begin|>`` that follows
+    ``</think>`` (the position think mode ranks from), through a LoRA wrapper, and its item term reaches the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from model.think.align_data import Sample, generation_prefix, think_target
+    from model.think.fit import item_aware_loss, lm_and_item_loss, row_index
+    from model.think.itemhead import targets_at_item_begin
+    from model.think.sft import collate, tokenize
+    from model.think.stages import LORA_TARGETS
+
+    model, tok, tm = load_think(world / "items")
+    sid = tiny_sid()
+    hist, target = [3, 5, 7], 9
+    sample = Sample(generation_prefix([sid.codes_of(i) for i in hist], item_ids=True),
+                    think_target("likes nail art. next: nail art.", sid.codes_of(target)), "think")
+    ids, att, labels = collate(tokenize([sample], tok, 400), int(tok.pad_token_id))
+    pos, rows = targets_at_item_begin(ids, labels, tm, row_index(sid))
+    think_end = int(tok.convert_tokens_to_ids("</think>"))
+    assert rows.tolist() == [sid._row[target]]  # one labelled block: the target after the rationale ...
+    assert int(ids[0, int(pos[0, 1]) - 1]) == think_end  # ... right after </think>
+    head = load_head(world / "items", sid, model, tm)
+    assert head is not None
+    with torch.no_grad():
+        lm, il = lm_and_item_loss(model, head, ids, att, labels, tm, row_index(sid), 1.0)
+    assert float(il) > 0
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                               task_type="CAUSAL_LM"))
+    loss = item_aware_loss(tm, sid, 0.5)(wrapped, ids, att, labels)
+    assert torch.allclose(loss, lm + 0.5 * il, atol=1e-5)  # a fresh adapter (B = 0) changes nothing
+    loss.backward()
+    lora_grads = [p.grad for n, p in wrapped.named_parameters() if "lora_B" in n]
+    assert lora_grads and any(g is not None and float(g.abs().sum()) > 0 for g in lora_grads)
+
+
+def test_activation_rehearses_direct_sequences_with_the_item_loss(world: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """`activate --direct-share S --item-loss-weight W`: the mix holds S of sequence texts in the direct layout, every
+    step goes through the item-aware loss, and the stage record says so; without the flags the LM loss alone runs."""
+    import model.think.fit as fit_mod
+    from model.think.activate_data import rehearsal_samples
+
+    calls = {"n": 0}
+    real = fit_mod.lm_and_item_loss
+
+    def counted(*a: object, **k: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["n"] += 1
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fit_mod, "lm_and_item_loss", counted)
+    common = ["--data-dir", str(world / "data"), "--sid-dir", str(world / "sid"), "--embeddings", "bow",
+              "--cache-dir", str(world / "cache"), "--lora-r", "4", "--batch-size", "4", "--max-len", "400"]
+    out = world / "act-rehearse"
+    train_main(["activate", "--init", str(world / "items"), "--out", str(out), "--steps", "3", "--item-loss-weight",
+                "1.0", "--ahead-weight", "1.0", "--direct-share", "0.5", *common])
+    rec = json.loads((out / "itemic.json").read_text())["stages"][-1]
+    assert calls["n"] == 3
+    assert rec["rehearsal"] == rec["samples"] > 0  # share 0.5: as many sequence texts as reasoning samples
+    assert rec["direct_share"] == 0.5 and rec["item_loss_weight"] == 1.0
+    seqs = rehearsal_samples({u: [1, 2, 3] for u in range(4)}, tiny_sid(), n_think=12, share=0.75)
+    assert len(seqs) == 36 and all(s.task == "seq" for s in seqs)  # with replacement past the 4 sequences
+    with pytest.raises(ValueError, match="share"):
+        rehearsal_samples({}, tiny_sid(), 10, 1.0)
+    calls["n"] = 0
+    train_main(["activate", "--init", str(world / "items"), "--out", str(world / "act-plain"), "--steps", "2", *common])
+    plain = json.loads((world / "act-plain" / "itemic.json").read_text())["stages"][-1]
+    assert calls["n"] == 0 and plain["rehearsal"] == 0

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--embeddings", choices=["minilm", "bow"], default="minilm", help="item similarity for pruning")
     r.add_argument("--cache-dir", type=Path, default=s.artifacts_dir / "think", help="item-embedding cache")
     r.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0 = full fine-tuning)")
+    r.add_argument("--item-loss-weight", type=float, default=0.0,
+                   help="item-head loss at each labelled item block, after the rationale and in the rehearsed "
+                        "sequences (needs item tokens; 0 = LM loss only)")
+    r.add_argument("--ahead-weight", type=float, default=0.0,
+                   help="with --item-loss-weight: item loss on the item after next in the rehearsed sequences")
+    r.add_argument("--direct-share", type=float, default=0.0,
+                   help="share of the activation mix that is sequence texts in the direct layout (rehearsal), [0, 1)")
 
     e = sub.add_parser("enhance", help="reasoning enhancement: GRPO with the Rollout-Beam reward")
     common(e, 200, 8, 2e-5)

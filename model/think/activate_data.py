@@ -3,7 +3,9 @@
 For every training target, the k history items most related to it (cosine similarity of item text
 embeddings) form a *pruned context*; a teacher turns (pruned context, target) into a short rationale.
 The student is then fine-tuned on the *full, noisy* history -> ``<think> rationale </think>`` -> target
-codes (`activation_samples`, format from `model.think.align_data`).
+codes (`activation_samples`, format from `model.think.align_data`). `rehearsal_samples` draws sequence texts
+in the direct layout (the align stage's ``seq`` task) to mix in, so the item head keeps ranking without reasoning
+while the model learns to reason.
 
 Teachers (anything with ``rationales(list[TeacherInput]) -> list[str]``):
 - `CategoryTeacher` (default, the paper's choice on public data): a grounded rationale
@@ -29,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.semantic_ids import SemanticIDs
-from model.think.align_data import Sample, generation_prefix, think_target
+from model.think.align_data import Sample, generation_prefix, seq_samples, think_target
 from model.think.grounding import TITLE_WORDS, Grounding
 from services.catalog import HISTORY_CAP, Catalog, catalog_hash
 
@@ -230,6 +232,24 @@ def activation_samples(train: dict[int, list[int]], sid: SemanticIDs, teacher: T
             prompt = generation_prefix([sid.codes_of(i) for i in h], item_ids=item_ids)
             out.append(Sample(prompt, think_target(r, sid.codes_of(t)), "think"))
     return out
+
+
+def rehearsal_samples(train: dict[int, list[int]], sid: SemanticIDs, n_think: int, share: float, seed: int = 0,
+                      item_ids: bool = False) -> list[Sample]:
+    """Sequence texts (direct layout) to mix with `n_think` reasoning samples so that they are `share` of the mix.
+
+    Drawn without replacement while the training sequences last, then with replacement; `share` in [0, 1).
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"rehearsal share must be in [0, 1), got {share}")
+    n = round(n_think * share / (1.0 - share))
+    pool = seq_samples(train, sid, HISTORY_CAP, item_ids=item_ids) if n else []
+    if not pool:
+        return []
+    rng = random.Random(seed)
+    order = rng.sample(range(len(pool)), min(n, len(pool)))
+    order += [rng.randrange(len(pool)) for _ in range(n - len(order))]
+    return [pool[i] for i in order]
 
 
 def rl_cases(train: dict[int, list[int]], sid: SemanticIDs, cap: int = HISTORY_CAP) -> list[tuple[list[int], int]]:

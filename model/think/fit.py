@@ -36,7 +36,7 @@ from tqdm import tqdm
 from model.semantic_ids import SemanticIDs
 from model.think.align_data import direct_prefix
 from model.think.itemhead import ItemHead, TiedItemHead, item_loss, targets_at_item_begin
-from model.think.sft import LOG, STATE
+from model.think.sft import LOG, STATE, LossFn
 from model.training import log_step, lr_multiplier
 from model.trie import TokenMap
 from services.catalog import Example
@@ -102,6 +102,31 @@ def lm_and_item_loss(model: Any, head: ItemHead, ids: torch.Tensor, att: torch.T
     return lm, loss
 
 
+def row_index(sid: SemanticIDs) -> dict[tuple[int, ...], int]:
+    """Item row of each full code tuple (the item head's and the item tokens' order)."""
+    return {tuple(int(x) for x in c): r for r, c in enumerate(sid.codes)}
+
+
+def item_aware_loss(tm: TokenMap, sid: SemanticIDs, item_weight: float, ahead_weight: float = 0.0,
+                    next_weight: float = 1.0) -> LossFn:
+    """`lm_and_item_loss` as an `sft_loop` loss for a model with item tokens (the tied head reads its rows).
+
+    The model passed at each step may be a PEFT wrapper (the LoRA layers live inside the wrapped model, so the
+    wrapped model's forward is the adapted one); its item rows are the embedding rows the tied head scores with.
+    """
+    if not tm.has_items:
+        raise ValueError("item_aware_loss needs a model with item tokens (TokenMap.item_offset is None)")
+    rows = row_index(sid)
+
+    def loss(model: Any, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = TiedItemHead(hf, tm)
+        lm, il = lm_and_item_loss(hf, head, ids, att, labels, tm, rows, item_weight, ahead_weight, next_weight)
+        return lm + item_weight * il
+
+    return loss
+
+
 @torch.no_grad()
 def validate(model: Any, head: ItemHead, tok: Any, sid: SemanticIDs, examples: Sequence[Example], bf16: bool,
              batch_size: int = 128, max_len: int = 320, item_ids: bool = False) -> dict[str, float]:
@@ -140,7 +165,7 @@ def fit(model: Any, head: ItemHead, tok: Any, tm: TokenMap, sid: SemanticIDs, ep
     if cfg.run == "selection" and not val:
         raise ValueError("a selection run needs validation users (val_users > 0)")
     dev = next(model.parameters()).device
-    row_of_codes = {tuple(int(x) for x in c): r for r, c in enumerate(sid.codes)}
+    row_of_codes = row_index(sid)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     spe = math.ceil(len(epoch_rows(0)) / cfg.batch_size)

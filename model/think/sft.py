@@ -26,6 +26,7 @@ from model.training import log_step, lr_multiplier
 STATE = "trainer_state.pt"  # optimiser state + step of an interrupted stage, in its output folder
 LOG = "train_log.jsonl"  # one JSON line per logged step, in the stage's output folder
 MIN_LR_RATIO = 0.1  # the step loop's cosine ends at 0.1 x the peak LR
+LossFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def tokenize(samples: list[T.Sample], tok: Any, max_len: int) -> list[tuple[list[int], int]]:
@@ -91,10 +92,11 @@ def endless(rows: list[tuple[list[int], int]], batch_size: int, seed: int) -> It
 def sft_loop(model: Any, tok: Any, rows: list[tuple[list[int], int]], cfg: LoopConfig, out: Path, desc: str,
              params: list[torch.nn.Parameter] | None = None, grad_hook: Callable[[], None] | None = None,
              save: Callable[[Any, Path], object] | None = None, resume: bool = False, step_offset: int = 0,
-             total_steps: int | None = None) -> dict[str, float]:
+             total_steps: int | None = None, loss_fn: LossFn | None = None) -> dict[str, float]:
     """Cross-entropy on target tokens for `cfg.steps` steps; checkpoints and resumes via ``<out>/trainer_state.pt``.
 
     `step_offset`/`total_steps` let two sub-stages (warm-up, multi-task) share one folder and one bar.
+    `loss_fn(model, ids, attention_mask, labels)` replaces the model's own LM loss (e.g. LM + item-head loss).
     """
     total = total_steps or cfg.steps
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -123,7 +125,8 @@ def sft_loop(model: Any, tok: Any, rows: list[tuple[list[int], int]], cfg: LoopC
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_multiplier(step, cfg.steps, warm, MIN_LR_RATIO)
         ids, att, labels = (t.to(device) for t in collate([rows[i] for i in next(it)], pad))
-        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        loss = (loss_fn(model, ids, att, labels) if loss_fn is not None
+                else model(input_ids=ids, attention_mask=att, labels=labels).loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_hook is not None:

@@ -296,7 +296,8 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
 
 def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
     """Reasoning Activation: teacher rationales from pruned contexts, then LoRA SFT on full histories."""
-    from model.think.activate_data import ItemEmbeddings, activation_samples, make_teacher
+    from model.think.activate_data import ItemEmbeddings, activation_samples, make_teacher, rehearsal_samples
+    from model.think.fit import item_aware_loss
 
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
@@ -311,6 +312,14 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
         for s in samples[:50]:
             f.write(json.dumps({"prompt": s.prompt[-200:], "target": s.target}) + "\n")
     rows = tokenize(samples, tok, args.max_len)
+    rehearsal = rehearsal_samples(ctx.train, ctx.sid, len(samples), args.direct_share, args.seed, tm.has_items)
+    rows += tokenize(rehearsal, tok, args.max_len) if rehearsal else []
+    loss_fn = None
+    if args.item_loss_weight > 0:
+        if not tm.has_items:
+            raise SystemExit(f"--item-loss-weight {args.item_loss_weight}: {args.init} has no item tokens "
+                             "(align with --item-tokens, or pass --item-loss-weight 0)")
+        loss_fn = item_aware_loss(tm, ctx.sid, args.item_loss_weight, args.ahead_weight)
     if args.lora_r > 0:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -328,12 +337,15 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
             save_think(m, tok, tm, o)
     loop = LoopConfig(args.steps, args.batch_size, args.lr, max_len=args.max_len, save_every=args.save_every,
                       seed=args.seed)
-    stats = sft_loop(model, tok, rows, loop, out, "activate", save=save, resume=args.resume)
+    stats = sft_loop(model, tok, rows, loop, out, "activate", save=save, resume=args.resume, loss_fn=loss_fn)
     if args.lora_r > 0:
         model = model.merge_and_unload()
         shutil.rmtree(out / "adapter", ignore_errors=True)
     finish(model, tok, tm, out, args.init, {"stage": "activate", "teacher": args.teacher, "k_prune": args.k_prune,
                                             "samples": len(samples), "teacher_s": round(teach_s, 1),
+                                            "rehearsal": len(rehearsal), "direct_share": args.direct_share,
+                                            "item_loss_weight": args.item_loss_weight,
+                                            "ahead_weight": args.ahead_weight,
                                             "lora_r": args.lora_r, **stats}, ctx)
     return out
 
