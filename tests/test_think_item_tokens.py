@@ -645,3 +645,36 @@ def test_activation_rehearses_direct_sequences_with_the_item_loss(world: Path, m
     train_main(["activate", "--init", str(world / "items"), "--out", str(world / "act-plain"), "--steps", "2", *common])
     plain = json.loads((world / "act-plain" / "itemic.json").read_text())["stages"][-1]
     assert calls["n"] == 0 and plain["rehearsal"] == 0
+
+
+def test_enhance_rewards_what_the_served_think_mode_ranks(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`enhance --reward head` scores the item head's top --beam items after each rationale (what think mode serves
+    with --code-weight 0), never the code beam; the default scores the code beam, never the head."""
+    from model.think.decode import Decoder
+
+    common = ["--data-dir", str(world / "data"), "--sid-dir", str(world / "sid"), "--max-len", "400"]
+    act = world / "act-for-rl"
+    train_main(["activate", "--init", str(world / "items"), "--out", str(act), "--steps", "1", "--batch-size", "4",
+                "--embeddings", "bow", "--cache-dir", str(world / "cache"), "--lora-r", "4", *common])
+    used: list[str] = []
+    real_head, real_beam = Decoder.head_candidates, Decoder.beam_codes
+
+    def head(self: Decoder, *a: object, **k: object) -> object:
+        used.append("head")
+        return real_head(self, *a, **k)  # type: ignore[arg-type]
+
+    def beam(self: Decoder, *a: object, **k: object) -> object:
+        used.append("beam")
+        return real_beam(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Decoder, "head_candidates", head)
+    monkeypatch.setattr(Decoder, "beam_codes", beam)
+    rl = ["enhance", "--init", str(act), "--steps", "2", "--batch-size", "2", "--group", "2", "--beam", "4",
+          "--max-think", "6", *common]
+    train_main([*rl, "--out", str(world / "rl-head"), "--reward", "head"])
+    assert used == ["head", "head"]
+    rec = json.loads((world / "rl-head" / "itemic.json").read_text())["stages"][-1]
+    assert rec["reward"] == "head" and rec["reward_first"] is not None
+    used.clear()
+    train_main([*rl, "--out", str(world / "rl-beam")])
+    assert used == ["beam", "beam"]

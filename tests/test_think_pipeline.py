@@ -138,6 +138,18 @@ def test_activation_and_enhancement_resume_after_a_kill(stages: dict[str, Path],
     load_think(rl)
 
 
+def test_item_losses_and_head_reward_need_items(stages: dict[str, Path], tmp_path: Path) -> None:
+    """A model without item tokens or item head: the item-aware activation and the head reward say what is missing."""
+    common = ["--data-dir", str(stages["base"].parent.parent / "data"), "--sid-dir",
+              str(stages["base"].parent.parent / "sid")]
+    with pytest.raises(SystemExit, match="no item tokens"):
+        train_main(["activate", "--init", str(stages["ia"]), "--out", str(tmp_path / "a"), "--steps", "1",
+                    "--embeddings", "bow", "--cache-dir", str(tmp_path / "c"), "--item-loss-weight", "1", *common])
+    with pytest.raises(SystemExit, match="no item head"):
+        train_main(["enhance", "--init", str(stages["act"]), "--out", str(tmp_path / "r"), "--steps", "1",
+                    "--reward", "head", *common])
+
+
 def test_batched_beam_matches_single_and_is_valid(stages: dict[str, Path]) -> None:
     model, tok, tm = load_think(stages["ia"])
     sid = tiny_sid()

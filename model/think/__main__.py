@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-think", type=int, default=32, help="max reasoning tokens")
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     e.add_argument("--kl-beta", type=float, default=0.04, help="KL weight")
+    e.add_argument("--reward", choices=["beam", "head"], default="beam",
+                   help="what the Rollout-Beam reward scores: the code beam (beam) or the item head's top --beam "
+                        "items after the rationale, the list think mode serves (head; needs an item head)")
     return p
 
 

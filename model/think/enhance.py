@@ -2,7 +2,9 @@
 
 For each training case (history -> target) the policy samples G reasoning texts after ``<think>``;
 each is closed with ``</think><|item_begin|>`` and a trie-constrained beam of width K is run over the
-codes. Reward (Rollout-Beam): ``R = max over the beam of sum_l 1[code_l == target_l]`` (0..L). Advantages
+codes. Reward (Rollout-Beam): ``R = max over the beam of sum_l 1[code_l == target_l]`` (0..L). With
+``reward="head"`` (a model with an item head) the K candidates are instead the item head's top K after the
+rationale, the list think mode serves with ``--code-weight 0``, so the reward scores what is served. Advantages
 are normalised within each group of G; the loss is the on-policy policy gradient on the reasoning
 tokens (and the closing ``</think>``) plus ``beta * KL(policy || reference)`` (k3 estimator per token).
 TRL's GRPOTrainer is not used: its reward is computed on finished text, while this reward needs a
@@ -54,6 +56,7 @@ class GRPOConfig:
     kl_beta: float = 0.04
     lr: float = 2e-5
     max_len: int = 320
+    reward: str = "beam"  # candidates the reward scores: "beam" (code beam) or "head" (the item head's top `beam`)
 
 
 def completion_logprobs(model: Any, seqs: list[list[int]], starts: list[int], pad: int,
@@ -94,7 +97,7 @@ def grpo_step(policy: Any, ref: Any, decoder: Decoder, optimizer: torch.optim.Op
     b = decoder.prefill(decoder.encode_prefixes(prompts, cfg.max_len))
     reasoning = decoder.reason(b, cfg.max_think, cfg.temperature, cfg.top_k, generator)
     decoder.close_think(b)
-    beams = decoder.beam_codes(b, cfg.beam)
+    beams = decoder.head_candidates(b, cfg.beam, 0.0) if cfg.reward == "head" else decoder.beam_codes(b, cfg.beam)
     rewards = np.array([
         rollout_beam_reward([c for c, s in zip(beams.codes[i], beams.scores[i], strict=True) if np.isfinite(s)],
                             targets[i])

@@ -361,9 +361,17 @@ def run_enhance(args: argparse.Namespace, ctx: Context) -> Path:
     ref = copy.deepcopy(policy) if args.init is None else load_on(args.init, args)[0]
     ref.requires_grad_(False)
     trie = CodeTrie(ctx.sid.codes, ctx.sid.item_ids, ctx.sid.codebook_size)
-    dec = Decoder(policy, tok, tm, trie)
+    head = None
+    if args.reward == "head":
+        from model.think.itemhead import load_head
+
+        head = load_head(out, ctx.sid, policy, tm)
+        if head is None:
+            raise SystemExit(f"--reward head: {args.init} has no item head (align with --item-tokens or an item head)")
+    dec = Decoder(policy, tok, tm, trie, item_head=head)
     cfg = GRPOConfig(prompts=args.batch_size, group=args.group, beam=args.beam, max_think=args.max_think,
-                     temperature=args.temperature, kl_beta=args.kl_beta, lr=args.lr, max_len=args.max_len)
+                     temperature=args.temperature, kl_beta=args.kl_beta, lr=args.lr, max_len=args.max_len,
+                     reward=args.reward)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = 0
     if args.resume and (out / STATE).is_file():
@@ -391,7 +399,7 @@ def run_enhance(args: argparse.Namespace, ctx: Context) -> Path:
     secs = time.perf_counter() - t0
     k = max(1, len(curve) // 10)
     stats = {"steps": len(curve), "seconds": round(secs, 1), "group": cfg.group, "prompts": cfg.prompts,
-             "beam": cfg.beam, "kl_beta": cfg.kl_beta,
+             "beam": cfg.beam, "kl_beta": cfg.kl_beta, "reward": cfg.reward,
              "reward_first": round(float(np.mean([c["reward"] for c in curve[:k]])), 4) if curve else None,
              "reward_last": round(float(np.mean([c["reward"] for c in curve[-k:]])), 4) if curve else None}
     finish(policy, tok, tm, out, args.init, {"stage": "enhance", **stats}, ctx)
