@@ -632,11 +632,11 @@ def test_activation_rehearses_direct_sequences_with_the_item_loss(world: Path, m
               "--cache-dir", str(world / "cache"), "--lora-r", "4", "--batch-size", "4", "--max-len", "400"]
     out = world / "act-rehearse"
     train_main(["activate", "--init", str(world / "items"), "--out", str(out), "--steps", "3", "--item-loss-weight",
-                "1.0", "--ahead-weight", "1.0", "--direct-share", "0.5", *common])
+                "1.0", "--ahead-weight", "1.0", "--direct-share", "0.5", "--dropout", "0.2", *common])
     rec = json.loads((out / "itemic.json").read_text())["stages"][-1]
     assert calls["n"] == 3
     assert rec["rehearsal"] == rec["samples"] > 0  # share 0.5: as many sequence texts as reasoning samples
-    assert rec["direct_share"] == 0.5 and rec["item_loss_weight"] == 1.0
+    assert rec["direct_share"] == 0.5 and rec["item_loss_weight"] == 1.0 and rec["dropout"] == 0.2
     seqs = rehearsal_samples({u: [1, 2, 3] for u in range(4)}, tiny_sid(), n_think=12, share=0.75)
     assert len(seqs) == 36 and all(s.task == "seq" for s in seqs)  # with replacement past the 4 sequences
     with pytest.raises(ValueError, match="share"):

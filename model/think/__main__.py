@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --item-loss-weight: item loss on the item after next in the rehearsed sequences")
     r.add_argument("--direct-share", type=float, default=0.0,
                    help="share of the activation mix that is sequence texts in the direct layout (rehearsal), [0, 1)")
+    r.add_argument("--dropout", type=float, default=0.0,
+                   help="training dropout on the input embeddings and each layer's residual branches (0 = none)")
 
     e = sub.add_parser("enhance", help="reasoning enhancement: GRPO with the Rollout-Beam reward")
     common(e, 200, 8, 2e-5)

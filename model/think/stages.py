@@ -297,7 +297,7 @@ def fit_epochs(args: argparse.Namespace, ctx: Context, model: Any, tok: Any, tm:
 def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
     """Reasoning Activation: teacher rationales from pruned contexts, then LoRA SFT on full histories."""
     from model.think.activate_data import ItemEmbeddings, activation_samples, make_teacher, rehearsal_samples
-    from model.think.fit import item_aware_loss
+    from model.think.fit import item_aware_loss, residual_dropout
 
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
@@ -337,7 +337,10 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
             save_think(m, tok, tm, o)
     loop = LoopConfig(args.steps, args.batch_size, args.lr, max_len=args.max_len, save_every=args.save_every,
                       seed=args.seed)
+    hooks = residual_dropout(model, args.dropout)  # training-only; removed before the merge and the save
     stats = sft_loop(model, tok, rows, loop, out, "activate", save=save, resume=args.resume, loss_fn=loss_fn)
+    for h in hooks:
+        h.remove()
     if args.lora_r > 0:
         model = model.merge_and_unload()
         shutil.rmtree(out / "adapter", ignore_errors=True)
@@ -345,7 +348,7 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
                                             "samples": len(samples), "teacher_s": round(teach_s, 1),
                                             "rehearsal": len(rehearsal), "direct_share": args.direct_share,
                                             "item_loss_weight": args.item_loss_weight,
-                                            "ahead_weight": args.ahead_weight,
+                                            "ahead_weight": args.ahead_weight, "dropout": args.dropout,
                                             "lora_r": args.lora_r, **stats}, ctx)
     return out
 
