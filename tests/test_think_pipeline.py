@@ -139,12 +139,17 @@ def test_activation_and_enhancement_resume_after_a_kill(stages: dict[str, Path],
 
 
 def test_item_losses_and_head_reward_need_items(stages: dict[str, Path], tmp_path: Path) -> None:
-    """A model without item tokens or item head: the item-aware activation and the head reward say what is missing."""
+    """A model without item tokens or item head: the item-aware activation and the head reward say what is missing;
+    out-of-range activation settings are refused by name before any work."""
     common = ["--data-dir", str(stages["base"].parent.parent / "data"), "--sid-dir",
               str(stages["base"].parent.parent / "sid")]
     with pytest.raises(SystemExit, match="no item tokens"):
         train_main(["activate", "--init", str(stages["ia"]), "--out", str(tmp_path / "a"), "--steps", "1",
                     "--embeddings", "bow", "--cache-dir", str(tmp_path / "c"), "--item-loss-weight", "1", *common])
+    for flag, value in (("--direct-share", "1.0"), ("--dropout", "-0.1")):
+        with pytest.raises(SystemExit, match=flag):
+            train_main(["activate", "--init", str(stages["ia"]), "--out", str(tmp_path / "b"), "--steps", "1",
+                        "--embeddings", "bow", "--cache-dir", str(tmp_path / "c"), flag, value, *common])
     with pytest.raises(SystemExit, match="no item head"):
         train_main(["enhance", "--init", str(stages["act"]), "--out", str(tmp_path / "r"), "--steps", "1",
                     "--reward", "head", *common])

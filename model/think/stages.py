@@ -299,6 +299,10 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
     from model.think.activate_data import ItemEmbeddings, activation_samples, make_teacher, rehearsal_samples
     from model.think.fit import item_aware_loss, residual_dropout
 
+    if not 0.0 <= args.direct_share < 1.0:
+        raise SystemExit(f"--direct-share must be in [0, 1), got {args.direct_share}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
     emb = ItemEmbeddings.build(ctx.ds.catalog, args.embeddings, cache_dir=args.cache_dir)
