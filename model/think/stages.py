@@ -303,8 +303,13 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
         raise SystemExit(f"--direct-share must be in [0, 1), got {args.direct_share}")
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.item_loss_weight < 0:
+        raise SystemExit(f"--item-loss-weight must be >= 0, got {args.item_loss_weight}")
     out = prepare_out(args.out, args.init, args.resume)
     model, tok, tm = load_on(out, args)
+    if args.item_loss_weight > 0 and not tm.has_items:
+        raise SystemExit(f"--item-loss-weight {args.item_loss_weight}: {args.init} has no item tokens "
+                         "(align with --item-tokens, or pass --item-loss-weight 0)")
     emb = ItemEmbeddings.build(ctx.ds.catalog, args.embeddings, cache_dir=args.cache_dir)
     teacher = make_teacher(args.teacher, ctx.ds.catalog, ctx.sid, ctx.labels, args.teacher_endpoint,
                            args.teacher_model, os.environ.get("ONEREC_TEACHER_API_KEY"))
@@ -318,12 +323,7 @@ def run_activate(args: argparse.Namespace, ctx: Context) -> Path:
     rows = tokenize(samples, tok, args.max_len)
     rehearsal = rehearsal_samples(ctx.train, ctx.sid, len(samples), args.direct_share, args.seed, tm.has_items)
     rows += tokenize(rehearsal, tok, args.max_len) if rehearsal else []
-    loss_fn = None
-    if args.item_loss_weight > 0:
-        if not tm.has_items:
-            raise SystemExit(f"--item-loss-weight {args.item_loss_weight}: {args.init} has no item tokens "
-                             "(align with --item-tokens, or pass --item-loss-weight 0)")
-        loss_fn = item_aware_loss(tm, ctx.sid, args.item_loss_weight, args.ahead_weight)
+    loss_fn = item_aware_loss(tm, ctx.sid, args.item_loss_weight, args.ahead_weight) if args.item_loss_weight else None
     if args.lora_r > 0:
         from peft import LoraConfig, PeftModel, get_peft_model
 
