@@ -608,9 +608,17 @@ def test_activation_loss_trains_the_item_head_after_the_rationale(world: Path) -
                                                task_type="CAUSAL_LM"))
     loss = item_aware_loss(tm, sid, 0.5)(wrapped, ids, att, labels)
     assert torch.allclose(loss, lm + 0.5 * il, atol=1e-5)  # a fresh adapter (B = 0) changes nothing
-    loss.backward()
-    lora_grads = [p.grad for n, p in wrapped.named_parameters() if "lora_B" in n]
-    assert lora_grads and any(g is not None and float(g.abs().sum()) > 0 for g in lora_grads)
+
+    def lora_b_grads(value: torch.Tensor) -> list[torch.Tensor]:
+        wrapped.zero_grad(set_to_none=True)
+        value.backward()
+        return [p.grad.clone() for n, p in wrapped.named_parameters() if "lora_B" in n and p.grad is not None]
+
+    with_item = lora_b_grads(loss)
+    hf = wrapped.get_base_model()
+    lm_only = lora_b_grads(lm_and_item_loss(hf, TiedItemHead(hf, tm), ids, att, labels, tm, row_index(sid), 0.0)[0])
+    assert with_item and len(with_item) == len(lm_only)
+    assert any(not torch.allclose(a, b) for a, b in zip(with_item, lm_only, strict=True))  # the item term moves it
 
 
 def test_activation_rehearses_direct_sequences_with_the_item_loss(world: Path, monkeypatch: pytest.MonkeyPatch
