@@ -54,10 +54,11 @@ _METHODS = ("complete", "decode_full")
 
 
 def warm_up(onerec: OneRec, settings: Settings, policy: PolicyConfig, calls: int = 3) -> None:
-    """Set the serving threads and engine (`Settings.torch_threads`, `Settings.numpy_one_user`), then a few
-    completions and full decodes with the served policy before the API reports ready: the first calls of a
-    fresh process are several times slower (allocator, kernel selection) and would otherwise miss the first
-    users' budgets."""
+    """Set the serving threads and engine (`Settings.torch_threads`, `Settings.numpy_one_user`,
+    `Settings.fused_one_user`), then a few completions and full decodes with the served policy before the API
+    reports ready: the first calls of a fresh process are several times slower (allocator, kernel selection; the
+    fused engine's compilation, or its load from numba's disk cache) and would otherwise miss the first users'
+    budgets."""
     import torch
 
     from model.onerec.numpy_net import one_blas_thread
@@ -65,6 +66,7 @@ def warm_up(onerec: OneRec, settings: Settings, policy: PolicyConfig, calls: int
     torch.set_num_threads(settings.torch_threads)  # what the model thread will use
     one_blas_thread()  # numpy's BLAS threads would spin between the one-user engine's tiny products
     onerec.numpy_one_user = settings.numpy_one_user
+    onerec.fused_one_user = settings.fused_one_user
     items = [int(i) for i in onerec.sid.item_ids[:20].tolist()]
     prefixes = [(int(a), int(b), -1.0) for a, b in onerec.trie.codes[:8, :2].tolist()]
     k = settings.default_k

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the online model")
     numpy_one_user: bool = Field(True, description="one-user completions in numpy (model.onerec.one_user: same "
                                                    "ranking, less CPU: docs/PROFILE.md); False: torch for every call")
+    fused_one_user: bool = Field(True, description="the one-user engine compiled (numba, model.onerec.fused_user: "
+                                                   "same ranking, about half the numpy engine's CPU); False: numpy")
     model_process: bool = Field(True, description="run the online model in a child process (its own GIL, restarted "
                                                   "if it dies); False: on a thread of the API process")
     model_processes: int = Field(1, ge=1, le=16, description="model child processes, used when model_process is "

@@ -52,6 +52,23 @@ class CountingNet:
         return self.net.item_logits(h, rows)
 
 
+class CountingKernels:
+    """Wraps the fused engine's kernels (`model.onerec.fused_kernels`, reached as `FusedUser.kernels`) and counts
+    its compiled calls by name: ``encode_last``, ``head_user``, ``prefix_beams``, ``beam_step``."""
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels, self.calls = kernels, Counter[str]()
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.kernels, name)
+
+        def counted(*args: Any) -> Any:
+            self.calls[name] += 1
+            return fn(*args)
+
+        return counted
+
+
 @dataclass
 class TinyWorld:
     data_dir: Path

@@ -1,11 +1,13 @@
-"""The numpy one-user engine (`model.onerec.one_user`, what the API runs per request) against the batched torch
-path of `OneRec.complete` / `decode_full`: the same items in the same order with the same scores, over random
-users, prefix lists and policies; and the dispatch rule (one user and the serving snapshot: numpy; else torch)."""
+"""The one-user engines, compiled (`model.onerec.fused_user`, what the API runs per request) and numpy
+(`model.onerec.one_user`), against the batched torch path of `OneRec.complete` / `decode_full`: the same items in
+the same order with the same scores, over random users, prefix lists and policies; and the dispatch rule (one user
+and the serving snapshot: the one-user engine, fused unless switched off; else torch)."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from api_support import CountingNet, TinyWorld, build_tiny_world
+from api_support import CountingKernels, CountingNet, TinyWorld, build_tiny_world
 
 from model.onerec import DeadlineExceeded, OneRec
 from model.onerec.serving import ModuleNet
@@ -66,9 +68,11 @@ def torch_path(onerec: OneRec, method: str, *args: Any, **kw: Any) -> Any:
         onerec.numpy_one_user = True
 
 
+@pytest.mark.parametrize("engine", ["fused", "numpy"])
 @pytest.mark.parametrize("item_score_weight", [0.0, 1.0])
-def test_numpy_one_user_equals_the_torch_path(world: TinyWorld, item_score_weight: float) -> None:
+def test_one_user_engine_equals_the_torch_path(world: TinyWorld, item_score_weight: float, engine: str) -> None:
     onerec = spread_model(world.checkpoint, item_score_weight)
+    onerec.fused_one_user = engine == "fused"
     rng = random.Random(0)
     compared = nonempty = 0
     for _ in range(300):
@@ -93,8 +97,31 @@ def test_numpy_one_user_equals_the_torch_path(world: TinyWorld, item_score_weigh
     assert compared == 300 and nonempty > 200  # most cases return items: the comparison is not vacuous
 
 
+def test_one_user_runs_fused_by_default(world: TinyWorld) -> None:
+    onerec = spread_model(world.checkpoint)
+    fused = onerec.one_user()
+    counting = CountingKernels(fused.kernels)
+    fused.kernels = counting  # type: ignore[assignment,union-attr]
+    torch_net = Counter[str]()
+    encode = onerec.net.encode_last
+    onerec.net.encode_last = lambda rows: torch_net.update(["encode_last"]) or encode(rows)  # type: ignore[method-assign]
+    policy = PolicyConfig(beam=5, prefix_weight=0.5, own_prefixes=4, own_prefix_floor=0.0, exclude_consumed=True)
+    hists = [world.sequences[u] for u in (1, 2)]
+    pre = [(int(a), int(b), -1.0) for a, b in world.sid.codes[:6, :2].tolist()]
+    assert onerec.complete(hists[:1], [pre], 5, policy)[0]
+    # one trunk pass, levels a and b in one call, one call per later level
+    assert counting.calls == {"encode_last": 1, "head_user": 1, "prefix_beams": 1, "beam_step": 2}
+    assert onerec.decode_full(hists[:1], 5, 5)[0]
+    assert counting.calls["encode_last"] == 2 and counting.calls["beam_step"] == 6
+    assert not torch_net  # the torch path never ran
+    onerec.fused_one_user = False  # the numpy engine instead
+    onerec.complete(hists[:1], [pre], 5, policy)
+    assert counting.calls["encode_last"] == 2 and not torch_net
+
+
 def test_one_user_runs_in_numpy_and_batches_in_torch(world: TinyWorld) -> None:
     onerec = spread_model(world.checkpoint)
+    onerec.fused_one_user = False
     counting = CountingNet(onerec.one_user().net)
     onerec.one_user().net = counting  # type: ignore[assignment]
     policy = PolicyConfig(beam=5, prefix_weight=0.5, own_prefixes=4, own_prefix_floor=0.0, exclude_consumed=True)
@@ -117,8 +144,10 @@ def test_one_user_runs_in_numpy_and_batches_in_torch(world: TinyWorld) -> None:
     assert counting.calls["encode_last"] == 2
 
 
-def test_deadline_and_empty_answers(world: TinyWorld) -> None:
+@pytest.mark.parametrize("engine", ["fused", "numpy"])
+def test_deadline_and_empty_answers(world: TinyWorld, engine: str) -> None:
     onerec = spread_model(world.checkpoint)
+    onerec.fused_one_user = engine == "fused"
     hist = world.sequences[1]
     pre = [(int(a), int(b), -1.0) for a, b in world.sid.codes[:6, :2].tolist()]
     policy = PolicyConfig(beam=5, prefix_weight=0.5, own_prefixes=0, own_prefix_floor=0.0, exclude_consumed=True)

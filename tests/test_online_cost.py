@@ -14,7 +14,16 @@ from dataclasses import replace
 import pytest
 import redis
 import torch
-from api_support import CountingConn, CountingNet, TinyWorld, build_tiny_world, entry_for, make_settings, running_app
+from api_support import (
+    CountingConn,
+    CountingKernels,
+    CountingNet,
+    TinyWorld,
+    build_tiny_world,
+    entry_for,
+    make_settings,
+    running_app,
+)
 from conftest import RedisServer
 
 from model.onerec import OneRec
@@ -63,7 +72,8 @@ def test_one_completion_is_one_trunk_pass_and_one_head_pass_per_level(world: Tin
                                                                       engine: str) -> None:
     onerec = OneRec.load(world.checkpoint)
     onerec.cfg = replace(onerec.cfg, item_score_weight=1.0)  # the served models use the item head
-    if engine == "numpy" and users == 1:  # the served engine of one-user calls (`model.onerec.one_user`)
+    onerec.fused_one_user = False  # the fused engine's count: test_fused_completion_is_four_compiled_calls
+    if engine == "numpy" and users == 1:  # the numpy engine of one-user calls (`model.onerec.one_user`)
         one = onerec.one_user()
         net = CountingNet(one.net)
         one.net = net  # type: ignore[assignment]  # duck-typed: the same three calls
@@ -80,6 +90,25 @@ def test_one_completion_is_one_trunk_pass_and_one_head_pass_per_level(world: Tin
     assert net.calls == {"encode_last": 1, "level_0": 1, "level_1": 1, "level_2": 1, "level_3": 1, "item_logits": 1}
 
 
+def test_fused_completion_is_four_compiled_calls(world: TinyWorld) -> None:
+    """The served one-user engine (`model.onerec.fused_user`): one trunk call, one call for the users' head terms,
+    levels a and b (cached and own prefixes together) in one call, one call per later level; and no numpy or torch
+    network call at all."""
+    onerec = OneRec.load(world.checkpoint)
+    onerec.cfg = replace(onerec.cfg, item_score_weight=1.0)
+    fused = onerec.one_user()
+    kernels = CountingKernels(fused.kernels)
+    fused.kernels = kernels  # type: ignore[assignment,union-attr]
+    torch_calls = Counter[str]()
+    encode = onerec.net.encode_last
+    onerec.net.encode_last = lambda rows: torch_calls.update(["encode_last"]) or encode(rows)  # type: ignore[method-assign]
+    policy = PolicyConfig(beam=10, prefix_weight=0.25, own_prefixes=8, own_prefix_floor=0.0, exclude_consumed=True)
+    hist = world.sequences[1]
+    assert onerec.complete([hist], [_all_prefixes(world)], 5, policy, [set(hist)])[0]
+    assert kernels.calls == {"encode_last": 1, "head_user": 1, "prefix_beams": 1, "beam_step": 2}
+    assert not torch_calls  # no torch trunk pass
+
+
 def test_one_request_is_one_model_call_with_the_apps_policy(world: TinyWorld, redis_server: RedisServer,
                                                             redis_client: redis.Redis, ns: str) -> None:
     user = 3
@@ -89,15 +118,15 @@ def test_one_request_is_one_model_call_with_the_apps_policy(world: TinyWorld, re
     store.publish("v1", 1)
     store.write_histories({user: world.sequences[user]}, 50)
     models: list[CountingModel] = []
-    nets: list[CountingNet] = []
+    nets: list[CountingKernels] = []
 
     def counting(settings: Settings, policy: PolicyConfig) -> LoadedModel:
         real = load_onerec(settings, policy)
         onerec = real.model
         assert isinstance(onerec, OneRec)
-        one = onerec.one_user()  # one user per request: the served numpy engine answers
-        nets.append(CountingNet(one.net))
-        one.net = nets[-1]  # type: ignore[assignment]
+        one = onerec.one_user()  # one user per request: the served fused engine answers
+        nets.append(CountingKernels(one.kernels))
+        one.kernels = nets[-1]  # type: ignore[assignment,union-attr]
         models.append(CountingModel(onerec))
         return LoadedModel(models[-1], real.sid, real.trie, real.model_id)
 
@@ -108,7 +137,7 @@ def test_one_request_is_one_model_call_with_the_apps_policy(world: TinyWorld, re
             assert models[0].calls == {"complete": n}  # no second call, no full decode
         served = c.app.state.svc.policy  # type: ignore[attr-defined]
     assert all(p is served for p in models[0].policies)  # the one object the app built, not a copy
-    assert nets[0].calls["encode_last"] == 3 and nets[0].calls["level_2"] == 3
+    assert nets[0].calls["encode_last"] == 3 and nets[0].calls["prefix_beams"] == 3
 
 
 def test_one_batch_is_one_message_each_way_on_the_pipe(world: TinyWorld, redis_server: RedisServer,
