@@ -4,7 +4,8 @@ Measures, for one user with a 50-item history: completion under 32 allowed (a, b
 decode, p50/p99 over >= 1000 calls each; plus users/s of full decode at batch 16. Beam, own prefixes
 and prefix weight default to the API's settings (`services.config`), so the numbers are the served ones.
 Baseline in the same run: the trunk forward alone (the floor any decode pays), and for the served one-user
-engine (numpy, `model.onerec.one_user`) the batched torch path on the same calls. Also the CPU time of one
+engine (fused, `model.onerec.fused_user`) the numpy engine (`model.onerec.one_user`, before it) and the batched
+torch path on the same calls. Also the CPU time of one
 completion (thread CPU, steadier than wall time on a shared machine) and, with ``--process``, of the same
 calls through the API's model process (`online_api.model_process.ProcessModel`: the child's CPU from /proc
 and the calling thread's), whose difference to the in-process CPU is the hand-off's cost; ``--profile N``
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     complete = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
     onerec.numpy_one_user = False  # baseline in the same run: the batched torch path for the same one-user calls
     complete_torch = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
-    onerec.numpy_one_user = True
+    onerec.numpy_one_user, onerec.fused_one_user = True, False  # and the numpy engine
+    complete_numpy = timed(lambda h, pre: onerec.complete([h], [pre], k=10, policy=policy))
+    onerec.fused_one_user = True
     full = timed(lambda h, pre: onerec.decode_full([h], k=10, beam=args.beam))
     # baseline in the same run: the same calls through the nn.Modules instead of the serving copy
     frozen, onerec.net = onerec.net, ModuleNet(onerec.model)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         onerec.decode_full([h for h, _ in b], k=10, beam=args.beam)
     batch_rate = sum(len(b) for b in batches) / (time.perf_counter() - t0)
     c, f, tr = percentiles(complete), percentiles(full), percentiles(trunk)
-    cm, ct = percentiles(complete_modules), percentiles(complete_torch)
+    cm, ct, cn = percentiles(complete_modules), percentiles(complete_torch), percentiles(complete_numpy)
     def one(h: list[int], pre: list[tuple[int, int, float]]) -> object:
         return onerec.complete([h], [pre], k=10, policy=policy, exclude=[set(h)])
 
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         "trunk_p50_ms": round(tr["p50"], 3),
         "complete_over_trunk_p50": round(c["p50"] / tr["p50"], 2),
         "complete_modules_p50_ms": round(cm["p50"], 3), "serving_copy_speedup_p50": round(cm["p50"] / ct["p50"], 2),
-        "complete_torch_p50_ms": round(ct["p50"], 3), "numpy_speedup_p50": round(ct["p50"] / c["p50"], 2),
+        "complete_torch_p50_ms": round(ct["p50"], 3), "complete_numpy_p50_ms": round(cn["p50"], 3),
+        "served_speedup_p50": round(ct["p50"] / c["p50"], 2), "fused_over_numpy_p50": round(c["p50"] / cn["p50"], 2),
         "calls": args.calls, "prefixes": args.prefixes, "beam": args.beam, "threads": args.threads,
         "own_prefixes": args.own_prefixes, "prefix_weight": args.prefix_weight, **cpu,
     }
@@ -155,26 +159,29 @@ def cpu_ms(fn: Callable[[list[int], list[tuple[int, int, float]]], object], case
 
 def engines_cpu(onerec: OneRec, one: Callable[[list[int], list[tuple[int, int, float]]], object],
                 cases: list[Case], paced_ms: float) -> dict[str, float]:
-    """Thread CPU per completion of the served one-user engine (numpy) and of the batched torch path on the same
-    calls, alternated (torch, numpy, torch, numpy) so that drift on a shared host hits both; back to back and,
-    with `paced_ms` > 0, spaced as live traffic spaces them (caches and predictors go cold between calls)."""
+    """Thread CPU per completion of the served one-user engine (fused), the numpy engine and the batched torch path
+    on the same calls, alternated (torch, numpy, fused, twice) so that drift on a shared host hits all; back to
+    back and, with `paced_ms` > 0, spaced as live traffic spaces them (caches and predictors go cold between calls)."""
     runs: dict[str, list[float]] = {}
     plans = [("", 0.0)] + ([("_paced", paced_ms / 1000.0)] if paced_ms > 0 else [])
     for suffix, gap in plans:
         some = cases if not gap else cases[: min(len(cases), 400)]
         for _ in range(2):
-            for engine, flag in (("torch", False), ("numpy", True)):
-                onerec.numpy_one_user = flag
+            for engine, one_user, fused in (("torch", False, False), ("numpy", True, False), ("fused", True, True)):
+                onerec.numpy_one_user, onerec.fused_one_user = one_user, fused
                 runs.setdefault(f"{engine}{suffix}", []).append(cpu_ms(one, some, gap))
-    onerec.numpy_one_user = True
+    onerec.numpy_one_user = onerec.fused_one_user = True
     ms = {name: statistics.fmean(v) for name, v in runs.items()}
-    out = {"complete_cpu_ms": round(ms["numpy"], 3), "complete_torch_cpu_ms": round(ms["torch"], 3),
-           "numpy_cpu_ratio": round(ms["numpy"] / ms["torch"], 2)}
+    out = {"complete_cpu_ms": round(ms["fused"], 3), "complete_numpy_cpu_ms": round(ms["numpy"], 3),
+           "complete_torch_cpu_ms": round(ms["torch"], 3), "numpy_cpu_ratio": round(ms["numpy"] / ms["torch"], 2),
+           "fused_over_numpy_cpu": round(ms["fused"] / ms["numpy"], 2)}
     if paced_ms > 0:
-        out |= {"complete_paced_cpu_ms": round(ms["numpy_paced"], 3),
+        out |= {"complete_paced_cpu_ms": round(ms["fused_paced"], 3),
+                "complete_numpy_paced_cpu_ms": round(ms["numpy_paced"], 3),
                 "complete_torch_paced_cpu_ms": round(ms["torch_paced"], 3), "paced_ms": paced_ms,
                 "numpy_paced_cpu_ratio": round(ms["numpy_paced"] / ms["torch_paced"], 2),
-                "paced_over_back_to_back": round(ms["numpy_paced"] / ms["numpy"], 2)}
+                "fused_over_numpy_paced_cpu": round(ms["fused_paced"] / ms["numpy_paced"], 2),
+                "paced_over_back_to_back": round(ms["fused_paced"] / ms["fused"], 2)}
     return out
 
 

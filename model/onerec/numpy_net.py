@@ -23,7 +23,10 @@ from model.onerec.serving import FrozenOneRec
 
 
 def one_blas_thread() -> None:
-    """Limit numpy's BLAS to one thread in this process (the online model's process)."""
+    """Limit numpy's BLAS, and scipy's (the one the fused engine's compiled `np.dot` calls), to one thread in this
+    process (the online model's process). scipy's BLAS is loaded here first: a library loaded after the limit
+    keeps its default threads, which spin after every small product (measured: twice the CPU per answer)."""
+    import scipy.linalg  # noqa: F401 - loads scipy's BLAS so that the limit below reaches it
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
