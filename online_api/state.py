@@ -19,6 +19,7 @@ from model.trie import CodeTrie
 from online_api.batching import MicroBatcher, OnlineModel
 from online_api.complete import Completer, RedisBreaker
 from online_api.events import PendingEvents
+from online_api.inline_batcher import InlineBatcher
 from online_api.loop_batcher import LoopBatcher
 from online_api.metrics import Metrics
 from online_api.model_process import ProcessModel, warm_up
@@ -71,7 +72,7 @@ def load_onerec(settings: Settings, policy: PolicyConfig) -> LoadedModel:
     name = Path(folder).resolve().name
     onerec = OneRec.load(folder)
     warm_up(onerec, settings, policy)
-    if not settings.model_process:
+    if not settings.model_process or settings.model_handoff == "inline":
         return LoadedModel(onerec, onerec.sid, onerec.trie, name)
     # `onerec` stays here as the standby, run only while a child restarts
     procs: list[ProcessModel] = []
@@ -120,7 +121,10 @@ class AppState:
     def attach(self, loaded: LoadedModel) -> None:
         """Model is loaded: start its batcher (a thread, or the event-loop hand-off) and let the completer use it."""
         batcher: MicroBatcher
-        if loaded.processes and self.settings.model_handoff == "loop":
+        if self.settings.model_handoff == "inline":
+            batcher = InlineBatcher.from_settings(loaded.model, self.settings, on_batch=self._on_batch,
+                                                  on_wait=self.metrics.queue_wait.observe)
+        elif loaded.processes and self.settings.model_handoff == "loop":
             batcher = LoopBatcher.for_processes(loaded.processes, self.settings, on_batch=self._on_batch,
                                                 on_wait=self.metrics.queue_wait.observe)
         else:

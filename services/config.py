@@ -95,9 +95,11 @@ class Settings(BaseSettings):
                                                   "if it dies); False: on a thread of the API process")
     model_processes: int = Field(1, ge=1, le=16, description="model child processes, used when model_process is "
                                                              "true")
-    model_handoff: Literal["loop", "thread"] = Field(
-        "loop", description="how requests reach the model processes: loop = the event loop writes and reads their "
-                            "sockets (two wake-ups per answer); thread = a batcher thread per process, as before")
+    model_handoff: Literal["loop", "thread", "inline"] = Field(
+        "loop", description="how requests reach the model: loop = the event loop writes and reads the model "
+                            "processes' sockets (two wake-ups per answer); thread = a batcher thread per process, as "
+                            "before; inline = the model runs in the API process on the event loop (no child process, "
+                            "no wake-up; a model crash takes the API down: online_api.inline_batcher)")
     api_key: str | None = Field(None, description="if set, requests need header X-API-Key")
     max_request_history: int = Field(200, ge=1, le=1000, description="longest history a request may carry")
     batch_queue_max: int = Field(256, ge=1, description="model jobs waiting at most; beyond, answer by fallback")

@@ -198,6 +198,22 @@ def top_order(x: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover - jit
 
 
 @njit(cache=True)
+def _push(best: np.ndarray, size: int, v: float) -> int:
+    """Keep in best (n,) the n largest values pushed so far, descending; returns the new size."""
+    n = best.shape[0]
+    if size == n:
+        if not v > best[n - 1]:
+            return size
+        size -= 1
+    j = size
+    while j > 0 and best[j - 1] < v:
+        best[j] = best[j - 1]
+        j -= 1
+    best[j] = v
+    return size + 1
+
+
+@njit(cache=True)
 def beam_step(level: int, K: int, codes: np.ndarray, nodes: np.ndarray, scores: np.ndarray, beam: int,
               kids_codes: np.ndarray, kids_nodes: np.ndarray, excl: np.ndarray, last: bool, item_w: float,
               items: np.ndarray, h: np.ndarray, hc: np.ndarray, U: np.ndarray, decc: np.ndarray, tdec: np.ndarray,
@@ -209,10 +225,17 @@ def beam_step(level: int, K: int, codes: np.ndarray, nodes: np.ndarray, scores: 
     W, C = codes.shape[0], kids_codes.shape[1]
     cand = np.full(W * C, NEG)
     lp = np.empty(C)
-    for w in range(W):
+    # a child's score is its parent's + a log-prob <= 0, unless the item head adds to it: rows in descending
+    # score order, and once `beam` candidates beat a row's own score no later row can place one (exact pruning)
+    bounded = not (last and item_w > 0)
+    best = np.empty(max(beam, 1))
+    size = 0
+    for w in np.argsort(-scores, kind="mergesort"):
         node = nodes[w]
         if node < 0 or scores[w] == NEG:
             continue
+        if bounded and size == beam and scores[w] < best[beam - 1]:
+            break
         y = head_hidden(level, codes[w], K, hc, U, decc, tdec, c0)
         row_logprobs(y, level, kids_codes[node], kids_nodes[node], w2t, b2, excl, last, lp)
         for c in range(C):
@@ -221,6 +244,8 @@ def beam_step(level: int, K: int, codes: np.ndarray, nodes: np.ndarray, scores: 
                 if last and item_w > 0:
                     v += item_w * _dot(items[kids_nodes[node, c] + 1], h)
                 cand[w * C + c] = scores[w] + v
+                if bounded:
+                    size = _push(best, size, cand[w * C + c])
     idx = top_order(cand, beam)
     keep = 0
     for i in range(idx.shape[0]):
@@ -236,6 +261,23 @@ def beam_step(level: int, K: int, codes: np.ndarray, nodes: np.ndarray, scores: 
         new_nodes[i] = kids_nodes[nodes[w], c]
         new_scores[i] = cand[idx[i]]
     return new_codes, new_nodes, new_scores
+
+
+@njit(cache=True)
+def _level_b_row(a: int, r: int, lb: np.ndarray, root: np.ndarray, kids1_codes: np.ndarray, kids1_nodes: np.ndarray,
+                 one: np.ndarray, no_excl: np.ndarray, lp1: np.ndarray, K: int, hc: np.ndarray, U: np.ndarray,
+                 decc: np.ndarray, tdec: np.ndarray, c0: np.ndarray, w2t: np.ndarray, b2: np.ndarray
+                 ) -> None:  # pragma: no cover - jit
+    """lb[r] = log p(b | a) over a's valid children (-inf elsewhere; the whole row when a is off the trie)."""
+    node = root[a]
+    if node < 0:
+        return
+    one[0] = a
+    y = head_hidden(1, one, K, hc, U, decc, tdec, c0)
+    row_logprobs(y, 1, kids1_codes[node], kids1_nodes[node], w2t, b2, no_excl, False, lp1)
+    for c in range(kids1_codes.shape[1]):
+        if kids1_nodes[node, c] >= 0:
+            lb[r, kids1_codes[node, c]] = lp1[c]
 
 
 @njit(cache=True)
@@ -278,39 +320,40 @@ def prefix_beams(K: int, pa: np.ndarray, pb: np.ndarray, plp: np.ndarray, own_n:
             glp[found] = s
     n_given = G
     own_a = top_order(la, n_own)
-    arow = np.full(K, -1, np.int64)  # a -> its row of lb
-    a_list = np.empty(G + n_own, np.int64)
-    A = 0
-    for j in range(G + n_own):
-        a = ga[j] if j < G else own_a[j - G]
-        if arow[a] < 0:
-            arow[a], a_list[A] = A, a
-            A += 1
     C1 = kids1_codes.shape[1]
-    lb = np.full((A, K), NEG)
+    arow = np.full(K, -1, np.int64)  # a -> its row of lb, once computed
+    lb = np.full((G + n_own, K), NEG)
+    A = 0
     lp1 = np.empty(C1)
     one = np.empty(1, np.int64)
-    for r in range(A):
-        node = root[a_list[r]]
-        if node < 0:
-            continue
-        one[0] = a_list[r]
-        y = head_hidden(1, one, K, hc, U, decc, tdec, c0)
-        row_logprobs(y, 1, kids1_codes[node], kids1_nodes[node], w2t, b2, no_excl, False, lp1)
-        for c in range(C1):
-            if kids1_nodes[node, c] >= 0:
-                lb[r, kids1_codes[node, c]] = lp1[c]
+    for j in range(G):  # every given a; the own a's below, only as far as they can place a pair
+        a = ga[j]
+        if arow[a] < 0:
+            arow[a] = A
+            _level_b_row(a, A, lb, root, kids1_codes, kids1_nodes, one, no_excl, lp1, K, hc, U, decc, tdec, c0,
+                         w2t, b2)
+            A += 1
     if n_own > 0:  # the own top-n (a, b) over the own a's, each at the weakest given score + own_floor
         floor = own_floor + (glp[:n_given].min() if n_given else 0.0)
         pair = np.full(n_own * C1, NEG)
-        for i in range(n_own):
+        best = np.empty(n_own)
+        size = 0
+        for i in range(n_own):  # descending log p(a); a pair scores log p(a) + log p(b | a) <= log p(a)
             a = own_a[i]
             node = root[a]
-            if node < 0 or la[a] == NEG:
+            if la[a] == NEG or (size == n_own and la[a] < best[n_own - 1]):
+                break
+            if node < 0:
                 continue
+            if arow[a] < 0:
+                arow[a] = A
+                _level_b_row(a, A, lb, root, kids1_codes, kids1_nodes, one, no_excl, lp1, K, hc, U, decc, tdec, c0,
+                             w2t, b2)
+                A += 1
             for c in range(C1):
                 if kids1_nodes[node, c] >= 0:
                     pair[i * C1 + c] = la[a] + lb[arow[a], kids1_codes[node, c]]
+                    size = _push(best, size, pair[i * C1 + c])
         for i in top_order(pair, n_own):
             if pair[i] == NEG:
                 break
