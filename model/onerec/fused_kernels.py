@@ -142,16 +142,22 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:  # pragma: no cover - jit
     return acc
 
 
+@njit(cache=True)
+def _member(sorted_rows: np.ndarray, n: int) -> bool:  # pragma: no cover - jit
+    i = np.searchsorted(sorted_rows, n)
+    return i < sorted_rows.shape[0] and sorted_rows[i] == n
+
+
 @njit(cache=True, fastmath=_FAST)
 def row_logprobs(y: np.ndarray, level: int, kc: np.ndarray, kn: np.ndarray, w2t: np.ndarray, b2: np.ndarray,
                  excl: np.ndarray, use_excl: bool, out: np.ndarray) -> None:  # pragma: no cover - jit
     """Log-softmax over one node's children slots (codes kc, children kn, -1 = none; with `use_excl`, leaves
-    with excl[child] are masked too) into out[:C]; invalid slots get -inf."""
+    whose row is in the sorted `excl` are masked too) into out[:C]; invalid slots get -inf."""
     C = kc.shape[0]
     m = NEG
     for c in range(C):
         n = kn[c]
-        if n < 0 or (use_excl and excl[n]):
+        if n < 0 or (use_excl and excl.shape[0] > 0 and _member(excl, n)):
             out[c] = NEG
         else:
             col = kc[c]
@@ -221,7 +227,8 @@ def beam_step(level: int, K: int, codes: np.ndarray, nodes: np.ndarray, scores: 
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - jit
     """Expand the live beams (node >= 0, finite score) one level over their nodes' valid children and keep the
     best `beam` finite candidates: codes (W', level + 1), nodes (W',), scores (W',), best first. At the `last`
-    level the excluded leaves are masked before the softmax and the item head is added (weight `item_w`)."""
+    level the excluded leaves (rows in the sorted `excl`) are masked before the softmax and the item head is added
+    (weight `item_w`)."""
     W, C = codes.shape[0], kids_codes.shape[1]
     cand = np.full(W * C, NEG)
     lp = np.empty(C)
@@ -290,7 +297,7 @@ def prefix_beams(K: int, pa: np.ndarray, pb: np.ndarray, plp: np.ndarray, own_n:
     (a, b, offline log-prob) deduplicated to their best score, plus the model's own top-`own_n` (a, b) with the
     weakest given score + `own_floor`; each scored log p(a) + log p(b | a) + prefix_weight * offline score, -inf
     off the trie. Returns codes (P, 2), level-c nodes (P,), scores (P,) in that order (given first)."""
-    no_excl = np.zeros(1, np.bool_)
+    no_excl = np.zeros(0, np.int64)
     empty = np.zeros(0, np.int64)
     la = np.full(K, NEG)
     lp0 = np.empty(kids0_codes.shape[1])

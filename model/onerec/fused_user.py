@@ -67,8 +67,7 @@ class FusedUser:
         self.kids = [(np.ascontiguousarray(c.numpy(), np.int64), np.ascontiguousarray(n.numpy(), np.int64))
                      for c, n in onerec._kids]
         self.item_ids = onerec.sid.item_ids
-        self.n_items = len(onerec.sid)
-        self._no_excl = np.zeros(self.n_items + 1, dtype=np.bool_)
+        self._no_excl = np.zeros(0, dtype=np.int64)
 
     def _check(self, deadline: float | None) -> None:
         if deadline is not None and time.perf_counter() > deadline:
@@ -87,10 +86,14 @@ class FusedUser:
         K = self.K
         h, hc, U = self._user(history)
         self._check(deadline)
-        keep = [(a, b, lp) for a, b, lp in prefixes if 0 <= a < K and 0 <= b < K]
-        pa = np.fromiter((p[0] for p in keep), np.int64, len(keep))
-        pb = np.fromiter((p[1] for p in keep), np.int64, len(keep))
-        plp = np.fromiter((p[2] for p in keep), np.float64, len(keep))
+        # one C call for the list of tuples; codes off the codebook (any size: float rounding keeps them off) and
+        # scores of -inf / NaN are dropped by the kernel
+        try:
+            given = np.array(prefixes, dtype=np.float64).reshape(-1, 3)
+        except (OverflowError, TypeError, ValueError):  # ints beyond float range: filtered in Python first
+            given = np.array([p for p in prefixes if 0 <= p[0] < K and 0 <= p[1] < K], dtype=np.float64).reshape(-1, 3)
+        codes_ab = np.clip(given[:, :2], -1, K).astype(np.int64)
+        pa, pb, plp = codes_ab[:, 0].copy(), codes_ab[:, 1].copy(), given[:, 2].copy()
         (c0_, n0), (c1_, n1) = self.kids[0], self.kids[1]
         codes, nodes, scores = self.kernels.prefix_beams(
             K, pa, pb, plp, int(policy.own_prefixes), float(policy.own_prefix_floor), float(policy.prefix_weight),
@@ -126,10 +129,8 @@ class FusedUser:
         return out
 
     def _exclusion(self, exclude: set[int] | None) -> np.ndarray:
-        """(N + 1,) True = may not be listed (the last entry: the never-excluded "no leaf" index -1)."""
+        """The catalogue rows that may not be listed, sorted (the kernels look leaves up by binary search)."""
         if not exclude:
             return self._no_excl
         row_of = self.onerec.row_of
-        mask = np.zeros(self.n_items + 1, dtype=np.bool_)
-        mask[[row_of[i] for i in exclude if i in row_of]] = True
-        return mask
+        return np.sort(np.fromiter((row_of[i] for i in exclude if i in row_of), np.int64))
