@@ -113,10 +113,14 @@ def test_one_user_runs_fused_by_default(world: TinyWorld) -> None:
     assert counting.calls == {"encode_last": 1, "head_user": 1, "prefix_beams": 1, "beam_step": 2}
     assert onerec.decode_full(hists[:1], 5, 5)[0]
     assert counting.calls["encode_last"] == 2 and counting.calls["beam_step"] == 6
+    assert onerec.complete(hists, [pre, pre], 5, policy)[1]  # several users: user by user, still fused
+    assert counting.calls["encode_last"] == 4 and counting.calls["prefix_beams"] == 3
     assert not torch_net  # the torch path never ran
-    onerec.fused_one_user = False  # the numpy engine instead
+    onerec.fused_one_user = False  # the numpy engine instead, and torch for several users
     onerec.complete(hists[:1], [pre], 5, policy)
-    assert counting.calls["encode_last"] == 2 and not torch_net
+    assert counting.calls["encode_last"] == 4 and not torch_net
+    onerec.complete(hists, [pre, pre], 5, policy)
+    assert torch_net["encode_last"] == 1
 
 
 def test_one_user_runs_in_numpy_and_batches_in_torch(world: TinyWorld) -> None:

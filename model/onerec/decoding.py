@@ -135,6 +135,14 @@ class OneRec:
             self._one_user = OneUser(self)
         return self._one_user
 
+    def _per_user(self, B: int) -> bool:
+        """Whether a call for B users runs user by user on the one-user engine: the fused engine for any B (a user
+        costs it half what the batched torch path costs per user at every batch size measured, 2-16:
+        docs/PROFILE.md), the numpy engine for one user; never for the module path (`ModuleNet`, a reference)."""
+        if not self.numpy_one_user or not isinstance(self.net, FrozenOneRec):
+            return False
+        return self.fused_one_user or B == 1
+
     def _last_hidden(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         return self.net.encode_last(self._rows(histories))  # (B, D)
 
@@ -256,8 +264,9 @@ class OneRec:
         if beam < k:
             raise ValueError(f"beam ({beam}) must be >= k ({k})")
         B = len(histories)
-        if B == 1 and self.numpy_one_user and isinstance(self.net, FrozenOneRec):
-            return [self.one_user().decode_full(histories[0], k, beam, exclude[0] if exclude else None, deadline)]
+        if self._per_user(B):
+            one = self.one_user()
+            return [one.decode_full(histories[b], k, beam, exclude[b] if exclude else None, deadline) for b in range(B)]
         h = self._last_hidden(histories)
         self._check(deadline)
         excl = self._exclusion(exclude, B)
@@ -287,9 +296,10 @@ class OneRec:
         if len(prefixes) != len(histories):
             raise ValueError(f"{len(prefixes)} prefix lists for {len(histories)} users")
         B = len(histories)
-        if B == 1 and self.numpy_one_user and isinstance(self.net, FrozenOneRec):
-            return [self.one_user().complete(histories[0], prefixes[0], k, policy, exclude[0] if exclude else None,
-                                             deadline)]
+        if self._per_user(B):
+            one = self.one_user()
+            return [one.complete(histories[b], prefixes[b], k, policy, exclude[b] if exclude else None, deadline)
+                    for b in range(B)]
         h = self._last_hidden(histories)
         self._check(deadline)
         excl = self._exclusion(exclude, B)
