@@ -18,6 +18,7 @@ import torch
 from api_support import CountingKernels, CountingNet, TinyWorld, build_tiny_world
 
 from model.onerec import DeadlineExceeded, OneRec
+from model.onerec.fused_user import FusedUser
 from model.onerec.serving import ModuleNet
 from model.policy import PolicyConfig, Prefix
 
@@ -163,3 +164,18 @@ def test_deadline_and_empty_answers(world: TinyWorld, engine: str) -> None:
     # every item excluded: an empty list, not an error
     everything = {int(i) for i in world.sid.item_ids}
     assert onerec.complete([hist], [pre], 5, policy, [everything]) == [[]]
+
+
+def test_fused_kernels_check_bounds(world: TinyWorld) -> None:
+    """An index outside a table raises IndexError (which the API answers by its fallback) instead of reading or
+    writing past the array: the kernels are compiled with bounds checks."""
+    onerec = spread_model(world.checkpoint)
+    fused = onerec.one_user()
+    assert isinstance(fused, FusedUser)
+    h, hc, U = fused._user(world.sequences[1])
+    kc, kn = fused.kids[2]
+    bad_node = np.array([len(kn) + 5], dtype=np.int64)  # no such level-c node
+    with pytest.raises(IndexError):
+        fused.kernels.beam_step(2, fused.K, np.zeros((1, 2), np.int64), bad_node, np.zeros(1), 5, kc, kn,
+                                np.zeros(0, np.int64), False, 0.0, fused.items, h, hc, U, fused.decc, fused.tdec,
+                                fused.c0, fused.w2t, fused.b2)

@@ -11,6 +11,10 @@ Two exact rewrites make a level-head row cost O(D) instead of O(D^2) before its 
 per level built once (`model.onerec.fused_user`), and ``inv`` needs only ``zc = hc + sum_j ec[c_j]``. The output
 layer is computed for the valid children of a node only (the others are -inf before the softmax anyway).
 
+Every kernel is compiled with bounds checks (``boundscheck=True``; no cost measurable against the run-to-run
+spread, docs/PROFILE.md): an index bug raises IndexError, which the API answers by its fallback, instead of
+reading or writing outside an array (a crash of the process, or worse, a wrong answer).
+
 Array layouts (all C-contiguous): float32 weights, int64 indices; a level's children tables are ``codes``,
 ``nodes`` (n_nodes + 1, C): valid children first, -1 = none, the last row all -1 (the "dead beam" row).
 """
@@ -28,7 +32,7 @@ _FAST = {"nsz", "arcp", "contract", "reassoc"}  # no nnan/ninf: -inf is a real v
 _SQRT_HALF = np.float32(1.0 / math.sqrt(2.0))
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, boundscheck=True, fastmath=_FAST)
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:  # pragma: no cover - jit
     """Rows of x (T, D) -> LayerNorm(x) (T, D), torch's eps."""
     T, D = x.shape
@@ -48,7 +52,7 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:  # p
     return out
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, boundscheck=True, fastmath=_FAST)
 def _gelu_(x: np.ndarray) -> None:  # pragma: no cover - jit
     """Exact (erf) GELU in place, over a flat view."""
     flat = x.reshape(-1)
@@ -57,7 +61,7 @@ def _gelu_(x: np.ndarray) -> None:  # pragma: no cover - jit
         flat[i] = np.float32(0.5) * v * (np.float32(1.0) + math.erf(v * _SQRT_HALF))
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, boundscheck=True, fastmath=_FAST)
 def encode_last(rows: np.ndarray, inputs: np.ndarray, pos: np.ndarray, n_heads: int,
                 ln1w: np.ndarray, ln1b: np.ndarray, wqkv: np.ndarray, bqkv: np.ndarray, wp: np.ndarray,
                 bp: np.ndarray, ln2w: np.ndarray, ln2b: np.ndarray, w1: np.ndarray, b1: np.ndarray,
@@ -101,7 +105,7 @@ def encode_last(rows: np.ndarray, inputs: np.ndarray, pos: np.ndarray, n_heads: 
     return _layer_norm(x[-1:], nw, nb)[0]
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, boundscheck=True, fastmath=_FAST)
 def head_user(h: np.ndarray, g: np.ndarray, w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """h (D,) -> (hc (D,) centred h, U (L, D) with U[l] = (hc * g[l]) @ w1[l])."""
     L, D = g.shape
@@ -112,7 +116,7 @@ def head_user(h: np.ndarray, g: np.ndarray, w1: np.ndarray) -> tuple[np.ndarray,
     return hc, U
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, boundscheck=True, fastmath=_FAST)
 def head_hidden(level: int, codes: np.ndarray, K: int, hc: np.ndarray, U: np.ndarray, decc: np.ndarray,
                 tdec: np.ndarray, c0: np.ndarray) -> np.ndarray:  # pragma: no cover
     """The level head's hidden layer (after GELU) (D,) for one row of earlier codes `codes` (>= level,)."""
@@ -134,7 +138,7 @@ def head_hidden(level: int, codes: np.ndarray, K: int, hc: np.ndarray, U: np.nda
     return y
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, boundscheck=True, fastmath=_FAST)
 def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:  # pragma: no cover - jit
     acc = np.float32(0.0)
     for i in range(a.shape[0]):
@@ -142,13 +146,13 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:  # pragma: no cover - jit
     return acc
 
 
-@njit(cache=True)
+@njit(cache=True, boundscheck=True)
 def _member(sorted_rows: np.ndarray, n: int) -> bool:  # pragma: no cover - jit
     i = np.searchsorted(sorted_rows, n)
     return i < sorted_rows.shape[0] and sorted_rows[i] == n
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, boundscheck=True, fastmath=_FAST)
 def row_logprobs(y: np.ndarray, level: int, kc: np.ndarray, kn: np.ndarray, w2t: np.ndarray, b2: np.ndarray,
                  excl: np.ndarray, use_excl: bool, out: np.ndarray) -> None:  # pragma: no cover - jit
     """Log-softmax over one node's children slots (codes kc, children kn, -1 = none; with `use_excl`, leaves
@@ -178,7 +182,7 @@ def row_logprobs(y: np.ndarray, level: int, kc: np.ndarray, kn: np.ndarray, w2t:
             out[c] = out[c] - lse
 
 
-@njit(cache=True)
+@njit(cache=True, boundscheck=True)
 def top_order(x: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover - jit
     """Indices of the n largest entries of x (finite or not), largest first, ties by index: one pass that keeps
     a sorted list of the best n (cheaper than a full sort for n much smaller than len(x))."""
@@ -203,7 +207,7 @@ def top_order(x: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover - jit
     return idx[:size]
 
 
-@njit(cache=True)
+@njit(cache=True, boundscheck=True)
 def _push(best: np.ndarray, size: int, v: float) -> int:
     """Keep in best (n,) the n largest values pushed so far, descending; returns the new size."""
     n = best.shape[0]
@@ -219,7 +223,7 @@ def _push(best: np.ndarray, size: int, v: float) -> int:
     return size + 1
 
 
-@njit(cache=True)
+@njit(cache=True, boundscheck=True)
 def beam_step(level: int, K: int, codes: np.ndarray, nodes: np.ndarray, scores: np.ndarray, beam: int,
               kids_codes: np.ndarray, kids_nodes: np.ndarray, excl: np.ndarray, last: bool, item_w: float,
               items: np.ndarray, h: np.ndarray, hc: np.ndarray, U: np.ndarray, decc: np.ndarray, tdec: np.ndarray,
@@ -270,7 +274,7 @@ def beam_step(level: int, K: int, codes: np.ndarray, nodes: np.ndarray, scores: 
     return new_codes, new_nodes, new_scores
 
 
-@njit(cache=True)
+@njit(cache=True, boundscheck=True)
 def _level_b_row(a: int, r: int, lb: np.ndarray, root: np.ndarray, kids1_codes: np.ndarray, kids1_nodes: np.ndarray,
                  one: np.ndarray, no_excl: np.ndarray, lp1: np.ndarray, K: int, hc: np.ndarray, U: np.ndarray,
                  decc: np.ndarray, tdec: np.ndarray, c0: np.ndarray, w2t: np.ndarray, b2: np.ndarray
@@ -287,7 +291,7 @@ def _level_b_row(a: int, r: int, lb: np.ndarray, root: np.ndarray, kids1_codes: 
             lb[r, kids1_codes[node, c]] = lp1[c]
 
 
-@njit(cache=True)
+@njit(cache=True, boundscheck=True)
 def prefix_beams(K: int, pa: np.ndarray, pb: np.ndarray, plp: np.ndarray, own_n: int, own_floor: float,
                  prefix_weight: float, root: np.ndarray, child1: np.ndarray, kids0_codes: np.ndarray,
                  kids0_nodes: np.ndarray, kids1_codes: np.ndarray, kids1_nodes: np.ndarray, hc: np.ndarray,
