@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
             row = {"arm": arm, "rate": args.rate, "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"], "p99_ms": r["p99_ms"],
                    "errors": r["errors"], "think_ahead_share": round(r["sources"].get("think-ahead", 0) / total, 4),
                    "fallback_reasons": r.get("fallback_reasons", {}),
-                   "server_cpu_ms_per_request": r.get("server_cpu_ms_per_request"), "cpu_probe_ms": ol.cpu_probe_ms()}
+                   "server_cpu_ms_per_request": r.get("server_cpu_ms_per_request"),
+                   "api_cpu_ms_per_request": r.get("api_cpu_ms_per_request"),
+                   "model_cpu_ms_per_request": r.get("model_cpu_ms_per_request"), "cpu_probe_ms": ol.cpu_probe_ms()}
             results.append(row)
             print(json.dumps(row), flush=True)
     command = " ".join(["python -m benchmarks.online_ab", *(sys.argv[1:] if argv is None else argv)])

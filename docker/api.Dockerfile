@@ -42,7 +42,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     ONEREC_ARTIFACTS_DIR=/artifacts \
-    ONEREC_DATA_DIR=/data/beauty
+    ONEREC_DATA_DIR=/data/beauty \
+    NUMBA_CACHE_DIR=/home/onerec/.cache/numba
 
 WORKDIR /app
 # one non-root uid (10001) in every image of the stack, owning the mount point of the artifacts volume

@@ -15,12 +15,12 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from model.onerec.config import DeadlineExceeded, OneRecConfig
-from model.onerec.fused_user import FusedUser
 from model.onerec.modeling import OneRecModel, save_checkpoint
 from model.onerec.one_user import OneUser
 from model.onerec.serving import FrozenOneRec, ModuleNet
@@ -28,6 +28,9 @@ from model.policy import PolicyConfig, Prefix, Scored
 from model.semantic_ids import SemanticIDs
 from model.trie import CodeTrie
 from services.catalog import Example
+
+if TYPE_CHECKING:
+    from model.onerec.fused_user import FusedUser
 
 
 class OneRec:
@@ -66,7 +69,7 @@ class OneRec:
         # ... compiled by default (`model.onerec.fused_user`, about half the numpy engine's CPU); False: numpy
         self.fused_one_user = True
         self._one_user: OneUser | None = None
-        self._fused_user: FusedUser | None = None
+        self._fused_user: FusedUser | None = None  # imported on first use: numba's import costs every CLI 0.3 s
 
     @staticmethod
     def _compact(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +132,8 @@ class OneRec:
         snapshot `self.net`; each is built on first use."""
         if self.fused_one_user:
             if self._fused_user is None:
+                from model.onerec.fused_user import FusedUser
+
                 self._fused_user = FusedUser(self)
             return self._fused_user
         if self._one_user is None:
