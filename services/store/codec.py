@@ -36,6 +36,9 @@ class ThinkEntry:
     items: list[tuple[int, float]] = field(default_factory=list)
 
 
+_NUMBER = (int, float)  # exact JSON number types (not bool)
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -44,6 +47,8 @@ def _safe_text(x: object) -> bool:
     """A str that any JSON encoder can write as UTF-8 (no lone surrogates)."""
     if not isinstance(x, str):
         return False
+    if x.isascii():  # O(1) on CPython's compact strings: no surrogate possible
+        return True
     try:
         x.encode("utf-8")
     except UnicodeEncodeError:
@@ -118,9 +123,9 @@ def _decode_items(raw: Any) -> list[tuple[int, float]]:
     if not isinstance(raw, list):
         raise CorruptValue("field i must be a list")
     out: list[tuple[int, float]] = []
-    for q in raw:
-        if (not isinstance(q, list) or len(q) != 2 or not _stored_id(q[0]) or not isinstance(q[1], int | float)
-                or isinstance(q[1], bool) or not math.isfinite(q[1])):
+    for q in raw:  # exact types: json.loads makes no subclasses, and `type(x) is int` already excludes bool
+        if (type(q) is not list or len(q) != 2 or type(q[0]) is not int or not 0 <= q[0] <= MAX_STORED_ID
+                or type(q[1]) not in _NUMBER or not math.isfinite(q[1])):
             raise CorruptValue(f"bad item {q!r}")
         out.append((q[0], float(q[1])))
     return out
@@ -163,14 +168,15 @@ def decode_entry(raw: bytes | str) -> ThinkEntry:
     if not isinstance(p, list):
         raise CorruptValue("field p must be a list")
     prefixes: list[tuple[int, int, float]] = []
-    for q in p:
+    for q in p:  # exact types, as in `_decode_items` (the per-answer cost of the online read: docs/PROFILE.md)
         if (
-            not isinstance(q, list)
+            type(q) is not list
             or len(q) != 3
-            or not _stored_id(q[0])
-            or not _stored_id(q[1])
-            or not isinstance(q[2], int | float)
-            or isinstance(q[2], bool)
+            or type(q[0]) is not int
+            or not 0 <= q[0] <= MAX_STORED_ID
+            or type(q[1]) is not int
+            or not 0 <= q[1] <= MAX_STORED_ID
+            or type(q[2]) not in _NUMBER
             or not math.isfinite(q[2])  # 1e400 parses as inf without passing through parse_constant
         ):
             raise CorruptValue(f"bad prefix {q!r}")
