@@ -1,7 +1,7 @@
 """numba kernels of the fused one-user engine (`model.onerec.fused_user`): the trunk, the level heads and the
 beam steps of one user's completion compiled into a few machine-code calls instead of ~150 numpy operations.
 
-Two exact rewrites make a level-head row cost O(D) instead of O(D^2) before its output layer. A level head is
+Exact rewrites make a level-head row cost O(D) instead of O(D^2) before its output layer. A level head is
 ``LN(h + sum_j dec[c_j]) @ W1 + b1``; LayerNorm is ``zc * inv * g + beta`` with ``zc`` the centred input and
 ``inv`` one scalar per row, and centring is linear, so (``hc`` = centred h, ``ec`` = centred dec rows)::
 
@@ -9,11 +9,12 @@ Two exact rewrites make a level-head row cost O(D) instead of O(D^2) before its 
 
 ``(hc * g) @ W1`` is one matrix-vector product per user and level (`head_user`), ``(ec[r] * g) @ W1`` a table
 per level built once (`model.onerec.fused_user`), and ``inv`` needs only ``zc = hc + sum_j ec[c_j]``. The output
-layer is computed for the valid children of a node only (the others are -inf before the softmax anyway).
+layer is computed for the valid children of a node only (the others are -inf before the softmax anyway), and the
+beam steps skip rows that cannot place a candidate (`beam_step`, `prefix_beams`: exact pruning by score order).
 
 Every kernel is compiled with bounds checks (``boundscheck=True``; no cost measurable against the run-to-run
-spread, docs/PROFILE.md): an index bug raises IndexError, which the API answers by its fallback, instead of
-reading or writing outside an array (a crash of the process, or worse, a wrong answer).
+spread in an ad hoc timing, docs/PROFILE.md): an index bug raises IndexError, which the API answers by its
+fallback, instead of reading or writing outside an array (a crash of the process, or worse, a wrong answer).
 
 Array layouts (all C-contiguous): float32 weights, int64 indices; a level's children tables are ``codes``,
 ``nodes`` (n_nodes + 1, C): valid children first, -1 = none, the last row all -1 (the "dead beam" row).

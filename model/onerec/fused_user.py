@@ -2,15 +2,18 @@
 (numba, `model.onerec.fused_kernels`), the API's engine per request at low and moderate rates.
 
 Same rule and order as `model.onerec.one_user.OneUser` (numpy) and the batched torch path, to float rounding
-(`tests/test_fused_user.py` compares them): the trunk once; log p(a) over the trie; the given prefixes (best
+(`tests/test_one_user.py` compares them): the trunk once; log p(a) over the trie; the given prefixes (best
 offline score per (a, b)) plus the model's own top-N (a, b); log p(b | a) per distinct a; then levels c, d by beam
 search over each node's valid children, the item head added at the leaves. What differs is the cost: the numpy
 engine runs ~150 array operations per answer, each paying dispatch and, at live spacing, cold caches; here a
-level-head row costs O(D) before its output layer (the LayerNorm rewrite in `model.onerec.fused_kernels`) and
-the output layer is computed for valid children only. docs/PROFILE.md has the measurements.
+level-head row costs O(D) before its output layer (the LayerNorm rewrite in `model.onerec.fused_kernels`), the
+output layer is computed for valid children only, and rows that cannot place a candidate are skipped (exact
+pruning, `fused_kernels.beam_step`). Calls for several users run user by user (`OneRec._per_user`).
+docs/PROFILE.md has the measurements.
 
 The kernels compile on first use (a few seconds) and are cached on disk by numba (``cache=True``: beside the
-module, or under ``NUMBA_CACHE_DIR``); `warm` compiles them before a process reports ready.
+module, or under ``NUMBA_CACHE_DIR``); `online_api.model_process.warm_up` runs them before a process reports
+ready.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from model.policy import PolicyConfig, Prefix, Scored
 
 
 def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """One contiguous float32 array with a leading axis over `arrays` (per layer or per level)."""
     return np.ascontiguousarray(np.stack(list(arrays)), dtype=np.float32)
 
 
