@@ -63,10 +63,11 @@ class OneRec:
             self._row_lut = np.zeros(top + 1, dtype=np.int64)
             self._row_lut[sid.item_ids] = np.arange(1, len(sid) + 1)
         self.unknown_items = 0  # history items not in the catalogue (dropped, counted)
-        # one-user `complete` / `decode_full` calls (the API's at low and moderate rates) run in numpy
-        # (`model.onerec.one_user`): the same ranking, less CPU (docs/PROFILE.md); its tables are built on first use
+        # `complete` / `decode_full` run on a one-user engine instead of the batched torch path (same ranking, less
+        # CPU: docs/PROFILE.md; `_per_user`): the compiled one (`model.onerec.fused_user`, also for calls of several
+        # users) unless `fused_one_user` is off, then numpy (`model.onerec.one_user`, one-user calls only); tables
+        # built on first use. `numpy_one_user` off: torch for every call
         self.numpy_one_user = True
-        # ... compiled by default (`model.onerec.fused_user`, about half the numpy engine's CPU); False: numpy
         self.fused_one_user = True
         self._one_user: OneUser | None = None
         self._fused_user: FusedUser | None = None  # imported on first use: numba's import costs every CLI 0.3 s
