@@ -117,6 +117,10 @@ def test_one_user_runs_fused_by_default(world: TinyWorld) -> None:
     assert onerec.complete(hists, [pre, pre], 5, policy)[1]  # several users: user by user, still fused
     assert counting.calls["encode_last"] == 4 and counting.calls["prefix_beams"] == 3
     assert not torch_net  # the torch path never ran
+    many = [hists[0]] * (onerec.PER_USER_MAX + 1)  # beyond the API's batches: the batched torch path
+    assert len(onerec.decode_full(many, 5, 5)) == len(many)
+    assert torch_net["encode_last"] == 1 and counting.calls["encode_last"] == 4
+    torch_net.clear()
     onerec.fused_one_user = False  # the numpy engine instead, and torch for several users
     onerec.complete(hists[:1], [pre], 5, policy)
     assert counting.calls["encode_last"] == 4 and not torch_net
