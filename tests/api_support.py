@@ -24,7 +24,7 @@ from online_api.model_process import ProcessModel
 from online_api.state import ModelLoader
 from services.config import Settings
 from services.harness import serve_in_thread
-from services.store import ThinkEntry
+from services.store import ThinkEntry, ThinkStore
 
 N_ITEMS = 120
 N_USERS = 40
@@ -140,6 +140,27 @@ def entry_for(world: TinyWorld, user: int, n_prefixes: int = 3, reasoning: str =
             break
     seq = world.sequences.get(user, [])
     return ThinkEntry(reasoning, prefixes, len(seq), seq[-5:], "think-test", time.time())
+
+
+def publish_entry(redis_client: Any, ns: str, world: TinyWorld, user: int, n_prefixes: int = 3) -> None:
+    """Version "v1" published with one entry (`entry_for`) for `user`, and the user's history stored."""
+    store = ThinkStore(redis_client, ns)
+    store.begin_version("v1", {"model": "think-test"})
+    store.write_entries("v1", {user: entry_for(world, user, n_prefixes=n_prefixes)}, 3600)
+    store.publish("v1", 1)
+    store.write_histories({user: world.sequences[user]}, 50)
+
+
+def count_fused_and_torch(onerec: Any) -> tuple[CountingKernels, Counter[str]]:
+    """Count the compiled calls of `onerec`'s fused engine and the torch path's trunk passes (`encode_last` of its
+    serving snapshot, wrapped on the instance so that the dispatch still sees a `FrozenOneRec`)."""
+    fused = onerec.one_user()
+    kernels = CountingKernels(fused.kernels)
+    fused.kernels = kernels
+    torch_calls = Counter[str]()
+    encode = onerec.net.encode_last
+    onerec.net.encode_last = lambda rows: torch_calls.update(["encode_last"]) or encode(rows)
+    return kernels, torch_calls
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from api_support import (
     build_tiny_world,
     entry_for,
     make_settings,
+    publish_entry,
     running_app,
     started_model_process,
     wait_ready,
@@ -145,11 +146,7 @@ def test_missing_checkpoint_fails_start(world: TinyWorld, redis_server: RedisSer
 def test_app_serves_through_the_child_and_survives_its_death(world: TinyWorld, redis_server: RedisServer,
                                                             redis_client: redis.Redis, ns: str) -> None:
     user = 4
-    store = ThinkStore(redis_client, ns)
-    store.begin_version("v1", {"model": "think-test"})
-    store.write_entries("v1", {user: entry_for(world, user)}, 3600)
-    store.publish("v1", 1)
-    store.write_histories({user: world.sequences[user]}, 50)
+    publish_entry(redis_client, ns, world, user)
     with running_app(make_settings(world, redis_server.url, ns, model_process=True)) as c:
         assert c.post("/v1/recommend", json={"user_id": user}).json()["source"] == "think-ahead"
         assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's sight

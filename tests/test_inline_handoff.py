@@ -12,13 +12,12 @@ import time
 
 import pytest
 import redis
-from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, running_app
+from api_support import TinyWorld, build_tiny_world, entry_for, make_settings, publish_entry, running_app
 from conftest import RedisServer
 
 from model.onerec import DeadlineExceeded, OneRec
 from model.policy import PolicyConfig
 from online_api.inline_batcher import InlineBatcher
-from services.store import ThinkStore
 
 POLICY = PolicyConfig(beam=10, prefix_weight=0.5, own_prefixes=4, own_prefix_floor=0.0, exclude_consumed=True)
 
@@ -60,11 +59,7 @@ def test_inline_answers_on_the_loop_thread_as_the_model_does(world: TinyWorld) -
 def test_the_app_answers_think_ahead_inline_without_a_child(world: TinyWorld, redis_server: RedisServer,
                                                             redis_client: redis.Redis, ns: str) -> None:
     user = 3
-    store = ThinkStore(redis_client, ns)
-    store.begin_version("v1", {"model": "think-test"})
-    store.write_entries("v1", {user: entry_for(world, user, n_prefixes=6)}, 3600)
-    store.publish("v1", 1)
-    store.write_histories({user: world.sequences[user]}, 50)
+    publish_entry(redis_client, ns, world, user, n_prefixes=6)
     settings = make_settings(world, redis_server.url, ns, model_process=True, model_handoff="inline")
     with running_app(settings) as c:
         body = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from api_support import CountingKernels, CountingNet, TinyWorld, build_tiny_world
+from api_support import CountingNet, TinyWorld, build_tiny_world, count_fused_and_torch
 
 from model.onerec import DeadlineExceeded, OneRec
 from model.onerec.fused_user import FusedUser
@@ -100,12 +99,7 @@ def test_one_user_engine_equals_the_torch_path(world: TinyWorld, item_score_weig
 
 def test_one_user_runs_fused_by_default(world: TinyWorld) -> None:
     onerec = spread_model(world.checkpoint)
-    fused = onerec.one_user()
-    counting = CountingKernels(fused.kernels)
-    fused.kernels = counting  # type: ignore[assignment,union-attr]
-    torch_net = Counter[str]()
-    encode = onerec.net.encode_last
-    onerec.net.encode_last = lambda rows: torch_net.update(["encode_last"]) or encode(rows)  # type: ignore[method-assign]
+    counting, torch_net = count_fused_and_torch(onerec)
     policy = PolicyConfig(beam=5, prefix_weight=0.5, own_prefixes=4, own_prefix_floor=0.0, exclude_consumed=True)
     hists = [world.sequences[u] for u in (1, 2)]
     pre = [(int(a), int(b), -1.0) for a, b in world.sid.codes[:6, :2].tolist()]

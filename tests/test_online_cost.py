@@ -20,8 +20,9 @@ from api_support import (
     CountingNet,
     TinyWorld,
     build_tiny_world,
-    entry_for,
+    count_fused_and_torch,
     make_settings,
+    publish_entry,
     running_app,
 )
 from conftest import RedisServer
@@ -31,7 +32,6 @@ from model.policy import PolicyConfig, Prefix, Scored
 from online_api.model_process import ProcessModel
 from online_api.state import LoadedModel, load_onerec
 from services.config import Settings
-from services.store import ThinkStore
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -96,12 +96,7 @@ def test_fused_completion_is_four_compiled_calls(world: TinyWorld) -> None:
     network call at all."""
     onerec = OneRec.load(world.checkpoint)
     onerec.cfg = replace(onerec.cfg, item_score_weight=1.0)
-    fused = onerec.one_user()
-    kernels = CountingKernels(fused.kernels)
-    fused.kernels = kernels  # type: ignore[assignment,union-attr]
-    torch_calls = Counter[str]()
-    encode = onerec.net.encode_last
-    onerec.net.encode_last = lambda rows: torch_calls.update(["encode_last"]) or encode(rows)  # type: ignore[method-assign]
+    kernels, torch_calls = count_fused_and_torch(onerec)
     policy = PolicyConfig(beam=10, prefix_weight=0.25, own_prefixes=8, own_prefix_floor=0.0, exclude_consumed=True)
     hist = world.sequences[1]
     assert onerec.complete([hist], [_all_prefixes(world)], 5, policy, [set(hist)])[0]
@@ -112,11 +107,7 @@ def test_fused_completion_is_four_compiled_calls(world: TinyWorld) -> None:
 def test_one_request_is_one_model_call_with_the_apps_policy(world: TinyWorld, redis_server: RedisServer,
                                                             redis_client: redis.Redis, ns: str) -> None:
     user = 3
-    store = ThinkStore(redis_client, ns)
-    store.begin_version("v1", {"model": "think-test"})
-    store.write_entries("v1", {user: entry_for(world, user, n_prefixes=6)}, 3600)
-    store.publish("v1", 1)
-    store.write_histories({user: world.sequences[user]}, 50)
+    publish_entry(redis_client, ns, world, user, n_prefixes=6)
     models: list[CountingModel] = []
     nets: list[CountingKernels] = []
 

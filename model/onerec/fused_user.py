@@ -18,7 +18,6 @@ ready.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
@@ -27,7 +26,7 @@ import numpy as np
 from model.onerec import fused_kernels as fk
 from model.onerec.config import DeadlineExceeded
 from model.onerec.numpy_net import NumpyNet
-from model.onerec.one_user import Tables
+from model.onerec.one_user import Tables, finish
 from model.onerec.serving import FrozenOneRec
 from model.policy import PolicyConfig, Prefix, Scored
 
@@ -124,13 +123,7 @@ class FusedUser:
                 level, self.K, codes, nodes, scores, beam, kc, kn, excl, level == self.levels - 1, self.item_w,
                 self.items, h, hc, U, self.decc, self.tdec, self.c0, self.w2t, self.b2)
             self._check(deadline)
-        out: Scored = []
-        for n, s in zip(nodes.tolist(), scores.tolist(), strict=True):
-            if n >= 0 and s > -math.inf:
-                out.append((int(self.item_ids[n]), float(s)))
-            if len(out) == k:
-                break
-        return out
+        return finish(nodes, scores, k, self.item_ids)
 
     def _exclusion(self, exclude: set[int] | None) -> np.ndarray:
         """The catalogue rows that may not be listed, sorted (the kernels look leaves up by binary search)."""

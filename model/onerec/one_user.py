@@ -59,6 +59,17 @@ def _top(x: np.ndarray, n: int) -> np.ndarray:
     return idx[np.argsort(-x[idx], kind="stable")]
 
 
+def finish(nodes: np.ndarray, scores: np.ndarray, k: int, item_ids: np.ndarray) -> Scored:
+    """The first k live leaves of a final beam (node >= 0, finite score) as (item id, score), best first."""
+    out: Scored = []
+    for n, s in zip(nodes.tolist(), scores.tolist(), strict=True):
+        if n >= 0 and s > -math.inf:
+            out.append((int(item_ids[n]), float(s)))
+        if len(out) == k:
+            break
+    return out
+
+
 class OneUser:
     """The numpy tables and network one-user completions read: built once from a `OneRec`."""
 
@@ -135,13 +146,7 @@ class OneUser:
         return self.net.encode_last(rows if len(rows) else np.zeros(1, dtype=np.int64))
 
     def _finish(self, nodes: np.ndarray, scores: np.ndarray, k: int) -> Scored:
-        out: Scored = []
-        for n, s in zip(nodes.tolist(), scores.tolist(), strict=True):
-            if n >= 0 and s > -math.inf:
-                out.append((int(self.item_ids[n]), float(s)))
-            if len(out) == k:
-                break
-        return out
+        return finish(nodes, scores, k, self.item_ids)
 
     def _exclusion(self, exclude: set[int] | None) -> np.ndarray | None:
         """(N + 1,) True = may not be listed; the last entry is the never-excluded "no leaf" index -1."""
